@@ -1,0 +1,1 @@
+"""The harness a user runs: ``python -m bench {run,train,data,leaderboard}``."""

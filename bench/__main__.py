@@ -1,0 +1,157 @@
+"""python -m bench {run,train,data,leaderboard}
+
+    run          decoders on the same batches -> metrics, latency, one JSON record each
+    train        train a model for an objective (ntp: greedy/beam; nezha: NEZHA)
+    data         load a dataset and print what it holds (users, catalogue, collisions)
+    leaderboard  result files -> Markdown tables
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bench.errors import BenchError
+
+DEFAULT_OUT = Path("runs") / "results.json"
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="synthetic", help="synthetic (default, generated), beauty, instruments, yelp, "
+                   "or any name with --data-dir")
+    p.add_argument("--data-dir", help="folder with <Name>.inter.json and <Name>.index.json")
+    p.add_argument("--collisions", default="last_code", choices=["last_code", "extra_level"],
+                   help="how SIDs shared by several items are made unique")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", help="family-size, e.g. qwen-small, llama-base (default: qwen-tiny on synthetic, "
+                   "qwen-small otherwise)")
+    p.add_argument("--max-epochs", type=int, default=30)
+    p.add_argument("--patience", type=int, default=3, help="epochs without val/recall@10 gain before stopping")
+    p.add_argument("--train-batch-size", type=int, help="default: 64 on synthetic, 256 otherwise")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--max-history", type=int, default=20, help="items of history kept per example")
+    p.add_argument("--val-users", type=int, default=3000, help="valid users decoded per epoch (0 = all)")
+    p.add_argument("--transition", default="rnn", choices=["rnn", "gru", "none"], help="NEZHA head transition cell")
+    p.add_argument("--no-placeholders", action="store_true", help="NEZHA head reads only the last history state")
+
+
+def train_settings(args):
+    from bench.train import TrainSettings
+    small = args.dataset == "synthetic" and not args.data_dir
+    if args.max_epochs < 1 or args.patience < 0 or args.max_history < 1:
+        raise BenchError("--max-epochs and --max-history must be at least 1, --patience at least 0")
+    return TrainSettings(
+        backbone=args.backbone or ("qwen-tiny" if small else "qwen-small"), max_epochs=args.max_epochs,
+        patience=args.patience, batch_size=args.train_batch_size or (64 if small else 256), lr=args.lr,
+        max_history=args.max_history, val_users=args.val_users, transition=args.transition,
+        placeholders=not args.no_placeholders, seed=args.seed)
+
+
+def cmd_data(args) -> None:
+    from bench.data import load_dataset
+    data = load_dataset(args.dataset, args.data_dir, args.collisions, args.seed)
+    print(json.dumps(data.describe(), indent=1))
+
+
+def cmd_train(args) -> None:
+    from bench.data import load_dataset
+    from bench.train import runs_dir, train_model
+    from models.backbones import BACKBONES
+    settings = train_settings(args)
+    if settings.backbone not in BACKBONES:
+        raise BenchError(f"unknown backbone '{settings.backbone}'; choose one of {', '.join(BACKBONES)}")
+    data = load_dataset(args.dataset, args.data_dir, args.collisions, args.seed)
+    run_dir = Path(args.run_dir) if args.run_dir else runs_dir() / data.name / settings.key(args.objective, data)
+    if args.resume and not Path(args.resume).is_file():
+        raise BenchError(f"--resume {args.resume}: no such checkpoint")
+    best = train_model(data, args.objective, settings, run_dir, resume=args.resume)
+    print(f"best checkpoint: {best}")
+
+
+def cmd_run(args) -> None:
+    from bench.data import load_dataset
+    from bench.records import append_records, read_records
+    from bench.run import format_table, run
+    out = Path(args.out)
+    read_records(out)                                   # a broken results file fails before any work
+    specs = [s for s in args.decoder.split(",") if s]
+    if args.constrained:
+        specs = [s + ":constrained" if s.split(":")[0] in ("beam", "hf_beam") and "constrained" not in s else s
+                 for s in specs]
+    settings = train_settings(args)
+    data = load_dataset(args.dataset, args.data_dir, args.collisions, args.seed)
+    records = run(data, specs, k=args.k, batch_size=args.batch_size, split=args.split, checkpoints=args.ckpt or [],
+                  settings=settings, device_arg=args.device, limit_users=args.limit_users, warmup=args.warmup)
+    print(f"\n{data.name} / {args.split} / {records[0]['users']} users / K={args.k} / batch {args.batch_size} / "
+          f"{records[0]['device']}")
+    print(format_table(records))
+    append_records(out, records)
+    print(f"\n{len(records)} record(s) appended to {out}")
+
+
+def cmd_leaderboard(args) -> None:
+    from bench.leaderboard import leaderboard
+    table = leaderboard([Path(p) for p in args.files])
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+        print(f"written to {args.out}")
+    else:
+        print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="evaluate decoders: quality and latency on the same batches")
+    p.add_argument("--decoder", default="nezha", help="comma-separated decoder specs, e.g. greedy,beam,nezha or "
+                   "beam:constrained,nezha:verifier=off")
+    p.add_argument("--constrained", action="store_true", help="beam and hf_beam mask invalid prefixes (verifier)")
+    p.add_argument("--k", type=int, default=20, help="recommendations per user (beam width)")
+    p.add_argument("--batch-size", type=int, default=32, help="users per decoding batch")
+    p.add_argument("--split", default="test", choices=["test", "valid"])
+    p.add_argument("--ckpt", action="append", help="checkpoint from bench train (repeat for ntp and nezha); "
+                   "models without one are trained first and cached under runs/")
+    p.add_argument("--limit-users", type=int, help="evaluate the first N users of the split")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--warmup", type=int, default=2, help="untimed passes over the first batch")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="results file (JSON list; records are appended)")
+    add_data_args(p)
+    add_train_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("train", help="train a model (Lightning: progress bar, checkpoints, early stopping)")
+    p.add_argument("--objective", required=True, choices=["ntp", "nezha"])
+    p.add_argument("--resume", help="checkpoint to resume from (e.g. runs/.../last.ckpt)")
+    p.add_argument("--run-dir", help="where checkpoints go (default: runs/<dataset>/<objective>-<backbone>-<hash>)")
+    add_data_args(p)
+    add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("data", help="load a dataset and describe it")
+    add_data_args(p)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("leaderboard", help="Markdown tables from result files")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--out", help="write the tables to this file")
+    p.set_defaults(func=cmd_leaderboard)
+
+    args = parser.parse_args(argv)
+    if getattr(args, "limit_users", None) is not None and args.limit_users < 1:
+        parser.error("--limit-users must be at least 1")
+    try:
+        args.func(args)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

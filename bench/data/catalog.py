@@ -1,0 +1,125 @@
+"""The item catalogue: item -> SID, the token layout of the vocabulary, and the verifier.
+
+Vocabulary layout (shared by every backbone and objective):
+    0                      PAD
+    offsets[l] + t         code t of level l (levels stacked one after another)
+    placeholder_tokens[l]  NEZHA's <sp_{l+1}>, one per level
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from bench.errors import BenchError
+from decoders.verifier import Verifier
+
+PAD = 0
+COLLISION_RULES = ("last_code", "extra_level")
+
+
+@dataclass
+class Catalog:
+    name: str
+    item_ids: list[str]            # external id of each item index
+    sids: torch.Tensor             # [N, L] code per level, unique per item
+    codebook_sizes: tuple[int, ...]
+    collisions: int = 0            # items whose SID was changed to make it unique
+    collision_rule: str = "last_code"
+    verifier: Verifier = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.verifier = Verifier(self.sids, self.codebook_sizes)
+        codes = self.verifier.encode(self.sids)
+        self._sorted_codes, self._item_of_sorted = torch.sort(codes)
+        starts = [1]
+        for size in self.codebook_sizes:
+            starts.append(starts[-1] + size)
+        self.offsets = tuple(starts[:-1])
+        self.placeholder_tokens = tuple(range(starts[-1], starts[-1] + self.levels))
+        self.vocab_size = starts[-1] + self.levels
+
+    @property
+    def levels(self) -> int:
+        return len(self.codebook_sizes)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the SID assignment: a checkpoint is only valid for the same one."""
+        digest = hashlib.sha256(str(self.codebook_sizes).encode())
+        digest.update(self.sids.numpy().astype("int64").tobytes())
+        return digest.hexdigest()[:16]
+
+    def item_tokens(self, items: torch.Tensor) -> torch.Tensor:
+        """items: [...] item indices -> [..., L] vocabulary tokens of their SIDs."""
+        offsets = torch.tensor(self.offsets, device=items.device)
+        return self.sids.to(items.device)[items] + offsets
+
+    def items_of(self, sids: torch.Tensor) -> torch.Tensor:
+        """sids: [..., L] generated codes (-1 for no candidate) -> [...] item index, -1 if no real item."""
+        codes = self.verifier.encode(sids.clamp(min=0))
+        sorted_codes = self._sorted_codes.to(sids.device)
+        idx = torch.searchsorted(sorted_codes, codes).clamp(max=len(sorted_codes) - 1)
+        found = (sorted_codes[idx] == codes) & (sids >= 0).all(-1)
+        return torch.where(found, self._item_of_sorted.to(sids.device)[idx], torch.full_like(idx, -1))
+
+    def describe(self) -> dict:
+        used = [int(torch.unique(self.sids[:, level]).numel()) for level in range(self.levels)]
+        return {
+            "items": self.num_items,
+            "levels": self.levels,
+            "codebook_sizes": list(self.codebook_sizes),
+            "codes_used_per_level": used,
+            "collisions_resolved": self.collisions,
+            "collision_rule": self.collision_rule,
+            "valid_share_of_code_space": self.num_items / float(torch.tensor(self.codebook_sizes).prod()),
+        }
+
+
+def build_catalog(name: str, item_ids: list[str], codes: list[list[int]], rule: str = "last_code",
+                  codebook_sizes: tuple[int, ...] | None = None) -> Catalog:
+    """Make SIDs unique with `rule` and wrap them in a Catalog.
+
+    last_code:   the first item (in catalogue order) of a group sharing a SID keeps it,
+                 each other one takes the smallest last-level code not used under the
+                 same prefix; L stays as it is (the NEZHA paper's setting).
+    extra_level: TIGER's rule: one more level whose code is the item's rank in its group.
+    """
+    if rule not in COLLISION_RULES:
+        raise BenchError(f"unknown collision rule '{rule}'; choose one of {', '.join(COLLISION_RULES)}")
+    levels = len(codes[0])
+    sizes = list(codebook_sizes or [max(sid[level] for sid in codes) + 1 for level in range(levels)])
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for item, sid in enumerate(codes):
+        groups[tuple(sid)].append(item)
+    resolved = [list(sid) for sid in codes]
+    changed = 0
+    if rule == "extra_level":
+        for members in groups.values():
+            for rank, item in enumerate(members):
+                resolved[item].append(rank)
+        sizes.append(max(len(m) for m in groups.values()))
+        changed = sum(len(m) - 1 for m in groups.values())
+    else:
+        used_last: dict[tuple, set[int]] = defaultdict(set)
+        for sid in codes:
+            used_last[tuple(sid[:-1])].add(sid[-1])
+        for sid, members in groups.items():
+            for item in members[1:]:
+                taken = used_last[sid[:-1]]
+                free = next((c for c in range(sizes[-1]) if c not in taken), None)
+                if free is None:
+                    raise BenchError(
+                        f"{name}: SID {list(sid)} is shared by {len(members)} items and its prefix has no free "
+                        "last-level code; use the collision rule 'extra_level'")
+                taken.add(free)
+                resolved[item][-1] = free
+                changed += 1
+    return Catalog(name=name, item_ids=list(item_ids), sids=torch.tensor(resolved, dtype=torch.long),
+                   codebook_sizes=tuple(sizes), collisions=changed, collision_rule=rule)

@@ -1,0 +1,165 @@
+"""LETTER-format datasets: ``<Name>.inter.json`` (user -> item ids in time order) and
+``<Name>.index.json`` (item -> SID tokens like ``<a_183>``), from a folder or downloaded
+by name with a sha256 check."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from bench.errors import BenchError
+
+LETTER_COMMIT = "8d0154e28de37dbb6e24871c508ad8ddb1921cda"
+DEFAULT_URL = f"https://raw.githubusercontent.com/HonghuiBao2000/LETTER/{LETTER_COMMIT}/data/{{Name}}/{{file}}"
+URL_ENV = "BENCH_DATA_URL"      # template with {name}, {Name} and {file}
+CACHE_ENV = "BENCH_DATA_HOME"   # where downloads go; default ~/.cache/nezha-bench/data
+
+# name -> (file stem, sha256 of each file or None where the suite has not pinned it)
+REMOTE_DATASETS = {
+    "beauty": ("Beauty", {
+        "inter": "8809584b8b78fa6561771c88911ed65bd716fc9926fca1e581e6a1ab578ccfd5",
+        "index": "be3fb890e59b5443824cdebc560ef349191b97f20d3aecad4727de2d6b212c82",
+    }),
+    "instruments": ("Instruments", None),
+    "yelp": ("Yelp", None),
+}
+TOKEN = re.compile(r"^<([a-z])_(\d+)>$")
+
+
+def cache_dir(name: str) -> Path:
+    root = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "nezha-bench" / "data"))
+    return root / name
+
+
+def shared_dir(name: str) -> Path | None:
+    """The project's shared data folder (../shared/data/<name>), looked up from the
+    working directory and from the checkout, when it exists."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        candidate = base.parent / "shared" / "data" / name
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def find_files(folder: Path) -> tuple[Path, Path]:
+    """The one ``*.inter.json`` in a folder and its ``*.index.json``."""
+    if not folder.is_dir():
+        raise BenchError(f"data folder {folder} does not exist")
+    inters = sorted(folder.glob("*.inter.json"))
+    if not inters:
+        raise BenchError(f"no *.inter.json file in {folder}; a LETTER dataset needs <Name>.inter.json and <Name>.index.json")
+    if len(inters) > 1:
+        raise BenchError(f"several *.inter.json files in {folder} ({', '.join(p.name for p in inters)}); keep one dataset per folder")
+    index = inters[0].with_name(inters[0].name.replace(".inter.json", ".index.json"))
+    if not index.exists():
+        raise BenchError(f"missing {index.name} in {folder}: the SIDs of the items in {inters[0].name}")
+    return inters[0], index
+
+
+def download(name: str) -> Path:
+    """Fetch a named LETTER dataset into the cache (once) and check its sha256."""
+    if name not in REMOTE_DATASETS:
+        raise BenchError(f"unknown dataset '{name}'; choose synthetic, {', '.join(REMOTE_DATASETS)} or pass --data-dir FOLDER")
+    stem, pinned = REMOTE_DATASETS[name]
+    target = cache_dir(name)
+    target.mkdir(parents=True, exist_ok=True)
+    template = os.environ.get(URL_ENV, DEFAULT_URL)
+    sums_file = target / "sha256.json"
+    known = pinned or (json.loads(sums_file.read_text()) if sums_file.exists() else {})
+    for kind in ("inter", "index"):
+        path = target / f"{stem}.{kind}.json"
+        if not path.exists():
+            url = template.format(name=name, Name=stem, file=path.name)
+            partial = path.with_suffix(".part")
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+                    while block := response.read(1 << 20):
+                        out.write(block)
+            except (urllib.error.URLError, OSError) as exc:
+                partial.unlink(missing_ok=True)
+                reason = getattr(exc, "reason", exc)
+                raise BenchError(
+                    f"could not download {url} ({reason}); put {stem}.inter.json and {stem}.index.json "
+                    f"in {target} or pass --data-dir FOLDER") from None
+            partial.rename(path)
+        digest = sha256_of(path)
+        if kind in known and known[kind] != digest:
+            path.unlink()
+            raise BenchError(f"{path.name} from {template.format(name=name, Name=stem, file=path.name)} has sha256 "
+                             f"{digest}, expected {known[kind]}; the file was removed, try again or check {URL_ENV}")
+        known = {**known, kind: digest}
+    if not pinned and not sums_file.exists():
+        sums_file.write_text(json.dumps(known, indent=1))
+    return target
+
+
+def _read_json(path: Path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise BenchError(f"missing file {path}") from None
+    except json.JSONDecodeError as exc:
+        raise BenchError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except UnicodeDecodeError:
+        raise BenchError(f"{path}: not a UTF-8 text file") from None
+
+
+def parse_index(path: Path) -> tuple[list[str], list[list[int]]]:
+    """-> item ids and their SID codes, checked: same length, tokens <x_N> with x the level's letter."""
+    raw = _read_json(path)
+    if not isinstance(raw, dict) or not raw:
+        raise BenchError(f"{path}: expected a non-empty object mapping item id -> list of SID tokens")
+    items, codes = [], []
+    first_item, levels = None, None
+    for item, tokens in raw.items():
+        if not isinstance(tokens, list) or not tokens:
+            raise BenchError(f"{path}: item '{item}' has no SID tokens (expected a list like [\"<a_1>\", \"<b_2>\"])")
+        if levels is None:
+            first_item, levels = item, len(tokens)
+        elif len(tokens) != levels:
+            raise BenchError(f"{path}: item '{item}' has {len(tokens)} SID tokens but item '{first_item}' has "
+                             f"{levels}; all SIDs must have the same number of levels")
+        sid = []
+        for level, token in enumerate(tokens):
+            match = TOKEN.match(token) if isinstance(token, str) else None
+            letter = chr(ord("a") + level)
+            if not match or match.group(1) != letter:
+                raise BenchError(f"{path}: item '{item}' has token {token!r} at level {level + 1}; "
+                                 f"expected '<{letter}_N>' with N a code number")
+            sid.append(int(match.group(2)))
+        items.append(str(item))
+        codes.append(sid)
+    return items, codes
+
+
+def parse_interactions(path: Path, known_items: set[str], index_path: Path) -> tuple[list[str], list[list[str]]]:
+    """-> user ids and their item ids in time order, checked against the index."""
+    raw = _read_json(path)
+    if not isinstance(raw, dict) or not raw:
+        raise BenchError(f"{path}: expected a non-empty object mapping user id -> list of item ids in time order")
+    users, sequences = [], []
+    for user, items in raw.items():
+        if not isinstance(items, list):
+            raise BenchError(f"{path}: user '{user}' maps to {type(items).__name__}, expected a list of item ids")
+        if not items:
+            raise BenchError(f"{path}: user '{user}' has no interactions; remove empty users from the file")
+        sequence = [str(i) for i in items]
+        for item in sequence:
+            if item not in known_items:
+                raise BenchError(f"{path}: user '{user}' has item '{item}', which has no SID in {index_path.name}")
+        users.append(str(user))
+        sequences.append(sequence)
+    return users, sequences

@@ -1,0 +1,98 @@
+"""The latency harness: every decoder takes its turn on the same batches.
+
+Per batch, the decoders run one after another in an order that rotates with the batch
+index, so drift of a shared machine hits them alike. Each decoder's turn is timed
+(CUDA events on a GPU, perf_counter on the CPU), its backbone calls are counted by a
+forward hook on the backbone, and right after it one bare backbone forward pass over
+its prompt is timed: the floor no decoder on that backbone can beat.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from decoders.base import DecodeResult, Decoder
+
+
+@dataclass
+class Measurement:
+    results: list[DecodeResult] = field(default_factory=list)
+    latency_ms: list[float] = field(default_factory=list)          # per batch
+    prefill_ms: list[float] = field(default_factory=list)          # per batch, bare forward pass
+    backbone_calls: list[int] = field(default_factory=list)        # per batch
+    peak_memory_mb: float | None = None                            # CUDA only
+
+
+def summarize(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    arr = np.asarray(values)
+    return {"p50": float(np.percentile(arr, 50)), "p90": float(np.percentile(arr, 90)),
+            "p99": float(np.percentile(arr, 99)), "mean": float(arr.mean())}
+
+
+@contextmanager
+def count_calls(module: torch.nn.Module | None):
+    """Counts forward calls of `module` inside the block: calls[0]."""
+    calls = [0]
+    if module is None:
+        yield calls
+        return
+
+    def hook(*_):
+        calls[0] += 1
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def timed(fn, device: torch.device):
+    """Run fn() and return (its result, wall time in ms)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return out, start.elapsed_time(end)
+    begin = time.perf_counter()
+    out = fn()
+    return out, (time.perf_counter() - begin) * 1000.0
+
+
+@torch.no_grad()
+def benchmark(decoders: dict[str, Decoder], batches: list, device: torch.device, warmup: int = 2,
+              progress: bool = True) -> dict[str, Measurement]:
+    labels = list(decoders)
+    for _ in range(warmup):
+        for label in labels:
+            decoders[label].decode(batches[0])
+            if decoders[label].backbone_core is not None:
+                decoders[label].bare_forward(batches[0])
+    measured = {label: Measurement() for label in labels}
+    for index, batch in enumerate(tqdm(batches, desc="decoding", unit="batch", disable=not progress)):
+        shift = index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            decoder, record = decoders[label], measured[label]
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with count_calls(decoder.backbone_core) as calls:
+                result, ms = timed(lambda: decoder.decode(batch), device)
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device) / 2**20
+                record.peak_memory_mb = max(record.peak_memory_mb or 0.0, peak)
+            record.results.append(DecodeResult(result.sids.cpu(), result.scores.cpu(), result.stats))
+            record.latency_ms.append(ms)
+            record.backbone_calls.append(calls[0])
+            if decoder.backbone_core is not None:
+                record.prefill_ms.append(timed(lambda: decoder.bare_forward(batch), device)[1])
+    return measured

@@ -1,0 +1,40 @@
+"""`bench leaderboard`: result files -> one Markdown table per dataset, split and device."""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from bench.records import read_records
+
+
+def _fmt(value, spec: str) -> str:
+    return format(value, spec) if value is not None else "-"
+
+
+def leaderboard(paths: list[Path]) -> str:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for path in paths:
+        for record in read_records(path):
+            groups[(record["dataset"], record["split"], record["device"])].append(record)
+    out = []
+    for (dataset, split, device), records in sorted(groups.items()):
+        beam = [r for r in records if r["decoder"] == "beam" and r.get("latency_ms")]
+        base = beam[-1]["latency_ms"]["mean"] if beam else None
+        out.append(f"### {dataset} / {split} / {device}\n")
+        out.append("| decoder | backbone | users | K | batch | R@1 | R@10 | N@10 | R@20 | N@20 | invalid | "
+                   "mean ms/batch | p99 ms | x bare forward | speedup vs beam | backbone calls | commit |")
+        out.append("|" + "---|" * 17)
+        for r in records:
+            m, lat = r["metrics"], r.get("latency_ms") or {}
+            speedup = base / lat["mean"] if base and lat else None
+            backbone = r["backbone"]["name"] if r.get("backbone") else "-"
+            out.append(
+                f"| {r['decoder']} | {backbone} | {r['users']} | {r['k']} | {r['batch_size']} | "
+                f"{_fmt(m['recall@1'], '.4f')} | {_fmt(m['recall@10'], '.4f')} | {_fmt(m['ndcg@10'], '.4f')} | "
+                f"{_fmt(m['recall@20'], '.4f')} | {_fmt(m['ndcg@20'], '.4f')} | {r['invalid_rate']:.3f} | "
+                f"{_fmt(lat.get('mean'), '.1f')} | {_fmt(lat.get('p99'), '.1f')} | "
+                f"{_fmt(r.get('latency_over_prefill'), '.2f')} | {_fmt(speedup, '.2f')} | "
+                f"{r['backbone_calls_per_batch']:.1f} | {r['git_sha'][:10]} |")
+        commands = sorted({r["command"] for r in records})
+        out.append("\nCommand(s): " + "; ".join(f"`{c}`" for c in commands) + "\n")
+    return "\n".join(out)

@@ -1,0 +1,145 @@
+"""`bench run`: data -> models (trained or loaded) -> decoders on the same batches ->
+metrics and latency -> one record per decoder."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+import transformers
+
+from bench.data import RecData, eval_examples, item_popularity
+from bench.data.batches import eval_batches
+from bench.errors import BenchError
+from bench.latency import benchmark, summarize
+from bench.metrics import ranking_metrics, target_ranks
+from bench.records import PROTOCOL, device_name, git_sha
+from bench.train import TrainSettings, ensure_model
+from decoders import REGISTRY, build_decoder, parse_spec
+from models.backbones import parameter_count
+from models.module import load_checkpoint
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchError(f"--device {name} asked for, but torch sees no CUDA device; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise BenchError(f"unknown device '{name}'; use auto, cpu or cuda") from None
+
+
+def check_k(k: int, data: RecData) -> None:
+    if k < 1:
+        raise BenchError(f"--k {k}: K must be at least 1")
+    if k > data.catalog.num_items:
+        raise BenchError(f"--k {k} is above the {data.catalog.num_items} items of the '{data.name}' catalogue; "
+                         f"choose K <= {data.catalog.num_items}")
+
+
+def load_models(roles: set[str], data: RecData, checkpoints: list[str], settings: TrainSettings,
+                device: torch.device, progress: bool) -> tuple[dict, dict]:
+    """-> models by role, and where each came from. A given checkpoint serves the role of
+    its objective; roles without one are trained (or taken from the runs cache)."""
+    models, sources = {}, {}
+    for path in checkpoints:
+        model = load_checkpoint(path, data.catalog)
+        objective = model.hparams.objective
+        if objective not in roles:
+            wanted = ", ".join(sorted(r for r in roles if r in ("ntp", "nezha"))) or "none"
+            raise BenchError(f"checkpoint {path} was trained with objective '{objective}', but the chosen decoders "
+                             f"need: {wanted}; train one with: python -m bench train --objective "
+                             f"{wanted.split(', ')[0]}")
+        models[objective], sources[objective] = model, str(path)
+    for role in sorted(roles - set(models)):
+        if role == "popularity":
+            models[role], sources[role] = item_popularity(data), "training split counts"
+        else:
+            models[role] = ensure_model(data, role, settings, progress)
+            sources[role] = "trained by bench run (runs cache)"
+    for role, model in models.items():
+        if isinstance(model, torch.nn.Module):
+            models[role] = model.to(device).eval()
+    return models, sources
+
+
+def run(data: RecData, specs: list[str], k: int, batch_size: int, split: str, checkpoints: list[str],
+        settings: TrainSettings, device_arg: str = "auto", limit_users: int | None = None, warmup: int = 2,
+        progress: bool = True) -> list[dict]:
+    """Evaluate the decoders on the same batches and return their records."""
+    parsed = [parse_spec(s) for s in specs]            # unknown decoders fail before any training
+    check_k(k, data)
+    if batch_size < 1:
+        raise BenchError(f"--batch-size {batch_size}: must be at least 1")
+    device = resolve_device(device_arg)
+    roles = {role for name, _ in parsed for role in REGISTRY[name].needs}
+    models, sources = load_models(roles, data, checkpoints, settings, device, progress)
+    decoders = {spec: build_decoder(spec, data.catalog, k, models) for spec in specs}
+
+    examples = eval_examples(data, split, settings.max_history, limit_users)
+    batches = [b.to(device) for b in eval_batches(examples, data.catalog, batch_size)]
+    measured = benchmark(decoders, batches, device, warmup=warmup, progress=progress)
+
+    targets = torch.cat([b.targets.cpu() for b in batches])
+    common = {
+        "dataset": data.name, "split": split, "users": len(targets), "k": k, "batch_size": batch_size,
+        "device": device_name(device), "git_sha": git_sha(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "seed": settings.seed, "command": " ".join(["python -m bench"] + sys.argv[1:]),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data_source": data.source, "data_sha256": data.checksums,
+        "catalog": data.catalog.describe(), "protocol": PROTOCOL.format(max_history=settings.max_history, warmup=warmup),
+    }
+    records = []
+    for (name, options), spec in zip(parsed, specs):
+        m, decoder = measured[spec], decoders[spec]
+        sids = torch.cat([r.sids for r in m.results])                      # [N, K', L]
+        items = data.catalog.items_of(sids)
+        present = (sids >= 0).all(-1)
+        stats: dict[str, float] = {}
+        for r in m.results:
+            for key, value in r.stats.items():
+                stats[key] = stats.get(key, 0.0) + float(value)
+        main_model = next((models[role] for role in REGISTRY[name].needs if role in ("ntp", "nezha")), None)
+        latency = summarize(m.latency_ms)
+        prefill = summarize(m.prefill_ms)
+        total_s = sum(m.latency_ms) / 1000.0
+        records.append({
+            "decoder": spec, "decoder_name": name, "decoder_options": getattr(decoder, "settings", options),
+            "description": REGISTRY[name].description, **common,
+            "backbone": ({"name": main_model.hparams.backbone, "params": parameter_count(main_model),
+                          "objective": main_model.hparams.objective, "source": sources[main_model.hparams.objective]}
+                         if main_model is not None else None),
+            "candidates_per_user": int(sids.shape[1]),
+            "metrics": ranking_metrics(target_ranks(items, targets), k_max=k),
+            "invalid_rate": float((present & (items < 0)).float().mean()),
+            "empty_rate": float((~present).float().mean()),
+            "latency_ms": latency,
+            "latency_ms_per_user": latency["mean"] / batch_size if latency else None,
+            "prefill_latency_ms": prefill,
+            "latency_over_prefill": latency["mean"] / prefill["mean"] if prefill else None,
+            "throughput_users_per_s": len(targets) / total_s if total_s > 0 else None,
+            "backbone_calls_per_batch": sum(m.backbone_calls) / len(m.backbone_calls),
+            "decoder_stats": stats,
+            "peak_memory_mb": m.peak_memory_mb,
+            "train_settings": asdict(settings) if main_model is not None and "trained" in sources.get(
+                main_model.hparams.objective, "") else None,
+        })
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    head = f"{'decoder':<22} {'R@10':>6} {'N@10':>6} {'R@20':>6} {'invalid':>7} {'p50 ms':>8} {'mean ms':>8} " \
+           f"{'x prefill':>9} {'calls':>5} {'users/s':>8}"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        def fmt(v, spec):
+            return format(v, spec) if v is not None else "-"
+        lat = r["latency_ms"] or {}
+        lines.append(
+            f"{r['decoder']:<22} {fmt(r['metrics']['recall@10'], '6.4f')} {fmt(r['metrics']['ndcg@10'], '6.4f')} "
+            f"{fmt(r['metrics']['recall@20'], '6.4f')} {r['invalid_rate']:7.3f} {fmt(lat.get('p50'), '8.1f')} "
+            f"{fmt(lat.get('mean'), '8.1f')} {fmt(r['latency_over_prefill'], '9.2f')} "
+            f"{r['backbone_calls_per_batch']:5.1f} {fmt(r['throughput_users_per_s'], '8.0f')}")
+    return "\n".join(lines)

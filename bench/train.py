@@ -1,0 +1,109 @@
+"""Training with Lightning: progress bar, best-checkpoint saving and early stopping on
+val/recall@10, resume from a checkpoint. `ensure_model` caches the models that
+`bench run` trains itself under runs/ (ignored by git), keyed by their settings."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from bench.data import RecData, eval_examples, train_windows
+from bench.data.batches import collate_eval
+from models.module import SidRecommender, load_checkpoint
+
+RUNS_ENV = "BENCH_RUNS_DIR"
+
+
+@dataclass
+class TrainSettings:
+    backbone: str = "qwen-small"
+    max_epochs: int = 30
+    patience: int = 3
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    max_history: int = 20
+    val_users: int = 3000           # valid users decoded each epoch (first N; 0 = all)
+    transition: str = "rnn"         # nezha only
+    placeholders: bool = True       # nezha only
+    seed: int = 0
+
+    def key(self, objective: str, data: RecData) -> str:
+        """Names the cached run: same data, objective and settings -> same folder."""
+        blob = json.dumps({"objective": objective, "catalog": data.catalog.fingerprint, **asdict(self)}, sort_keys=True)
+        return f"{objective}-{self.backbone}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+class LengthBucketSampler(Sampler):
+    """Shuffled batches of windows of similar length: little padding, still random.
+
+    Each epoch: shuffle, cut into chunks of 50 batches, sort each chunk by length,
+    split it into batches, shuffle the batches."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+
+    def __iter__(self):
+        rng = random.Random(self.seed + self.epoch)
+        self.epoch += 1
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        chunk = self.batch_size * 50
+        batches = []
+        for start in range(0, len(order), chunk):
+            part = sorted(order[start: start + chunk], key=self.lengths.__getitem__)
+            batches += [part[i: i + self.batch_size] for i in range(0, len(part), self.batch_size)]
+        rng.shuffle(batches)
+        return iter(batches)
+
+    def __len__(self):
+        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+
+
+def runs_dir() -> Path:
+    return Path(os.environ.get(RUNS_ENV, "runs"))
+
+
+def train_model(data: RecData, objective: str, settings: TrainSettings, run_dir: Path,
+                resume: str | None = None, progress: bool = True, accelerator: str = "auto") -> Path:
+    """Train and return the path of the best checkpoint (by val/recall@10)."""
+    L.seed_everything(settings.seed, workers=True, verbose=False)
+    model = SidRecommender.for_catalog(
+        objective, settings.backbone, data.catalog, max_history=settings.max_history, lr=settings.lr,
+        weight_decay=settings.weight_decay, warmup_steps=settings.warmup_steps, transition=settings.transition,
+        placeholders=settings.placeholders)
+    windows = train_windows(data, settings.max_history)
+    train_loader = DataLoader(
+        windows, collate_fn=model.collate,
+        batch_sampler=LengthBucketSampler([len(w) for w in windows["items"]], settings.batch_size, settings.seed))
+    valid = eval_examples(data, "valid", settings.max_history, settings.val_users or None)
+    valid_loader = DataLoader(valid, batch_size=256, collate_fn=lambda rows: collate_eval(rows, data.catalog))
+    best = L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val/recall@10",
+                                               mode="max", save_last=True, enable_version_counter=False)
+    stop = L.pytorch.callbacks.EarlyStopping(monitor="val/recall@10", mode="max", patience=settings.patience)
+    trainer = L.Trainer(
+        max_epochs=settings.max_epochs, callbacks=[best, stop], default_root_dir=run_dir, accelerator=accelerator,
+        devices=1, logger=L.pytorch.loggers.CSVLogger(run_dir, name="logs"), enable_progress_bar=progress,
+        enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0, log_every_n_steps=10)
+    trainer.fit(model, train_loader, valid_loader, ckpt_path=resume)
+    (run_dir / "settings.json").write_text(json.dumps({"objective": objective, "dataset": data.name,
+                                                       **asdict(settings)}, indent=1))
+    return Path(best.best_model_path)
+
+
+def ensure_model(data: RecData, objective: str, settings: TrainSettings, progress: bool = True) -> SidRecommender:
+    """The cached model for these settings, training it first when there is none."""
+    run_dir = runs_dir() / data.name / settings.key(objective, data)
+    best = run_dir / "best.ckpt"
+    if not best.exists() or not (run_dir / "settings.json").exists():
+        print(f"training a {objective} model ({settings.backbone}) on {data.name}; cached in {run_dir}")
+        best = train_model(data, objective, settings, run_dir, progress=progress)
+    return load_checkpoint(best, data.catalog)

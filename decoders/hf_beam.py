@@ -1,0 +1,69 @@
+"""Hugging Face `generate(num_beams=K)` on the NTP backbone: the reference for
+correctness and the comparator of the NEZHA paper.
+
+How it differs from `beam`: generate expands the prompt to B*K rows before the
+prefill, so the prompt is computed K times instead of once, and it reorders the whole
+KV cache every step; the level of each step and (with :constrained) the verifier are
+applied through a logits processor on the full-vocabulary log-probabilities, which is
+the scoring `beam` uses too, so both return the same top-K.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from decoders.base import NEG_INF, Decoder, DecodeResult, finish, register
+
+
+class SidLevelProcessor(LogitsProcessor):
+    """Keeps only the codes of the level being generated (and, constrained, those that
+    extend a valid prefix)."""
+
+    def __init__(self, catalog, prompt_length: int, constrained: bool):
+        self.catalog, self.prompt_length, self.constrained = catalog, prompt_length, constrained
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        level = input_ids.shape[1] - self.prompt_length
+        start, size = self.catalog.offsets[level], self.catalog.codebook_sizes[level]
+        allowed = torch.zeros_like(scores, dtype=torch.bool)
+        if self.constrained:
+            generated = input_ids[:, self.prompt_length:] - torch.tensor(self.catalog.offsets[:level], device=scores.device)
+            prefix_codes = self.catalog.verifier.encode(generated)
+            allowed[:, start: start + size] = self.catalog.verifier.child_mask(prefix_codes, level)
+        else:
+            allowed[:, start: start + size] = True
+        return scores.masked_fill(~allowed, NEG_INF)
+
+
+@register
+class HFBeam(Decoder):
+    name = "hf_beam"
+    needs = ("ntp",)
+    options = {"constrained": bool}
+    description = "transformers generate(num_beams=K): prompt prefilled once per beam, cache reordered each step"
+
+    def __init__(self, catalog, k, models, constrained: bool = False):
+        super().__init__(catalog, k, models, constrained=constrained)
+        self.lm = models["ntp"].lm
+        self.constrained = constrained
+
+    @property
+    def backbone_core(self):
+        return self.lm.core
+
+    def bare_forward(self, batch):
+        self.lm.hidden(batch.history, batch.mask)
+
+    @torch.no_grad()
+    def decode(self, batch) -> DecodeResult:
+        levels, size = self.catalog.levels, len(batch)
+        processor = SidLevelProcessor(self.catalog, batch.history.shape[1], self.constrained)
+        out = self.lm.lm.generate(
+            input_ids=batch.history, attention_mask=batch.mask, num_beams=self.k, num_return_sequences=self.k,
+            max_new_tokens=levels, min_new_tokens=levels, do_sample=False, length_penalty=0.0, early_stopping=True,
+            logits_processor=LogitsProcessorList([processor]), return_dict_in_generate=True, output_scores=True,
+            pad_token_id=0, eos_token_id=None, bos_token_id=None)
+        offsets = torch.tensor(self.catalog.offsets, device=out.sequences.device)
+        sids = (out.sequences[:, -levels:] - offsets).view(size, self.k, levels)
+        scores = out.sequences_scores.view(size, self.k).float()
+        return finish(sids.clamp(min=0), scores.masked_fill(scores < -1e30, NEG_INF))

@@ -1,0 +1,69 @@
+"""NEZHA: one backbone pass over [history, <sp_1> .. <sp_L>], then beam search inside
+the self-draft head, with the hash-set verifier pruning invalid prefixes."""
+from __future__ import annotations
+
+import torch
+
+from bench.errors import BenchError
+from decoders.base import Decoder, DecodeResult, extend_prefixes, finish, mask_invalid, prune, register
+
+VERIFIER_MODES = ("every", "last", "off")
+
+
+@register
+class Nezha(Decoder):
+    name = "nezha"
+    needs = ("nezha",)
+    options = {"verifier": str, "head_beam": int}
+    description = ("one backbone pass, beam search in the draft head; :verifier=every|last|off, "
+                   ":head_beam=N beams inside the head (default K)")
+
+    def __init__(self, catalog, k, models, verifier: str = "every", head_beam: int = 0):
+        super().__init__(catalog, k, models, verifier=verifier, head_beam=head_beam or k)
+        if verifier not in VERIFIER_MODES:
+            raise BenchError(f"nezha: verifier must be one of {', '.join(VERIFIER_MODES)}, got '{verifier}'")
+        if head_beam and head_beam < k:
+            raise BenchError(f"nezha: head_beam={head_beam} is below K={k}; it must be at least K")
+        model = models["nezha"]
+        self.lm, self.head = model.lm, model.head
+        self.placeholders = model.hparams.placeholders
+        self.verifier, self.head_beam = verifier, head_beam or k
+
+    @property
+    def backbone_core(self):
+        return self.lm.core
+
+    def prompt(self, batch):
+        if not self.placeholders:
+            return batch.history, batch.mask
+        size, levels = len(batch), self.catalog.levels
+        placeholders = torch.tensor(self.catalog.placeholder_tokens, device=batch.history.device).expand(size, levels)
+        return torch.cat([batch.history, placeholders], 1), torch.cat([batch.mask, torch.ones_like(placeholders)], 1)
+
+    def bare_forward(self, batch):
+        self.lm.hidden(*self.prompt(batch))
+
+    @torch.no_grad()
+    def decode(self, batch) -> DecodeResult:
+        catalog, levels, size = self.catalog, self.catalog.levels, len(batch)
+        hidden = self.lm.hidden(*self.prompt(batch))                           # [B, T, d]
+        if self.placeholders:
+            h0, placeholder_states = hidden[:, -levels - 1], hidden[:, -levels:]   # [B, d], [B, L, d]
+        else:
+            h0 = hidden[:, -1]
+            placeholder_states = hidden.new_zeros(size, levels, hidden.shape[-1])
+        state = h0.unsqueeze(1)                                                # [B, beams, d]
+        scores = h0.new_zeros(size, 1)
+        prefixes = torch.zeros(size, 1, 0, dtype=torch.long, device=h0.device)
+        for level in range(levels):
+            logits = self.head.level_logits(level, state, placeholder_states[:, level].unsqueeze(1))
+            candidates = scores.unsqueeze(-1) + torch.log_softmax(logits.float(), dim=-1)   # [B, beams, C]
+            if self.verifier == "every" or (self.verifier == "last" and level == levels - 1):
+                candidates = mask_invalid(candidates, prefixes, catalog, level)
+            width = self.k if level == levels - 1 else self.head_beam
+            scores, parent, code = prune(candidates, width)
+            prefixes = extend_prefixes(prefixes, parent, code)
+            if level + 1 < levels:
+                kept = state.gather(1, parent.unsqueeze(-1).expand(-1, -1, state.shape[-1]))   # [B, width, d]
+                state = self.head.advance(level, kept.flatten(0, 1), code.flatten()).view(size, width, -1)
+        return finish(prefixes, scores)

@@ -1,0 +1,1 @@
+"""Backbones built from Hugging Face configs, the NEZHA draft head, objectives, and the LightningModule."""

@@ -1,0 +1,98 @@
+"""The LightningModule shared by both objectives, and checkpoint loading with checks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from bench.data.catalog import Catalog
+from bench.errors import BenchError
+from bench.metrics import target_ranks
+from models import objectives
+from models.backbones import build_backbone
+from models.heads import NezhaDraftHead
+
+
+class SidRecommender(L.LightningModule):
+    """A backbone over SID tokens, plus the NEZHA draft head when objective='nezha'.
+
+    Validation decodes the valid split (beam search for ntp, NEZHA for nezha) and logs
+    val/recall@10, the quantity early stopping and checkpointing watch."""
+
+    def __init__(self, objective: str, backbone: str, dataset: str, catalog_fingerprint: str,
+                 codebook_sizes: list[int], max_history: int = 20, lr: float = 2e-3, weight_decay: float = 0.01,
+                 warmup_steps: int = 100, transition: str = "rnn", placeholders: bool = True, val_k: int = 10,
+                 catalog: Catalog | None = None):
+        super().__init__()
+        if objective not in objectives.OBJECTIVES:
+            raise BenchError(f"unknown objective '{objective}'; choose one of {', '.join(objectives.OBJECTIVES)}")
+        self.save_hyperparameters(ignore=["catalog"])
+        levels = len(codebook_sizes)
+        vocab_size = 1 + sum(codebook_sizes) + levels
+        self.lm = build_backbone(backbone, vocab_size, max_positions=(max_history + 2) * levels)
+        self.head = NezhaDraftHead(self.lm.hidden_size, tuple(codebook_sizes), transition) if objective == "nezha" else None
+        self.catalog = catalog
+        self.val_recall = MeanMetric()
+        self._val_decoder = None
+
+    @classmethod
+    def for_catalog(cls, objective: str, backbone: str, catalog: Catalog, **settings) -> "SidRecommender":
+        return cls(objective=objective, backbone=backbone, dataset=catalog.name,
+                   catalog_fingerprint=catalog.fingerprint, codebook_sizes=list(catalog.codebook_sizes),
+                   catalog=catalog, **settings)
+
+    def collate(self, windows: list[dict]) -> dict:
+        return objectives.collate(self.hparams.objective, [w["items"] for w in windows], self.catalog,
+                                  self.hparams.placeholders)
+
+    def training_step(self, batch, batch_idx):
+        loss = objectives.loss(self.hparams.objective, self, batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        if self._val_decoder is None:
+            from decoders import build_decoder
+            spec = "beam" if self.hparams.objective == "ntp" else "nezha"
+            self._val_decoder = build_decoder(spec, self.catalog, self.hparams.val_k, {self.hparams.objective: self})
+        result = self._val_decoder.decode(batch)
+        ranks = target_ranks(self.catalog.items_of(result.sids), batch.targets)
+        self.val_recall.update((ranks > 0).float())
+        self.log("val/recall@10", self.val_recall, prog_bar=True, batch_size=len(batch))
+
+    def configure_optimizers(self):
+        decay = [p for n, p in self.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in self.named_parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
+        warmup = max(1, self.hparams.warmup_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def load_checkpoint(path: str | Path, catalog: Catalog) -> SidRecommender:
+    """Load a checkpoint written by `bench train`, refusing one made for another catalogue."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchError(f"checkpoint {path} does not exist; train one with: python -m bench train")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # any unreadable file gets the same one-line answer
+        raise BenchError(f"{path} is not a readable checkpoint ({type(exc).__name__}); "
+                         "pass a .ckpt written by python -m bench train") from None
+    settings = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(settings, dict) or "objective" not in settings or "catalog_fingerprint" not in settings:
+        raise BenchError(f"{path} is not a checkpoint of this suite (no objective or catalogue recorded); "
+                         "pass a .ckpt written by python -m bench train")
+    if settings["catalog_fingerprint"] != catalog.fingerprint:
+        raise BenchError(f"checkpoint {path} was trained on dataset '{settings['dataset']}' (catalogue "
+                         f"{settings['catalog_fingerprint']}), not on '{catalog.name}' ({catalog.fingerprint}); "
+                         f"train one with: python -m bench train --dataset {catalog.name}")
+    model = SidRecommender(**settings, catalog=catalog)
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except (KeyError, RuntimeError) as exc:
+        raise BenchError(f"checkpoint {path} does not match its recorded model ({str(exc).splitlines()[0]})") from None
+    return model.eval()

@@ -1,0 +1,102 @@
+"""The training objectives, each in one place: how a window of items becomes a batch,
+and the loss on it.
+
+ntp:   the SID tokens of the window's items in one causal sequence; cross-entropy on
+       every token of every item after the first (all training prefixes in one pass).
+nezha: the window is laid out as  SID(i_1) P SID(i_2) P ... SID(i_{w-1}) P  where each
+       P = <sp_1> .. <sp_L> predicts the next item. A 4D attention mask hides every P
+       from all tokens outside it and position ids skip the Ps, so each P sees exactly
+       the prompt [history, <sp_1..sp_L>] it sees at inference; the draft head is
+       teacher-forced with cross-entropy per level on the next item's codes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bench.data.catalog import PAD, Catalog
+
+OBJECTIVES = ("ntp", "nezha")
+IGNORE = -100
+
+
+def collate_ntp(windows: list[list[int]], catalog: Catalog) -> dict:
+    rows = [catalog.item_tokens(torch.tensor(items)).flatten() for items in windows]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = row
+        attention_mask[i, : len(row)] = 1
+        labels[i, catalog.levels: len(row)] = row[catalog.levels:]   # the first item is context only
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def ntp_loss(model, batch: dict) -> torch.Tensor:
+    logits = model.lm.logits(batch["input_ids"], batch["attention_mask"])   # [B, T, V]
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
+
+
+def collate_nezha(windows: list[list[int]], catalog: Catalog, placeholders: bool = True) -> dict:
+    """Interleave history items and placeholder groups; see the module docstring.
+
+    Without placeholders the layout is the plain history and the head reads h_0 only."""
+    L = catalog.levels
+    group_len = 2 * L if placeholders else L
+    width = max(len(items) - 1 for items in windows) * group_len
+    n = len(windows)
+    input_ids = torch.full((n, width), PAD, dtype=torch.long)
+    positions = torch.zeros((n, width), dtype=torch.long)
+    group = torch.full((n, width), -1, dtype=torch.long)      # 0 history, j >= 1 placeholder group j, -1 pad
+    rows, h0_index, placeholder_index, target_items = [], [], [], []
+    sp = torch.tensor(catalog.placeholder_tokens)
+    for b, items in enumerate(windows):
+        tokens = catalog.item_tokens(torch.tensor(items))           # [w, L]
+        for j in range(len(items) - 1):
+            start = j * group_len
+            input_ids[b, start: start + L] = tokens[j]
+            positions[b, start: start + L] = torch.arange(j * L, (j + 1) * L)
+            group[b, start: start + L] = 0
+            if placeholders:
+                input_ids[b, start + L: start + 2 * L] = sp
+                positions[b, start + L: start + 2 * L] = torch.arange((j + 1) * L, (j + 2) * L)
+                group[b, start + L: start + 2 * L] = j + 1
+                placeholder_index.append(torch.arange(start + L, start + 2 * L))
+            rows.append(b)
+            h0_index.append(start + L - 1)
+            target_items.append(items[j + 1])
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    visible = (group[:, None, :] == 0) | (group[:, None, :] == group[:, :, None])   # [B, q, k]
+    attention = (causal & visible & (group[:, None, :] >= 0)).unsqueeze(1)         # [B, 1, T, T]
+    batch = {
+        "input_ids": input_ids, "attention_mask": attention, "position_ids": positions,
+        "rows": torch.tensor(rows), "h0_index": torch.tensor(h0_index),
+        "target_codes": catalog.sids[torch.tensor(target_items)],
+    }
+    if placeholders:
+        batch["placeholder_index"] = torch.stack(placeholder_index)     # [N_targets, L]
+    return batch
+
+
+def nezha_loss(model, batch: dict) -> torch.Tensor:
+    hidden = model.lm.hidden(batch["input_ids"], batch["attention_mask"], batch["position_ids"])   # [B, T, d]
+    rows = batch["rows"]
+    h0 = hidden[rows, batch["h0_index"]]                                   # [N, d]
+    if "placeholder_index" in batch:
+        placeholders = hidden[rows[:, None], batch["placeholder_index"]]   # [N, L, d]
+    else:
+        placeholders = h0.new_zeros(h0.shape[0], len(model.head.classifiers), h0.shape[1])
+    codes = batch["target_codes"]
+    logits = model.head.teacher_forced_logits(h0, placeholders, codes)
+    return torch.stack([F.cross_entropy(lg, codes[:, level]) for level, lg in enumerate(logits)]).mean()
+
+
+def collate(objective: str, windows: list[list[int]], catalog: Catalog, placeholders: bool = True) -> dict:
+    if objective == "ntp":
+        return collate_ntp(windows, catalog)
+    return collate_nezha(windows, catalog, placeholders)
+
+
+def loss(objective: str, model, batch: dict) -> torch.Tensor:
+    return ntp_loss(model, batch) if objective == "ntp" else nezha_loss(model, batch)
