@@ -78,7 +78,9 @@ def cmd_run(args) -> None:
     from bench.run import format_table, run
     out = Path(args.out)
     read_records(out)                                   # a broken results file fails before any work
-    specs = [s for s in args.decoder.split(",") if s]
+    specs = [s.strip() for s in args.decoder.split(",") if s.strip()]
+    if not specs:
+        raise BenchError("--decoder names no decoder; give e.g. --decoder greedy,beam,nezha")
     if args.constrained:
         specs = [s + ":constrained" if s.split(":")[0] in ("beam", "hf_beam") and "constrained" not in s else s
                  for s in specs]

@@ -20,7 +20,8 @@ def target_ranks(ranked_items: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     rank of the target, or 0 when it is not in the list."""
     hits = ranked_items == targets.unsqueeze(1)
     positions = torch.arange(1, ranked_items.shape[1] + 1, device=ranked_items.device)
-    return (hits * positions).max(dim=1).values
+    first = torch.where(hits, positions, ranked_items.shape[1] + 1).min(dim=1).values
+    return torch.where(hits.any(dim=1), first, torch.zeros_like(first))
 
 
 def ranking_metrics(ranks: torch.Tensor, k_max: int) -> dict[str, float | None]:

@@ -42,11 +42,16 @@ def device_name(device: torch.device) -> str:
 def read_records(path: Path) -> list[dict]:
     if not path.exists():
         return []
+    if path.is_dir():
+        raise BenchError(f"{path} is a folder; --out takes a results file such as {path / 'results.json'}")
     try:
-        records = json.loads(path.read_text())
+        records = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise BenchError(f"{path} is not a results file (invalid JSON at line {exc.lineno}); "
                          "pass another --out or move it away; it was left untouched") from None
+    except UnicodeDecodeError:
+        raise BenchError(f"{path} is not a results file (not UTF-8 text); pass another --out; "
+                         "it was left untouched") from None
     if not isinstance(records, list):
         raise BenchError(f"{path} is not a results file (expected a JSON list of records); it was left untouched")
     return records

@@ -58,12 +58,20 @@ class HFBeam(Decoder):
     def decode(self, batch) -> DecodeResult:
         levels, size = self.catalog.levels, len(batch)
         processor = SidLevelProcessor(self.catalog, batch.history.shape[1], self.constrained)
+        # with one beam generate runs greedy search, which takes no beam settings and reports raw logits
+        beam_settings = dict(length_penalty=0.0, early_stopping=True) if self.k > 1 else dict(output_logits=True)
         out = self.lm.lm.generate(
             input_ids=batch.history, attention_mask=batch.mask, num_beams=self.k, num_return_sequences=self.k,
-            max_new_tokens=levels, min_new_tokens=levels, do_sample=False, length_penalty=0.0, early_stopping=True,
-            logits_processor=LogitsProcessorList([processor]), return_dict_in_generate=True, output_scores=True,
-            pad_token_id=0, eos_token_id=None, bos_token_id=None)
-        offsets = torch.tensor(self.catalog.offsets, device=out.sequences.device)
-        sids = (out.sequences[:, -levels:] - offsets).view(size, self.k, levels)
-        scores = out.sequences_scores.view(size, self.k).float()
+            max_new_tokens=levels, min_new_tokens=levels, do_sample=False, return_dict_in_generate=True,
+            output_scores=True, logits_processor=LogitsProcessorList([processor]), pad_token_id=0,
+            eos_token_id=None, bos_token_id=None, **beam_settings)
+        generated = out.sequences[:, -levels:]                                  # [B*K, L]
+        if self.k > 1:
+            scores = out.sequences_scores.float()
+        else:
+            log_probs = torch.stack([torch.log_softmax(step.float(), -1) for step in out.logits], 1)   # [B, L, V]
+            scores = log_probs.gather(2, generated.unsqueeze(-1)).sum((1, 2))
+        offsets = torch.tensor(self.catalog.offsets, device=generated.device)
+        sids = (generated - offsets).view(size, self.k, levels)
+        scores = scores.view(size, self.k)
         return finish(sids.clamp(min=0), scores.masked_fill(scores < -1e30, NEG_INF))

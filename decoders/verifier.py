@@ -35,8 +35,15 @@ class Verifier:
 
     def is_valid(self, sid) -> bool:
         """Whether a full SID (sequence of L codes) is a real item: one hash-set lookup."""
-        code = sum(int(t) * p for t, p in zip(sid, self.place_values))
-        return len(sid) == self.levels and code in self.valid_sids
+        sid = [int(t) for t in sid]
+        if len(sid) != self.levels or any(not 0 <= t < size for t, size in zip(sid, self.codebook_sizes)):
+            return False
+        return sum(t * p for t, p in zip(sid, self.place_values)) in self.valid_sids
+
+    def in_range(self, sids: torch.Tensor) -> torch.Tensor:
+        """[..., l] codes -> bool [...]: every code lies inside its level's codebook."""
+        sizes = torch.tensor(self.codebook_sizes[: sids.shape[-1]], device=sids.device)
+        return ((sids >= 0) & (sids < sizes)).all(-1)
 
     def prefix_is_valid(self, codes: torch.Tensor, length: int) -> torch.Tensor:
         """codes: [...] mixed-radix codes of prefixes of the given length -> bool [...]."""

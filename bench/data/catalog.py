@@ -63,10 +63,11 @@ class Catalog:
 
     def items_of(self, sids: torch.Tensor) -> torch.Tensor:
         """sids: [..., L] generated codes (-1 for no candidate) -> [...] item index, -1 if no real item."""
+        in_range = self.verifier.in_range(sids)
         codes = self.verifier.encode(sids.clamp(min=0))
         sorted_codes = self._sorted_codes.to(sids.device)
         idx = torch.searchsorted(sorted_codes, codes).clamp(max=len(sorted_codes) - 1)
-        found = (sorted_codes[idx] == codes) & (sids >= 0).all(-1)
+        found = (sorted_codes[idx] == codes) & in_range
         return torch.where(found, self._item_of_sorted.to(sids.device)[idx], torch.full_like(idx, -1))
 
     def describe(self) -> dict:

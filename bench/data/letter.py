@@ -27,7 +27,7 @@ REMOTE_DATASETS = {
     "instruments": ("Instruments", None),
     "yelp": ("Yelp", None),
 }
-TOKEN = re.compile(r"^<([a-z])_(\d+)>$")
+TOKEN = re.compile(r"<([a-z])_(\d+)>")
 
 
 def cache_dir(name: str) -> Path:
@@ -134,7 +134,7 @@ def parse_index(path: Path) -> tuple[list[str], list[list[int]]]:
                              f"{levels}; all SIDs must have the same number of levels")
         sid = []
         for level, token in enumerate(tokens):
-            match = TOKEN.match(token) if isinstance(token, str) else None
+            match = TOKEN.fullmatch(token) if isinstance(token, str) else None
             letter = chr(ord("a") + level)
             if not match or match.group(1) != letter:
                 raise BenchError(f"{path}: item '{item}' has token {token!r} at level {level + 1}; "

@@ -1,0 +1,175 @@
+"""The CLI (in process): bad input is one 'error: ...' line and exit code 2, found before
+any training; `data` and `leaderboard`; appending result records."""
+import json
+
+import pytest
+
+import bench.run
+import bench.train
+from bench.__main__ import main
+from bench.errors import BenchError
+from bench.records import append_records, read_records
+from decoders import REGISTRY
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch, capsys):
+    """Runs `python -m bench ARGS` in process inside tmp_path -> (exit code, stdout, stderr).
+    Training fails the test: every input error must be found before it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(bench.train.RUNS_ENV, str(tmp_path / "runs"))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started before the input was validated")
+    monkeypatch.setattr(bench.run, "ensure_model", no_training)
+    monkeypatch.setattr(bench.train, "train_model", no_training)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+@pytest.fixture
+def bench_run_error(cli, tmp_path):
+    """`bench run ARGS` on 3 synthetic users that must fail -> its one stderr line; no results written."""
+    out = tmp_path / "results.json"
+
+    def run(*args: str) -> str:
+        code, _, err = cli("run", "--limit-users", "3", "--out", str(out), *args)
+        lines = err.strip().splitlines()
+        assert code == 2, err
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        assert not out.exists()
+        return lines[0]
+    return run
+
+
+def test_unknown_decoder(bench_run_error):
+    line = bench_run_error("--decoder", "greedy,nosuch")
+    assert "unknown decoder 'nosuch'" in line
+    assert {"beam", "greedy", "hf_beam", "nezha", "popularity"} <= set(REGISTRY)
+    assert f"choose from {', '.join(sorted(REGISTRY))}" in line
+
+
+def test_unknown_decoder_option(bench_run_error):
+    line = bench_run_error("--decoder", "beam:foo")
+    assert "unknown option 'foo' in decoder spec 'beam:foo'" in line
+    assert "options of beam: " in line and "constrained" in line
+
+
+def test_empty_decoder_list(bench_run_error):
+    line = bench_run_error("--decoder", ",")
+    assert "decoder" in line
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--k", "0"], "--k 0: K must be at least 1"),
+    (["--k", "601"], "--k 601 is above the 600 items of the 'synthetic' catalogue; choose K <= 600"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--device", "nosuch"], "unknown device 'nosuch'"),
+    (["--max-epochs", "0"], "--max-epochs and --max-history must be at least 1"),
+], ids=["k=0", "k>items", "batch-size=0", "device", "max-epochs=0"])
+def test_bad_numbers_and_device(bench_run_error, args, fragment):
+    assert fragment in bench_run_error("--decoder", "greedy,beam,nezha", *args)
+
+
+def test_missing_checkpoint(bench_run_error, tmp_path):
+    missing = tmp_path / "nowhere.ckpt"
+    line = bench_run_error("--decoder", "nezha", "--ckpt", str(missing))
+    assert f"checkpoint {missing} does not exist" in line
+
+
+def test_text_file_as_checkpoint(bench_run_error, tmp_path):
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    line = bench_run_error("--decoder", "nezha", "--ckpt", str(text))
+    assert f"{text} is not a readable checkpoint" in line
+
+
+def test_invalid_results_file_is_left_unchanged(cli, tmp_path):
+    out = tmp_path / "results.json"
+    out.write_text('[{"decoder": "beam"},')
+    code, _, err = cli("run", "--decoder", "popularity", "--limit-users", "3", "--out", str(out))
+    assert code == 2
+    assert err.strip().splitlines() == [err.strip()]
+    assert f"error: {out} is not a results file (invalid JSON at line 1)" in err
+    assert out.read_text() == '[{"decoder": "beam"},'
+
+
+def test_data_command_describes_the_synthetic_dataset(cli):
+    code, out, err = cli("data", "--dataset", "synthetic")
+    assert (code, err) == (0, "")
+    info = json.loads(out)
+    assert (info["dataset"], info["items"], info["users"], info["levels"]) == ("synthetic", 600, 3000, 3)
+
+
+# ---------------------------------------------------------------- leaderboard
+
+
+def record(decoder: str, mean_ms: float, recall10: float, **extra) -> dict:
+    """A result record with the fields bench/leaderboard.py reads."""
+    return {
+        "dataset": "synthetic", "split": "test", "device": "cpu (test)", "decoder": decoder,
+        "backbone": {"name": "qwen-tiny"}, "users": 100, "k": 20, "batch_size": 32,
+        "metrics": {"recall@1": 0.1, "recall@10": recall10, "ndcg@10": 0.25, "recall@20": None, "ndcg@20": None},
+        "invalid_rate": 0.0, "latency_ms": {"mean": mean_ms, "p99": 2 * mean_ms}, "latency_over_prefill": 1.5,
+        "backbone_calls_per_batch": 4.0, "git_sha": "0123456789abcdef", "command": f"python -m bench run --decoder {decoder}",
+        **extra,
+    }
+
+
+def table_rows(markdown: str) -> dict[str, dict[str, str]]:
+    """Rows of the one Markdown table, by decoder, as {column header: cell}."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[1:]]
+    return {row["decoder"]: row for row in rows}
+
+
+def test_leaderboard_shows_speedup_against_beam(cli, tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([record("beam", 50.0, 0.4), record("nezha", 10.0, 0.375)]))
+    code, out, _ = cli("leaderboard", str(results))
+    assert code == 0
+    assert "### synthetic / test / cpu (test)" in out
+    rows = table_rows(out)
+    assert set(rows) == {"beam", "nezha"}
+    assert rows["beam"]["speedup vs beam"] == "1.00"
+    assert rows["nezha"]["speedup vs beam"] == "5.00"
+    assert rows["nezha"]["R@10"] == "0.3750"
+    assert rows["nezha"]["R@20"] == "-"
+    assert rows["nezha"]["mean ms/batch"] == "10.0"
+    assert rows["nezha"]["p99 ms"] == "20.0"
+    assert rows["nezha"]["commit"] == "0123456789"
+
+
+def test_leaderboard_writes_its_out_file(cli, tmp_path):
+    results, table = tmp_path / "results.json", tmp_path / "board.md"
+    results.write_text(json.dumps([record("beam", 40.0, 0.4), record("greedy", 20.0, 0.3)]))
+    code, out, _ = cli("leaderboard", str(results), "--out", str(table))
+    assert code == 0 and out.strip() == f"written to {table}"
+    assert table_rows(table.read_text())["greedy"]["speedup vs beam"] == "2.00"
+
+
+# ---------------------------------------------------------------- result records
+
+
+def test_append_records_appends_to_an_existing_list(tmp_path):
+    path = tmp_path / "sub" / "results.json"
+    append_records(path, [{"decoder": "beam"}])
+    append_records(path, [{"decoder": "nezha"}, {"decoder": "greedy"}])
+    assert read_records(path) == [{"decoder": "beam"}, {"decoder": "nezha"}, {"decoder": "greedy"}]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]
+
+
+@pytest.mark.parametrize("content", [b'[{"decoder": "beam"}', b'{"decoder": "beam"}', b"\x80\x81PK\x03\x04\xff"],
+                         ids=["invalid JSON", "not a list", "binary"])
+def test_append_records_leaves_an_unreadable_file_untouched(tmp_path, content):
+    path = tmp_path / "results.json"
+    path.write_bytes(content)
+    with pytest.raises(BenchError, match="is not a results file.*left untouched"):
+        append_records(path, [{"decoder": "nezha"}])
+    assert path.read_bytes() == content
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]

@@ -1,0 +1,148 @@
+"""Decoders: equal outputs where they must be equal, one backbone call for NEZHA,
+only real items where the verifier is on."""
+import pytest
+import torch
+
+from bench.errors import BenchError
+from bench.latency import count_calls
+from conftest import random_batch, random_model
+from decoders import build_decoder, parse_spec
+
+
+@pytest.fixture(scope="module")
+def ntp(catalog):
+    return random_model("ntp", catalog)
+
+
+@pytest.fixture(scope="module")
+def nezha(catalog):
+    return random_model("nezha", catalog)
+
+
+def decode(spec, catalog, k, models, batch):
+    decoder = build_decoder(spec, catalog, k, models)
+    with count_calls(decoder.backbone_core) as calls:
+        result = decoder.decode(batch)
+    return result, calls[0]
+
+
+def valid_rows(catalog, sids):
+    return torch.tensor([[catalog.verifier.is_valid(sid) for sid in row] for row in sids.tolist()])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_beam_with_k1_equals_greedy(catalog, ntp, seed):
+    batch = random_batch(catalog, seed=seed)
+    greedy, _ = decode("greedy", catalog, 1, {"ntp": ntp}, batch)
+    beam, _ = decode("beam", catalog, 1, {"ntp": ntp}, batch)
+    assert torch.equal(greedy.sids, beam.sids)
+    torch.testing.assert_close(greedy.scores, beam.scores)
+
+
+@pytest.mark.parametrize("k,constrained", [(1, False), (5, False), (12, False), (5, True), (12, True)])
+def test_beam_equals_huggingface_generate(catalog, ntp, k, constrained):
+    batch = random_batch(catalog, users=5, seed=k)
+    spec = ":constrained" if constrained else ""
+    ours, calls = decode("beam" + spec, catalog, k, {"ntp": ntp}, batch)
+    theirs, hf_calls = decode("hf_beam" + spec, catalog, k, {"ntp": ntp}, batch)
+    assert ours.sids.shape == (5, k, catalog.levels)
+    assert torch.equal(ours.sids, theirs.sids)
+    torch.testing.assert_close(ours.scores, theirs.scores, atol=1e-4, rtol=1e-4)
+    assert calls == hf_calls == catalog.levels
+
+
+def test_beam_scores_are_sorted_sums_of_log_probs(catalog, ntp):
+    batch = random_batch(catalog, users=3)
+    result, _ = decode("beam", catalog, 8, {"ntp": ntp}, batch)
+    assert torch.all(result.scores[:, :-1] >= result.scores[:, 1:])
+    # rescoring the returned SIDs with one teacher-forced pass gives the same scores
+    user = 0
+    history = batch.history[user][batch.mask[user].bool()]
+    for rank in range(8):
+        tokens = result.sids[user, rank] + torch.tensor(catalog.offsets)
+        ids = torch.cat([history, tokens]).unsqueeze(0)
+        with torch.no_grad():
+            logp = torch.log_softmax(ntp.lm.logits(ids, torch.ones_like(ids)), -1)[0]
+        total = sum(logp[len(history) - 1 + level, tokens[level]] for level in range(catalog.levels))
+        assert float(total) == pytest.approx(float(result.scores[user, rank]), abs=1e-4)
+
+
+def test_constrained_beam_returns_only_real_items(catalog, ntp):
+    batch = random_batch(catalog, users=8, seed=3)
+    result, _ = decode("beam:constrained", catalog, 10, {"ntp": ntp}, batch)
+    assert valid_rows(catalog, result.sids).all()
+
+
+def test_left_padding_does_not_change_results(catalog, ntp, nezha):
+    batch = random_batch(catalog, users=6, seed=4)
+    for spec, models in (("beam", {"ntp": ntp}), ("nezha", {"nezha": nezha})):
+        together, _ = decode(spec, catalog, 4, models, batch)
+        for user in range(len(batch)):
+            keep = batch.mask[user].bool()
+            alone = type(batch)(batch.history[user][keep][None], batch.mask[user][keep][None],
+                                batch.targets[user:user + 1], batch.users[user:user + 1])
+            single, _ = decode(spec, catalog, 4, models, alone)
+            assert torch.equal(single.sids[0], together.sids[user]), spec
+            torch.testing.assert_close(single.scores[0], together.scores[user], atol=1e-4, rtol=1e-4)
+
+
+def test_nezha_calls_the_backbone_once_and_returns_real_items(catalog, nezha):
+    batch = random_batch(catalog, users=8, seed=5)
+    result, calls = decode("nezha", catalog, 10, {"nezha": nezha}, batch)
+    assert calls == 1
+    assert result.sids.shape == (8, 10, catalog.levels)
+    assert valid_rows(catalog, result.sids).all()
+    assert torch.all(result.scores[:, :-1] >= result.scores[:, 1:])
+
+
+def test_nezha_without_verifier_can_hallucinate(catalog, nezha):
+    batch = random_batch(catalog, users=8, seed=5)
+    result, _ = decode("nezha:verifier=off", catalog, 10, {"nezha": nezha}, batch)
+    # 60 items among 240 code combinations: an unguided head must leave the catalogue
+    assert not valid_rows(catalog, result.sids).all()
+
+
+def test_nezha_beam_ranks_by_head_scores(catalog, nezha):
+    """Unconstrained head beam with a beam as wide as the code space is exhaustive:
+    its best SID is the argmax of the head's joint score over all SIDs."""
+    batch = random_batch(catalog, users=2, seed=6)
+    width = 6 * 5 * 8
+    result, _ = decode(f"nezha:verifier=off:head_beam={width}", catalog, 3, {"nezha": nezha}, batch)
+    ids, mask = build_decoder("nezha", catalog, 3, {"nezha": nezha}).prompt(batch)
+    with torch.no_grad():
+        hidden = nezha.lm.hidden(ids, mask)
+        grid = torch.cartesian_prod(*[torch.arange(s) for s in catalog.codebook_sizes])   # [240, 3]
+        for user in range(2):
+            h0 = hidden[user, -4].expand(len(grid), -1)
+            hp = hidden[user, -3:].expand(len(grid), -1, -1)
+            logits = nezha.head.teacher_forced_logits(h0, hp, grid)
+            joint = sum(torch.log_softmax(lg, -1).gather(1, grid[:, [lv]]).squeeze(1) for lv, lg in enumerate(logits))
+            best = joint.topk(3)
+            assert torch.equal(grid[best.indices], result.sids[user])
+            torch.testing.assert_close(best.values, result.scores[user], atol=1e-4, rtol=1e-4)
+
+
+def test_k_above_candidates_leaves_empty_slots(catalog, ntp):
+    batch = random_batch(catalog, users=2, seed=7)
+    result, _ = decode("beam:constrained", catalog, catalog.num_items + 5, {"ntp": ntp}, batch)
+    empty = (result.sids < 0).all(-1)
+    assert empty.sum(1).tolist() == [5, 5]
+    assert torch.isinf(result.scores[empty]).all()
+
+
+def test_decoder_specs_are_parsed_and_checked():
+    assert parse_spec("beam:constrained") == ("beam", {"constrained": True})
+    assert parse_spec("nezha:verifier=last:head_beam=40") == ("nezha", {"verifier": "last", "head_beam": 40})
+    with pytest.raises(BenchError, match="unknown decoder 'bream'"):
+        parse_spec("bream")
+    with pytest.raises(BenchError, match="unknown option 'width'"):
+        parse_spec("beam:width=3")
+    with pytest.raises(BenchError, match="needs a int"):
+        parse_spec("nezha:head_beam=wide")
+
+
+def test_nezha_options_are_checked(catalog, nezha):
+    with pytest.raises(BenchError, match="verifier must be one of"):
+        build_decoder("nezha:verifier=sometimes", catalog, 4, {"nezha": nezha})
+    with pytest.raises(BenchError, match="below K"):
+        build_decoder("nezha:head_beam=2", catalog, 4, {"nezha": nezha})

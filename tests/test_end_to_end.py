@@ -1,0 +1,66 @@
+"""`python -m bench run` from data to records on the synthetic default: trains small
+models once (cached), evaluates several decoders on the same batches."""
+import json
+
+import pytest
+
+from bench.__main__ import main
+
+DECODERS = "greedy,beam,nezha,popularity"
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BENCH_RUNS_DIR", str(root / "runs"))
+    out = root / "results.json"
+    args = ["run", "--decoder", DECODERS, "--k", "10", "--limit-users", "400", "--batch-size", "50",
+            "--max-epochs", "8", "--out", str(out)]
+    assert main(args) == 0
+    yield root, out, args
+    mp.undo()
+
+
+def test_run_writes_one_record_per_decoder(first_run):
+    _, out, _ = first_run
+    records = json.loads(out.read_text())
+    assert [r["decoder"] for r in records] == DECODERS.split(",")
+    for r in records:
+        assert r["dataset"] == "synthetic" and r["split"] == "test" and r["users"] == 400 and r["k"] == 10
+        assert set(r["metrics"]) == {"recall@1", "recall@5", "recall@10", "recall@20", "ndcg@5", "ndcg@10", "ndcg@20"}
+        assert r["metrics"]["recall@20"] is None                 # above K
+        for key in ("latency_ms", "throughput_users_per_s", "git_sha", "torch", "seed", "command", "device"):
+            assert key in r
+    by_name = {r["decoder"]: r for r in records}
+    assert by_name["nezha"]["backbone_calls_per_batch"] == 1
+    assert by_name["beam"]["backbone_calls_per_batch"] == 3       # one per SID level
+    assert by_name["greedy"]["candidates_per_user"] == 1
+    assert by_name["nezha"]["invalid_rate"] == 0
+    assert by_name["beam"]["backbone"]["params"] > 0
+
+
+def test_models_learn_the_synthetic_dynamics(first_run):
+    _, out, _ = first_run
+    recall = {r["decoder"]: r["metrics"]["recall@10"] for r in json.loads(out.read_text())}
+    assert recall["beam"] > 2 * recall["popularity"]
+    assert recall["nezha"] > 2 * recall["popularity"]
+
+
+def test_second_run_reuses_the_cached_models_and_appends(first_run, capsys):
+    root, out, args = first_run
+    capsys.readouterr()
+    assert main(args[:2] + ["nezha"] + args[3:]) == 0
+    assert "training a" not in capsys.readouterr().out
+    assert len(json.loads(out.read_text())) == len(DECODERS.split(",")) + 1
+
+
+def test_checkpoint_of_the_wrong_objective_is_refused(first_run, capsys):
+    root, out, _ = first_run
+    ntp_ckpt = next((root / "runs" / "synthetic").glob("ntp-*/best.ckpt"))
+    before = out.read_text()
+    code = main(["run", "--decoder", "nezha", "--ckpt", str(ntp_ckpt), "--limit-users", "10", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "objective 'ntp'" in err and "need: nezha" in err and len(err.strip().splitlines()) == 1
+    assert out.read_text() == before

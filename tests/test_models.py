@@ -1,0 +1,96 @@
+"""Objectives and checkpoints: the one-pass NEZHA layout sees exactly what inference
+sees, losses fall, checkpoints refuse the wrong catalogue."""
+import pytest
+import torch
+
+from bench.errors import BenchError
+from conftest import random_catalog, random_model
+from models import objectives
+from models.module import load_checkpoint
+
+
+def test_nezha_training_pass_matches_inference_prompts(catalog):
+    """Hidden states of h_0 and the placeholders in the interleaved training window equal
+    those of the separate inference prompt [history, <sp_1..sp_L>] for every target."""
+    model = random_model("nezha", catalog, seed=1)
+    windows = [[3, 17, 42, 8, 25], [11, 2], [5, 5, 40]]
+    batch = objectives.collate_nezha(windows, catalog)
+    with torch.no_grad():
+        hidden = model.lm.hidden(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        sp = torch.tensor(catalog.placeholder_tokens)
+        target = 0
+        for window in windows:
+            for j in range(1, len(window)):
+                prompt = torch.cat([catalog.item_tokens(torch.tensor(window[:j])).flatten(), sp]).unsqueeze(0)
+                alone = model.lm.hidden(prompt, torch.ones_like(prompt))[0]           # [T, d]
+                row = batch["rows"][target]
+                torch.testing.assert_close(hidden[row, batch["h0_index"][target]], alone[-catalog.levels - 1],
+                                           atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(hidden[row, batch["placeholder_index"][target]], alone[-catalog.levels:],
+                                           atol=1e-5, rtol=1e-4)
+                assert torch.equal(batch["target_codes"][target], catalog.sids[window[j]])
+                target += 1
+    assert target == len(batch["rows"]) == sum(len(w) - 1 for w in windows)
+
+
+def test_ntp_batch_predicts_every_item_after_the_first(catalog):
+    batch = objectives.collate_ntp([[3, 17, 42], [11, 2]], catalog)
+    L = catalog.levels
+    assert batch["input_ids"].shape == (2, 3 * L)
+    assert torch.equal(batch["labels"][0, L:], catalog.item_tokens(torch.tensor([17, 42])).flatten())
+    assert (batch["labels"][0, :L] == objectives.IGNORE).all()
+    assert (batch["labels"][1, 2 * L:] == objectives.IGNORE).all()
+    assert batch["attention_mask"][1].tolist() == [1] * (2 * L) + [0] * L
+
+
+def test_nezha_without_placeholders_reads_history_only(catalog):
+    batch = objectives.collate_nezha([[3, 17, 42]], catalog, placeholders=False)
+    assert "placeholder_index" not in batch
+    assert batch["h0_index"].tolist() == [catalog.levels - 1, 2 * catalog.levels - 1]
+    assert not torch.isin(batch["input_ids"], torch.tensor(catalog.placeholder_tokens)).any()
+
+
+@pytest.mark.parametrize("objective,options", [("ntp", {}), ("nezha", {}), ("nezha", {"transition": "gru"}),
+                                               ("nezha", {"transition": "none", "placeholders": False})])
+def test_loss_falls_in_a_few_steps(catalog, objective, options):
+    model = random_model(objective, catalog, seed=2, **options).train()
+    gen = torch.Generator().manual_seed(0)
+    windows = [torch.randint(0, catalog.num_items, (4,), generator=gen).tolist() for _ in range(16)]
+    batch = model.collate([{"items": w} for w in windows])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = objectives.loss(objective, model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def save(model, path):
+    torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, path)
+
+
+def test_checkpoint_round_trip_and_refusals(catalog, tmp_path):
+    model = random_model("nezha", catalog, seed=3)
+    path = tmp_path / "model.ckpt"
+    save(model, path)
+    loaded = load_checkpoint(path, catalog)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(BenchError, match="trained on dataset 'toy'.*not on 'toy'"):
+        load_checkpoint(path, random_catalog(seed=9))
+    with pytest.raises(BenchError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.ckpt", catalog)
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    with pytest.raises(BenchError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "notes.ckpt", catalog)
+    torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
+    with pytest.raises(BenchError, match="not a checkpoint of this suite"):
+        load_checkpoint(tmp_path / "foreign.ckpt", catalog)
+
+
+def test_unknown_backbone_is_refused(catalog):
+    with pytest.raises(BenchError, match="unknown backbone 'gpt-huge'"):
+        random_model("ntp", catalog, backbone="gpt-huge")
