@@ -33,10 +33,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patience", type=int, default=3, help="epochs without val/recall@10 gain before stopping")
     p.add_argument("--train-batch-size", type=int, help="default: 64 on synthetic, 256 otherwise")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--dropout", type=float, default=0.1, help="embedding, attention and output dropout")
+    p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--max-history", type=int, default=20, help="items of history kept per example")
     p.add_argument("--val-users", type=int, default=3000, help="valid users decoded per epoch (0 = all)")
     p.add_argument("--transition", default="rnn", choices=["rnn", "gru", "none"], help="NEZHA head transition cell")
     p.add_argument("--no-placeholders", action="store_true", help="NEZHA head reads only the last history state")
+    p.add_argument("--medusa-mode", default="frozen", choices=["frozen", "joint"],
+                   help="Medusa heads on a frozen backbone (Medusa-1) or trained with it (Medusa-2)")
+    p.add_argument("--draft-backbone", default="qwen-micro", help="the separate draft model of speculative")
 
 
 def train_settings(args):
@@ -47,8 +52,10 @@ def train_settings(args):
     return TrainSettings(
         backbone=args.backbone or ("qwen-tiny" if small else "qwen-small"), max_epochs=args.max_epochs,
         patience=args.patience, batch_size=args.train_batch_size or (64 if small else 256), lr=args.lr,
+        dropout=args.dropout, weight_decay=args.weight_decay,
         max_history=args.max_history, val_users=args.val_users, transition=args.transition,
-        placeholders=not args.no_placeholders, seed=args.seed)
+        placeholders=not args.no_placeholders, medusa_mode=args.medusa_mode, draft_backbone=args.draft_backbone,
+        seed=args.seed)
 
 
 def cmd_data(args) -> None:
@@ -61,6 +68,7 @@ def cmd_train(args) -> None:
     from bench.data import load_dataset
     from bench.train import runs_dir, train_model
     from models.backbones import BACKBONES
+    from models.module import load_checkpoint
     settings = train_settings(args)
     if settings.backbone not in BACKBONES:
         raise BenchError(f"unknown backbone '{settings.backbone}'; choose one of {', '.join(BACKBONES)}")
@@ -68,7 +76,15 @@ def cmd_train(args) -> None:
     run_dir = Path(args.run_dir) if args.run_dir else runs_dir() / data.name / settings.key(args.objective, data)
     if args.resume and not Path(args.resume).is_file():
         raise BenchError(f"--resume {args.resume}: no such checkpoint")
-    best = train_model(data, args.objective, settings, run_dir, resume=args.resume)
+    init = None
+    if args.objective == "medusa":
+        if not args.init_from:
+            raise BenchError("--objective medusa trains heads on a trained NTP backbone: pass --init-from NTP.ckpt")
+        init = load_checkpoint(args.init_from, data.catalog)
+        if init.hparams.objective != "ntp" or init.hparams.backbone != settings.backbone:
+            raise BenchError(f"--init-from {args.init_from} is a {init.hparams.objective} model with backbone "
+                             f"{init.hparams.backbone}; Medusa needs an ntp model with backbone {settings.backbone}")
+    best = train_model(data, args.objective, settings, run_dir, resume=args.resume, init_from=init)
     print(f"best checkpoint: {best}")
 
 
@@ -128,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("train", help="train a model (Lightning: progress bar, checkpoints, early stopping)")
-    p.add_argument("--objective", required=True, choices=["ntp", "nezha"])
+    p.add_argument("--objective", required=True, choices=["ntp", "nezha", "medusa"])
+    p.add_argument("--init-from", help="medusa: the trained NTP checkpoint whose backbone the heads sit on")
     p.add_argument("--resume", help="checkpoint to resume from (e.g. runs/.../last.ckpt)")
     p.add_argument("--run-dir", help="where checkpoints go (default: runs/<dataset>/<objective>-<backbone>-<hash>)")
     add_data_args(p)

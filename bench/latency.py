@@ -25,7 +25,8 @@ class Measurement:
     latency_ms: list[float] = field(default_factory=list)          # per batch
     prefill_ms: list[float] = field(default_factory=list)          # per batch, bare forward pass
     backbone_calls: list[int] = field(default_factory=list)        # per batch
-    peak_memory_mb: float | None = None                            # CUDA only
+    draft_calls: list[int] = field(default_factory=list)           # per batch, separate draft model
+    peak_memory_mb: float | None = None                            # CUDA only: torch does not track CPU allocations
 
 
 def summarize(values: list[float]) -> dict[str, float] | None:
@@ -85,7 +86,7 @@ def benchmark(decoders: dict[str, Decoder], batches: list, device: torch.device,
             decoder, record = decoders[label], measured[label]
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            with count_calls(decoder.backbone_core) as calls:
+            with count_calls(decoder.backbone_core) as calls, count_calls(decoder.draft_core) as draft_calls:
                 result, ms = timed(lambda: decoder.decode(batch), device)
             if device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(device) / 2**20
@@ -93,6 +94,7 @@ def benchmark(decoders: dict[str, Decoder], batches: list, device: torch.device,
             record.results.append(DecodeResult(result.sids.cpu(), result.scores.cpu(), result.stats))
             record.latency_ms.append(ms)
             record.backbone_calls.append(calls[0])
+            record.draft_calls.append(draft_calls[0])
             if decoder.backbone_core is not None:
                 record.prefill_ms.append(timed(lambda: decoder.bare_forward(batch), device)[1])
     return measured

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import replace
 
 import torch
 import transformers
@@ -40,29 +40,52 @@ def check_k(k: int, data: RecData) -> None:
                          f"choose K <= {data.catalog.num_items}")
 
 
-def load_models(roles: set[str], data: RecData, checkpoints: list[str], settings: TrainSettings,
-                device: torch.device, progress: bool) -> tuple[dict, dict]:
-    """-> models by role, and where each came from. A given checkpoint serves the role of
-    its objective; roles without one are trained (or taken from the runs cache)."""
+def model_requests(name: str, options: dict, settings: TrainSettings) -> dict[str, tuple[str, str, TrainSettings]]:
+    """role -> (model key, objective, settings) for one decoder spec. Options that pick a
+    model (e.g. nezha's transition) change the settings of the decoder's own model."""
+    cls = REGISTRY[name]
+    picked = {cls.model_options[o]: options[o] for o in cls.model_options if o in options}
+    requests = {}
+    for role in cls.needs:
+        if role == "draft":
+            requests[role] = ("draft", "ntp", replace(settings, backbone=settings.draft_backbone))
+        elif role == cls.needs[0] and picked:
+            tag = ",".join(f"{k}={v}" for k, v in sorted(picked.items()))
+            requests[role] = (f"{role}[{tag}]", role, replace(settings, **picked))
+        else:
+            requests[role] = (role, role, settings)
+    return requests
+
+
+def load_models(requests: dict[str, tuple[str, TrainSettings]], data: RecData, checkpoints: list[str],
+                settings: TrainSettings, device: torch.device, progress: bool) -> tuple[dict, dict]:
+    """model key -> model (or popularity counts), and where each came from. A checkpoint
+    given with --ckpt serves the plain role of its objective; the rest are trained (or
+    taken from the runs cache); Medusa models are built on the NTP model."""
     models, sources = {}, {}
     for path in checkpoints:
         model = load_checkpoint(path, data.catalog)
         objective = model.hparams.objective
-        if objective not in roles:
-            wanted = ", ".join(sorted(r for r in roles if r in ("ntp", "nezha"))) or "none"
+        if objective not in requests:
+            wanted = ", ".join(sorted({o for o, _ in requests.values() if o != "popularity"})) or "none"
             raise BenchError(f"checkpoint {path} was trained with objective '{objective}', but the chosen decoders "
                              f"need: {wanted}; train one with: python -m bench train --objective "
                              f"{wanted.split(', ')[0]}")
         models[objective], sources[objective] = model, str(path)
-    for role in sorted(roles - set(models)):
-        if role == "popularity":
-            models[role], sources[role] = item_popularity(data), "training split counts"
-        else:
-            models[role] = ensure_model(data, role, settings, progress)
-            sources[role] = "trained by bench run (runs cache)"
-    for role, model in models.items():
+    if any(o == "medusa" for o, _ in requests.values()) and "ntp" not in requests:
+        requests = {**requests, "ntp": ("ntp", settings)}
+    for key in sorted(set(requests) - set(models), key=lambda k: requests[k][0] == "medusa"):
+        objective, wanted = requests[key]
+        if objective == "popularity":
+            models[key], sources[key] = item_popularity(data), "training split counts"
+            continue
+        init = (getattr(models["ntp"], "cache_key", sources.get("ntp", "")), models["ntp"]) \
+            if objective == "medusa" else None
+        models[key] = ensure_model(data, objective, wanted, progress, init_from=init)
+        sources[key] = f"trained by bench run ({wanted.backbone}, runs cache {models[key].cache_key})"
+    for key, model in models.items():
         if isinstance(model, torch.nn.Module):
-            models[role] = model.to(device).eval()
+            models[key] = model.to(device).eval()
     return models, sources
 
 
@@ -70,14 +93,17 @@ def run(data: RecData, specs: list[str], k: int, batch_size: int, split: str, ch
         settings: TrainSettings, device_arg: str = "auto", limit_users: int | None = None, warmup: int = 2,
         progress: bool = True) -> list[dict]:
     """Evaluate the decoders on the same batches and return their records."""
+    commit = git_sha()                                 # the code that runs, before anything can change it
     parsed = [parse_spec(s) for s in specs]            # unknown decoders fail before any training
     check_k(k, data)
     if batch_size < 1:
         raise BenchError(f"--batch-size {batch_size}: must be at least 1")
     device = resolve_device(device_arg)
-    roles = {role for name, _ in parsed for role in REGISTRY[name].needs}
-    models, sources = load_models(roles, data, checkpoints, settings, device, progress)
-    decoders = {spec: build_decoder(spec, data.catalog, k, models) for spec in specs}
+    per_decoder = [model_requests(name, options, settings) for name, options in parsed]
+    requests = {key: (objective, wanted) for request in per_decoder for key, objective, wanted in request.values()}
+    models, sources = load_models(requests, data, checkpoints, settings, device, progress)
+    decoders = {spec: build_decoder(spec, data.catalog, k, {role: models[key] for role, (key, _, _) in request.items()})
+                for spec, request in zip(specs, per_decoder)}
 
     examples = eval_examples(data, split, settings.max_history, limit_users)
     batches = [b.to(device) for b in eval_batches(examples, data.catalog, batch_size)]
@@ -86,13 +112,13 @@ def run(data: RecData, specs: list[str], k: int, batch_size: int, split: str, ch
     targets = torch.cat([b.targets.cpu() for b in batches])
     common = {
         "dataset": data.name, "split": split, "users": len(targets), "k": k, "batch_size": batch_size,
-        "device": device_name(device), "git_sha": git_sha(), "torch": torch.__version__,
+        "device": device_name(device), "git_sha": commit, "torch": torch.__version__,
         "transformers": transformers.__version__, "seed": settings.seed, "command": " ".join(["python -m bench"] + sys.argv[1:]),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data_source": data.source, "data_sha256": data.checksums,
         "catalog": data.catalog.describe(), "protocol": PROTOCOL.format(max_history=settings.max_history, warmup=warmup),
     }
     records = []
-    for (name, options), spec in zip(parsed, specs):
+    for (name, options), spec, request in zip(parsed, specs, per_decoder):
         m, decoder = measured[spec], decoders[spec]
         sids = torch.cat([r.sids for r in m.results])                      # [N, K', L]
         items = data.catalog.items_of(sids)
@@ -101,16 +127,21 @@ def run(data: RecData, specs: list[str], k: int, batch_size: int, split: str, ch
         for r in m.results:
             for key, value in r.stats.items():
                 stats[key] = stats.get(key, 0.0) + float(value)
-        main_model = next((models[role] for role in REGISTRY[name].needs if role in ("ntp", "nezha")), None)
-        latency = summarize(m.latency_ms)
-        prefill = summarize(m.prefill_ms)
+        main_key = next((key for key, objective, _ in request.values() if objective != "popularity"), None)
+        main_model = models[main_key] if main_key else None
+        latency, prefill = summarize(m.latency_ms), summarize(m.prefill_ms)
         total_s = sum(m.latency_ms) / 1000.0
         records.append({
-            "decoder": spec, "decoder_name": name, "decoder_options": getattr(decoder, "settings", options),
+            "decoder": spec, "decoder_name": name, "decoder_options": decoder.settings,
             "description": REGISTRY[name].description, **common,
             "backbone": ({"name": main_model.hparams.backbone, "params": parameter_count(main_model),
-                          "objective": main_model.hparams.objective, "source": sources[main_model.hparams.objective]}
+                          "objective": main_model.hparams.objective, "source": sources[main_key],
+                          "settings": {k: v for k, v in dict(main_model.hparams).items() if k != "catalog_fingerprint"}}
                          if main_model is not None else None),
+            "draft": ({"name": models[request["draft"][0]].hparams.backbone,
+                       "params": parameter_count(models[request["draft"][0]]),
+                       "training": "NTP on the same training split (not distilled)",
+                       "source": sources[request["draft"][0]]} if "draft" in request else None),
             "candidates_per_user": int(sids.shape[1]),
             "metrics": ranking_metrics(target_ranks(items, targets), k_max=k),
             "invalid_rate": float((present & (items < 0)).float().mean()),
@@ -121,16 +152,15 @@ def run(data: RecData, specs: list[str], k: int, batch_size: int, split: str, ch
             "latency_over_prefill": latency["mean"] / prefill["mean"] if prefill else None,
             "throughput_users_per_s": len(targets) / total_s if total_s > 0 else None,
             "backbone_calls_per_batch": sum(m.backbone_calls) / len(m.backbone_calls),
-            "decoder_stats": stats,
+            "draft_calls_per_batch": sum(m.draft_calls) / len(m.draft_calls),
+            "decoder_stats_per_request": {key: value / len(targets) for key, value in stats.items()},
             "peak_memory_mb": m.peak_memory_mb,
-            "train_settings": asdict(settings) if main_model is not None and "trained" in sources.get(
-                main_model.hparams.objective, "") else None,
         })
     return records
 
 
 def format_table(records: list[dict]) -> str:
-    head = f"{'decoder':<22} {'R@10':>6} {'N@10':>6} {'R@20':>6} {'invalid':>7} {'p50 ms':>8} {'mean ms':>8} " \
+    head = f"{'decoder':<26} {'R@10':>6} {'N@10':>6} {'R@20':>6} {'invalid':>7} {'p50 ms':>8} {'mean ms':>8} " \
            f"{'x prefill':>9} {'calls':>5} {'users/s':>8}"
     lines = [head, "-" * len(head)]
     for r in records:
@@ -138,7 +168,7 @@ def format_table(records: list[dict]) -> str:
             return format(v, spec) if v is not None else "-"
         lat = r["latency_ms"] or {}
         lines.append(
-            f"{r['decoder']:<22} {fmt(r['metrics']['recall@10'], '6.4f')} {fmt(r['metrics']['ndcg@10'], '6.4f')} "
+            f"{r['decoder']:<26} {fmt(r['metrics']['recall@10'], '6.4f')} {fmt(r['metrics']['ndcg@10'], '6.4f')} "
             f"{fmt(r['metrics']['recall@20'], '6.4f')} {r['invalid_rate']:7.3f} {fmt(lat.get('p50'), '8.1f')} "
             f"{fmt(lat.get('mean'), '8.1f')} {fmt(r['latency_over_prefill'], '9.2f')} "
             f"{r['backbone_calls_per_batch']:5.1f} {fmt(r['throughput_users_per_s'], '8.0f')}")

@@ -30,15 +30,28 @@ class TrainSettings:
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
+    dropout: float = 0.1
     max_history: int = 20
     val_users: int = 3000           # valid users decoded each epoch (first N; 0 = all)
     transition: str = "rnn"         # nezha only
     placeholders: bool = True       # nezha only
+    medusa_mode: str = "frozen"     # medusa only: frozen backbone (Medusa-1) or joint (Medusa-2)
+    draft_backbone: str = "qwen-micro"   # the separate draft model of `speculative`
     seed: int = 0
 
-    def key(self, objective: str, data: RecData) -> str:
+    def relevant(self, objective: str) -> dict:
+        """The settings that shape a model of this objective (and so name its cache)."""
+        skip = {"draft_backbone"}
+        if objective != "nezha":
+            skip |= {"transition", "placeholders"}
+        if objective != "medusa":
+            skip.add("medusa_mode")
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+    def key(self, objective: str, data: RecData, init_from: str = "") -> str:
         """Names the cached run: same data, objective and settings -> same folder."""
-        blob = json.dumps({"objective": objective, "catalog": data.catalog.fingerprint, **asdict(self)}, sort_keys=True)
+        blob = json.dumps({"objective": objective, "catalog": data.catalog.fingerprint, "init": init_from,
+                           **self.relevant(objective)}, sort_keys=True)
         return f"{objective}-{self.backbone}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
@@ -73,13 +86,19 @@ def runs_dir() -> Path:
 
 
 def train_model(data: RecData, objective: str, settings: TrainSettings, run_dir: Path,
-                resume: str | None = None, progress: bool = True, accelerator: str = "auto") -> Path:
-    """Train and return the path of the best checkpoint (by val/recall@10)."""
+                resume: str | None = None, progress: bool = True, accelerator: str = "auto",
+                init_from: SidRecommender | None = None) -> Path:
+    """Train and return the path of the best checkpoint (by val/recall@10).
+
+    init_from: a trained NTP model whose backbone weights the new model starts from
+    (Medusa heads are trained on top of the NTP backbone)."""
     L.seed_everything(settings.seed, workers=True, verbose=False)
     model = SidRecommender.for_catalog(
         objective, settings.backbone, data.catalog, max_history=settings.max_history, lr=settings.lr,
-        weight_decay=settings.weight_decay, warmup_steps=settings.warmup_steps, transition=settings.transition,
-        placeholders=settings.placeholders)
+        weight_decay=settings.weight_decay, warmup_steps=settings.warmup_steps, dropout=settings.dropout,
+        transition=settings.transition, placeholders=settings.placeholders, medusa_mode=settings.medusa_mode)
+    if init_from is not None:
+        model.lm.load_state_dict(init_from.lm.state_dict())
     windows = train_windows(data, settings.max_history)
     train_loader = DataLoader(
         windows, collate_fn=model.collate,
@@ -95,15 +114,21 @@ def train_model(data: RecData, objective: str, settings: TrainSettings, run_dir:
         enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0, log_every_n_steps=10)
     trainer.fit(model, train_loader, valid_loader, ckpt_path=resume)
     (run_dir / "settings.json").write_text(json.dumps({"objective": objective, "dataset": data.name,
-                                                       **asdict(settings)}, indent=1))
+                                                       **settings.relevant(objective)}, indent=1))
     return Path(best.best_model_path)
 
 
-def ensure_model(data: RecData, objective: str, settings: TrainSettings, progress: bool = True) -> SidRecommender:
-    """The cached model for these settings, training it first when there is none."""
-    run_dir = runs_dir() / data.name / settings.key(objective, data)
+def ensure_model(data: RecData, objective: str, settings: TrainSettings, progress: bool = True,
+                 init_from: tuple[str, SidRecommender] | None = None) -> SidRecommender:
+    """The cached model for these settings, training it first when there is none.
+
+    init_from: (cache key, model) of the NTP model a Medusa model is built on."""
+    run_dir = runs_dir() / data.name / settings.key(objective, data, init_from[0] if init_from else "")
     best = run_dir / "best.ckpt"
     if not best.exists() or not (run_dir / "settings.json").exists():
         print(f"training a {objective} model ({settings.backbone}) on {data.name}; cached in {run_dir}")
-        best = train_model(data, objective, settings, run_dir, progress=progress)
-    return load_checkpoint(best, data.catalog)
+        best = train_model(data, objective, settings, run_dir, progress=progress,
+                           init_from=init_from[1] if init_from else None)
+    model = load_checkpoint(best, data.catalog)
+    model.cache_key = run_dir.name
+    return model

@@ -33,6 +33,8 @@ class Decoder:
     name: ClassVar[str]
     needs: ClassVar[tuple[str, ...]] = ()      # roles of the trained models it needs: "ntp", "nezha"
     options: ClassVar[dict[str, type]] = {}    # option name -> type, settable as name:option=value
+    model_options: ClassVar[dict[str, str]] = {}   # options that pick the trained model -> its setting name
+    choices: ClassVar[dict[str, tuple]] = {}       # allowed values of string options
     description: ClassVar[str] = ""
 
     def __init__(self, catalog: Catalog, k: int, models: dict, **options):
@@ -42,6 +44,11 @@ class Decoder:
     @property
     def backbone_core(self) -> nn.Module | None:
         """The module one call of which is one backbone forward pass (None: no backbone)."""
+        return None
+
+    @property
+    def draft_core(self) -> nn.Module | None:
+        """The separate draft model's module, when the decoder has one (its calls are counted too)."""
         return None
 
     def prompt(self, batch: EvalBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,6 +93,9 @@ def parse_spec(spec: str) -> tuple[str, dict]:
                 options[key] = kind(value)
             except ValueError:
                 raise BenchError(f"option '{key}' in '{spec}' needs a {kind.__name__}, got '{value}'") from None
+        allowed_values = REGISTRY[name].choices.get(key)
+        if allowed_values and options[key] not in allowed_values:
+            raise BenchError(f"option '{key}' in '{spec}' must be one of {', '.join(allowed_values)}, got '{value}'")
     return name, options
 
 

@@ -6,6 +6,7 @@ import torch
 
 from bench.errors import BenchError
 from decoders.base import Decoder, DecodeResult, extend_prefixes, finish, mask_invalid, prune, register
+from models.heads import TRANSITIONS
 
 VERIFIER_MODES = ("every", "last", "off")
 
@@ -14,17 +15,24 @@ VERIFIER_MODES = ("every", "last", "off")
 class Nezha(Decoder):
     name = "nezha"
     needs = ("nezha",)
-    options = {"verifier": str, "head_beam": int}
+    options = {"verifier": str, "head_beam": int, "transition": str, "placeholders": bool}
+    model_options = {"transition": "transition", "placeholders": "placeholders"}
+    choices = {"verifier": VERIFIER_MODES, "transition": TRANSITIONS}
     description = ("one backbone pass, beam search in the draft head; :verifier=every|last|off, "
-                   ":head_beam=N beams inside the head (default K)")
+                   ":head_beam=N beams inside the head (default K); model ablations :transition=rnn|gru|none, "
+                   ":placeholders=off")
 
-    def __init__(self, catalog, k, models, verifier: str = "every", head_beam: int = 0):
-        super().__init__(catalog, k, models, verifier=verifier, head_beam=head_beam or k)
-        if verifier not in VERIFIER_MODES:
-            raise BenchError(f"nezha: verifier must be one of {', '.join(VERIFIER_MODES)}, got '{verifier}'")
+    def __init__(self, catalog, k, models, verifier: str = "every", head_beam: int = 0, transition: str | None = None,
+                 placeholders: bool | None = None):
+        model = models["nezha"]
+        for option, wanted in (("transition", transition), ("placeholders", placeholders)):
+            if wanted is not None and model.hparams[option] != wanted:
+                raise BenchError(f"nezha: {option}={wanted} asked for, but the model was trained with "
+                                 f"{option}={model.hparams[option]}; drop --ckpt to train a matching one")
+        super().__init__(catalog, k, models, verifier=verifier, head_beam=head_beam or k,
+                         transition=model.hparams.transition, placeholders=model.hparams.placeholders)
         if head_beam and head_beam < k:
             raise BenchError(f"nezha: head_beam={head_beam} is below K={k}; it must be at least K")
-        model = models["nezha"]
         self.lm, self.head = model.lm, model.head
         self.placeholders = model.hparams.placeholders
         self.verifier, self.head_beam = verifier, head_beam or k

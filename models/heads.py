@@ -44,3 +44,21 @@ class NezhaDraftHead(nn.Module):
             if level + 1 < len(self.classifiers):
                 state = self.advance(level, state, codes[:, level])
         return out
+
+
+class MedusaHeads(nn.Module):
+    """Medusa-style heads on the NTP backbone's hidden state at the last history token:
+    head j guesses the code of level j+1 (j = 1 .. L-1) at once, with no recurrence.
+    Each is a residual SiLU block followed by a classifier over that level's codebook."""
+
+    def __init__(self, hidden_size: int, codebook_sizes: tuple[int, ...]):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in codebook_sizes[1:])
+        self.classifiers = nn.ModuleList(nn.Linear(hidden_size, size) for size in codebook_sizes[1:])
+        for block in self.blocks:          # start as the identity, as Medusa does
+            nn.init.zeros_(block.weight)
+            nn.init.zeros_(block.bias)
+
+    def forward(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """hidden [N, d] -> logits of levels 2..L, each [N, C_l]."""
+        return [head(hidden + nn.functional.silu(block(hidden))) for block, head in zip(self.blocks, self.classifiers)]

@@ -12,27 +12,35 @@ from bench.errors import BenchError
 from bench.metrics import target_ranks
 from models import objectives
 from models.backbones import build_backbone
-from models.heads import NezhaDraftHead
+from models.heads import MedusaHeads, NezhaDraftHead
+
+VALIDATION_DECODER = {"ntp": "beam", "nezha": "nezha", "medusa": "medusa"}
 
 
 class SidRecommender(L.LightningModule):
-    """A backbone over SID tokens, plus the NEZHA draft head when objective='nezha'.
+    """A backbone over SID tokens, plus the NEZHA draft head (objective 'nezha') or the
+    Medusa heads (objective 'medusa').
 
-    Validation decodes the valid split (beam search for ntp, NEZHA for nezha) and logs
-    val/recall@10, the quantity early stopping and checkpointing watch."""
+    Validation decodes the valid split with the objective's decoder (VALIDATION_DECODER)
+    and logs val/recall@10, the quantity early stopping and checkpointing watch."""
 
     def __init__(self, objective: str, backbone: str, dataset: str, catalog_fingerprint: str,
                  codebook_sizes: list[int], max_history: int = 20, lr: float = 2e-3, weight_decay: float = 0.01,
-                 warmup_steps: int = 100, transition: str = "rnn", placeholders: bool = True, val_k: int = 10,
-                 catalog: Catalog | None = None):
+                 warmup_steps: int = 100, dropout: float = 0.1, transition: str = "rnn", placeholders: bool = True,
+                 medusa_mode: str = "frozen", val_k: int = 10, catalog: Catalog | None = None):
         super().__init__()
         if objective not in objectives.OBJECTIVES:
             raise BenchError(f"unknown objective '{objective}'; choose one of {', '.join(objectives.OBJECTIVES)}")
         self.save_hyperparameters(ignore=["catalog"])
         levels = len(codebook_sizes)
         vocab_size = 1 + sum(codebook_sizes) + levels
-        self.lm = build_backbone(backbone, vocab_size, max_positions=(max_history + 2) * levels)
+        self.lm = build_backbone(backbone, vocab_size, max_positions=(max_history + 2) * levels, dropout=dropout)
         self.head = NezhaDraftHead(self.lm.hidden_size, tuple(codebook_sizes), transition) if objective == "nezha" else None
+        self.medusa = MedusaHeads(self.lm.hidden_size, tuple(codebook_sizes)) if objective == "medusa" else None
+        if objective == "medusa" and medusa_mode not in objectives.MEDUSA_MODES:
+            raise BenchError(f"unknown Medusa mode '{medusa_mode}'; choose one of {', '.join(objectives.MEDUSA_MODES)}")
+        if objective == "medusa" and medusa_mode == "frozen":
+            self.lm.requires_grad_(False)
         self.catalog = catalog
         self.val_recall = MeanMetric()
         self._val_decoder = None
@@ -55,7 +63,7 @@ class SidRecommender(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         if self._val_decoder is None:
             from decoders import build_decoder
-            spec = "beam" if self.hparams.objective == "ntp" else "nezha"
+            spec = VALIDATION_DECODER[self.hparams.objective]
             self._val_decoder = build_decoder(spec, self.catalog, self.hparams.val_k, {self.hparams.objective: self})
         result = self._val_decoder.decode(batch)
         ranks = target_ranks(self.catalog.items_of(result.sids), batch.targets)
@@ -63,8 +71,9 @@ class SidRecommender(L.LightningModule):
         self.log("val/recall@10", self.val_recall, prog_bar=True, batch_size=len(batch))
 
     def configure_optimizers(self):
-        decay = [p for n, p in self.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in self.named_parameters() if p.ndim < 2]
+        trained = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in trained if p.ndim >= 2]
+        no_decay = [p for p in trained if p.ndim < 2]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
         warmup = max(1, self.hparams.warmup_steps)

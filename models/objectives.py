@@ -3,6 +3,9 @@ and the loss on it.
 
 ntp:   the SID tokens of the window's items in one causal sequence; cross-entropy on
        every token of every item after the first (all training prefixes in one pass).
+medusa: the ntp layout; at the last token of every item but the last, Medusa head j is
+       trained to guess level j+1 of the next item (cross-entropy per head). Medusa-1
+       freezes the backbone (loss = heads only); Medusa-2 trains both (heads + ntp).
 nezha: the window is laid out as  SID(i_1) P SID(i_2) P ... SID(i_{w-1}) P  where each
        P = <sp_1> .. <sp_L> predicts the next item. A 4D attention mask hides every P
        from all tokens outside it and position ids skip the Ps, so each P sees exactly
@@ -16,7 +19,8 @@ import torch.nn.functional as F
 
 from bench.data.catalog import PAD, Catalog
 
-OBJECTIVES = ("ntp", "nezha")
+OBJECTIVES = ("ntp", "nezha", "medusa")
+MEDUSA_MODES = ("frozen", "joint")
 IGNORE = -100
 
 
@@ -92,11 +96,39 @@ def nezha_loss(model, batch: dict) -> torch.Tensor:
     return torch.stack([F.cross_entropy(lg, codes[:, level]) for level, lg in enumerate(logits)]).mean()
 
 
+def collate_medusa(windows: list[list[int]], catalog: Catalog) -> dict:
+    batch = collate_ntp(windows, catalog)
+    rows, ends, targets = [], [], []
+    for b, items in enumerate(windows):
+        for j in range(len(items) - 1):
+            rows.append(b)
+            ends.append((j + 1) * catalog.levels - 1)
+            targets.append(items[j + 1])
+    return {**batch, "rows": torch.tensor(rows), "item_end": torch.tensor(ends),
+            "target_codes": catalog.sids[torch.tensor(targets)]}
+
+
+def medusa_loss(model, batch: dict) -> torch.Tensor:
+    joint = model.hparams.medusa_mode == "joint"
+    with torch.set_grad_enabled(joint and torch.is_grad_enabled()):
+        hidden = model.lm.hidden(batch["input_ids"], batch["attention_mask"])              # [B, T, d]
+    at_item_end = hidden[batch["rows"], batch["item_end"]]                                  # [N, d]
+    codes = batch["target_codes"]
+    heads = torch.stack([F.cross_entropy(lg, codes[:, j + 1]) for j, lg in enumerate(model.medusa(at_item_end))]).mean()
+    if not joint:
+        return heads
+    logits = model.lm.lm.lm_head(hidden)
+    lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
+    return lm + heads
+
+
 def collate(objective: str, windows: list[list[int]], catalog: Catalog, placeholders: bool = True) -> dict:
     if objective == "ntp":
         return collate_ntp(windows, catalog)
+    if objective == "medusa":
+        return collate_medusa(windows, catalog)
     return collate_nezha(windows, catalog, placeholders)
 
 
 def loss(objective: str, model, batch: dict) -> torch.Tensor:
-    return ntp_loss(model, batch) if objective == "ntp" else nezha_loss(model, batch)
+    return {"ntp": ntp_loss, "nezha": nezha_loss, "medusa": medusa_loss}[objective](model, batch)

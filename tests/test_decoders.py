@@ -142,7 +142,11 @@ def test_decoder_specs_are_parsed_and_checked():
 
 
 def test_nezha_options_are_checked(catalog, nezha):
-    with pytest.raises(BenchError, match="verifier must be one of"):
+    with pytest.raises(BenchError, match="must be one of every, last, off"):
         build_decoder("nezha:verifier=sometimes", catalog, 4, {"nezha": nezha})
+    with pytest.raises(BenchError, match="must be one of rnn, gru, none"):
+        parse_spec("nezha:transition=lstm")
+    with pytest.raises(BenchError, match="trained with transition=rnn"):
+        build_decoder("nezha:transition=gru", catalog, 4, {"nezha": nezha})
     with pytest.raises(BenchError, match="below K"):
         build_decoder("nezha:head_beam=2", catalog, 4, {"nezha": nezha})

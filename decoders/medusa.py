@@ -1,0 +1,131 @@
+"""Medusa-style decoding on the NTP backbone: extra heads guess every level at once,
+one more backbone pass checks all guesses through a tree attention mask.
+
+Call 1 (prefill): the backbone's own distribution of level 1 and the Medusa heads'
+guesses of levels 2..L from the last history token's hidden state. The candidate tree
+is the product of the top `tree` codes per level (level 1 from the backbone, the rest
+from the heads); its nodes are all prefixes of length 1..L-1. Call 2: those nodes in
+one pass, each seeing the prompt and its ancestors, which gives the backbone's
+distribution after every node. The result is beam search run on the backbone's own
+scores but restricted to the tree: with heads that always contain beam search's
+choices it returns exactly what `beam` returns. A last-level width of 0 scores every
+code of the last level (the verification pass gives that distribution for free).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bench.errors import BenchError
+from decoders.base import (NEG_INF, Decoder, DecodeResult, extend_prefixes, finish, level_log_probs, mask_invalid,
+                           prune, register)
+
+
+def parse_tree(spec: str, k: int, codebook_sizes: tuple[int, ...]) -> list[int]:
+    """'20x3x3x0' -> [20, 3, 3, 0]; default: K at level 1, 3 in between, every code last."""
+    levels = len(codebook_sizes)
+    if not spec:
+        return [min(k, codebook_sizes[0])] + [min(3, c) for c in codebook_sizes[1:-1]] + [0]
+    try:
+        widths = [int(w) for w in spec.split("x")]
+    except ValueError:
+        raise BenchError(f"medusa: tree '{spec}' must be {levels} numbers joined by x, e.g. "
+                         f"{'x'.join(['20'] + ['3'] * (levels - 2) + ['0'])}") from None
+    if len(widths) != levels:
+        raise BenchError(f"medusa: tree '{spec}' has {len(widths)} widths; the SIDs have {levels} levels")
+    for level, (width, size) in enumerate(zip(widths, codebook_sizes)):
+        last = level == levels - 1
+        if width > size or width < (0 if last else 1):
+            low = 0 if last else 1
+            raise BenchError(f"medusa: tree width {width} at level {level + 1} must be between {low} and {size}")
+    return widths
+
+
+def product_tree(widths: list[int], device) -> tuple[torch.Tensor, list[int]]:
+    """The full product tree of depth len(widths) over per-level choices, nodes listed
+    depth by depth in row-major order -> (ancestor-or-self mask [N, N], first node index
+    of each depth)."""
+    counts = [math.prod(widths[:depth]) for depth in range(1, len(widths) + 1)]
+    starts = [sum(counts[:d]) for d in range(len(counts))]
+    total = sum(counts)
+    mask = torch.eye(total, dtype=torch.bool, device=device)
+    for depth in range(1, len(counts)):
+        child = torch.arange(counts[depth], device=device)
+        parent = child // widths[depth]
+        # a node sees its parent and everything its parent sees
+        mask[starts[depth] + child] |= mask[starts[depth - 1] + parent]
+    return mask, starts
+
+
+@register
+class Medusa(Decoder):
+    name = "medusa"
+    needs = ("medusa",)
+    options = {"tree": str, "constrained": bool, "mode": str}
+    model_options = {"mode": "medusa_mode"}
+    choices = {"mode": ("frozen", "joint")}
+    description = ("Medusa heads guess levels 2..L, one tree-masked backbone pass scores the tree; "
+                   ":tree=20x3x3x0 codes per level, :mode=frozen|joint (Medusa-1/-2)")
+
+    def __init__(self, catalog, k, models, tree: str = "", constrained: bool = False, mode: str = "frozen"):
+        widths = parse_tree(tree, k, catalog.codebook_sizes)
+        super().__init__(catalog, k, models, tree="x".join(map(str, widths)), constrained=constrained, mode=mode)
+        model = models["medusa"]
+        if model.hparams.medusa_mode != mode:
+            raise BenchError(f"medusa: the model was trained with mode '{model.hparams.medusa_mode}', not '{mode}'")
+        self.lm, self.heads = model.lm, model.medusa
+        self.widths, self.constrained = widths, constrained
+        self._tree = None
+
+    @property
+    def backbone_core(self):
+        return self.lm.core
+
+    def bare_forward(self, batch):
+        self.lm.hidden(batch.history, batch.mask)
+
+    def tree(self, device):
+        if self._tree is None:
+            self._tree = product_tree(self.widths[:-1], device)
+        return self._tree
+
+    @torch.no_grad()
+    def decode(self, batch) -> DecodeResult:
+        catalog, levels, size = self.catalog, self.catalog.levels, len(batch)
+        logits, state = self.lm.prefill(batch.history, batch.mask)                    # call 1
+        guesses = [level_log_probs(logits, catalog, 0)] + [g.float() for g in self.heads(state.last_hidden)]
+        top_codes, allowed, rank = [], [], []
+        for level, guess in enumerate(guesses):
+            width = self.widths[level] or catalog.codebook_sizes[level]
+            codes = guess.topk(width, dim=-1).indices                                  # [B, width]
+            top_codes.append(codes)
+            rank.append(torch.full_like(guess, -1, dtype=torch.long).scatter(
+                1, codes, torch.arange(width, device=codes.device).expand(size, -1)))
+            allowed.append(rank[-1] >= 0)
+        tree_mask, starts = self.tree(logits.device)
+        # node tokens, depth by depth: the last code of each prefix in row-major order
+        tokens = []
+        for depth in range(1, levels):
+            repeat = math.prod(self.widths[: depth - 1])
+            tokens.append(top_codes[depth - 1].repeat(1, repeat) + catalog.offsets[depth - 1])
+        node_logits, _ = self.lm.extend(state, torch.cat(tokens, dim=1), tree_mask)   # call 2: [B, N, V]
+
+        scores = logits.new_zeros(size, 1)
+        prefixes = torch.zeros(size, 1, 0, dtype=torch.long, device=logits.device)
+        for level in range(levels):
+            if level == 0:
+                log_probs = guesses[0].unsqueeze(1)                                    # [B, 1, C]
+            else:
+                node = torch.full_like(scores, starts[level - 1], dtype=torch.long)
+                for j in range(level):
+                    stride = math.prod(self.widths[j + 1: level])
+                    node += rank[j].gather(1, prefixes[:, :, j]).clamp(min=0) * stride
+                picked = node_logits.gather(1, node.unsqueeze(-1).expand(-1, -1, node_logits.shape[-1]))
+                log_probs = level_log_probs(picked, catalog, level)                    # [B, beams, C]
+            candidates = (scores.unsqueeze(-1) + log_probs).masked_fill(~allowed[level].unsqueeze(1), NEG_INF)
+            if self.constrained:
+                candidates = mask_invalid(candidates, prefixes, catalog, level)
+            scores, parent, code = prune(candidates, self.k)
+            prefixes = extend_prefixes(prefixes, parent, code)
+        return finish(prefixes, scores, {"tree_tokens": float(size * tree_mask.shape[0])})

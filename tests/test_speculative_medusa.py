@@ -1,0 +1,197 @@
+"""Speculative decoding is lossless (equals beam) whatever the draft; Medusa with heads
+that contain beam's choices equals beam in two backbone calls."""
+import copy
+
+import pytest
+import torch
+
+from bench.errors import BenchError
+from bench.latency import count_calls
+from conftest import random_batch, random_model
+from decoders import build_decoder
+from decoders.beam import beam_search
+from models import objectives
+
+
+@pytest.fixture(scope="module")
+def ntp(catalog):
+    return random_model("ntp", catalog, seed=10)
+
+
+class NegatedLM:
+    """A draft that ranks codes the opposite way to the backbone: its drafts always miss."""
+
+    def __init__(self, lm):
+        self.lm, self.core = copy.deepcopy(lm), None
+
+    def prefill(self, ids, mask):
+        logits, state = self.lm.prefill(ids, mask)
+        return -logits, state
+
+    def extend(self, state, tokens):
+        logits, state = self.lm.extend(state, tokens)
+        return -logits, state
+
+    def select(self, state, rows):
+        return self.lm.select(state, rows)
+
+
+class AsModel:
+    def __init__(self, lm):
+        self.lm = lm
+
+
+def speculate(catalog, k, ntp, draft, batch, spec="speculative"):
+    decoder = build_decoder(spec, catalog, k, {"ntp": ntp, "draft": draft})
+    with count_calls(ntp.lm.core) as calls:
+        result = decoder.decode(batch)
+    return result, calls[0]
+
+
+def assert_same(a, b):
+    assert torch.equal(a.sids, b.sids)
+    torch.testing.assert_close(a.scores, b.scores, atol=1e-4, rtol=1e-4)
+
+
+def beam(catalog, k, ntp, batch, spec="beam"):
+    return build_decoder(spec, catalog, k, {"ntp": ntp}).decode(batch)
+
+
+def test_every_draft_accepted_when_the_draft_is_the_backbone(catalog, ntp):
+    batch = random_batch(catalog, users=6, seed=1)
+    result, calls = speculate(catalog, 5, ntp, copy.deepcopy(ntp), batch)
+    assert_same(result, beam(catalog, 5, ntp, batch))
+    assert calls == 1
+    assert result.stats == {"accepted_levels": 6.0 * catalog.levels, "fallback_requests": 0.0}
+
+
+def test_every_draft_rejected_still_equals_beam(catalog, ntp):
+    batch = random_batch(catalog, users=6, seed=2)
+    k = 2          # the negated draft's 2 level-1 codes are the backbone's 2 worst of 6
+    result, calls = speculate(catalog, k, ntp, AsModel(NegatedLM(ntp.lm)), batch)
+    assert_same(result, beam(catalog, k, ntp, batch))
+    assert result.stats == {"accepted_levels": 6.0, "fallback_requests": 6.0}   # only level 1, from the prompt
+    assert calls == 1 + catalog.levels - 1      # verification, the refed prefixes, the remaining steps
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_random_drafts_equal_beam(catalog, seed, k):
+    backbone = random_model("ntp", catalog, seed=20 + seed)
+    draft = random_model("ntp", catalog, seed=40 + seed, backbone="qwen-micro")
+    batch = random_batch(catalog, users=7, seed=seed)
+    result, _ = speculate(catalog, k, backbone, draft, batch)
+    assert_same(result, beam(catalog, k, backbone, batch))
+
+
+def test_sometimes_accepted_equals_beam(catalog, ntp):
+    """A draft close to the backbone: some requests pass, some fall back."""
+    draft = random_model("ntp", catalog, seed=10)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = random_batch(catalog, users=12, seed=3)
+    result, _ = speculate(catalog, 4, ntp, draft, batch)
+    assert_same(result, beam(catalog, 4, ntp, batch))
+    assert 0 < result.stats["fallback_requests"] < 12
+
+
+def test_constrained_speculative_equals_constrained_beam(catalog, ntp):
+    draft = random_model("ntp", catalog, seed=3, backbone="qwen-micro")
+    batch = random_batch(catalog, users=6, seed=4)
+    result, _ = speculate(catalog, 6, ntp, draft, batch, "speculative:constrained")
+    assert_same(result, beam(catalog, 6, ntp, batch, "beam:constrained"))
+
+
+@pytest.fixture(scope="module")
+def medusa(catalog, ntp):
+    model = random_model("medusa", catalog, seed=11)
+    model.lm.load_state_dict(ntp.lm.state_dict())
+    return model
+
+
+class OracleHeads(torch.nn.Module):
+    """Medusa heads that rank first the codes beam search keeps at each level."""
+
+    def __init__(self, chosen):           # chosen[j]: [B, C_{j+1}] bool
+        super().__init__()
+        self.chosen = chosen
+
+    def forward(self, hidden):
+        return [c.float() * 10 - 5 for c in self.chosen]
+
+
+def medusa_decode(catalog, k, model, batch, spec):
+    decoder = build_decoder(spec, catalog, k, {"medusa": model})
+    with count_calls(model.lm.core) as calls:
+        result = decoder.decode(batch)
+    return result, calls[0]
+
+
+def test_medusa_with_an_oracle_head_equals_beam_in_two_calls(catalog, ntp, medusa):
+    batch = random_batch(catalog, users=6, seed=5)
+    k = 4
+    trail = []
+    expected = beam_search(ntp.lm, catalog, batch.history, batch.mask, k, False, trail)
+    chosen = []
+    for level in range(1, catalog.levels):
+        kept = trail[level][0][:, :, level]                                   # [B, K] codes kept at this level
+        chosen.append(torch.zeros(len(batch), catalog.codebook_sizes[level], dtype=torch.bool).scatter(1, kept, True))
+    widths = [k] + [int(c.sum(1).max()) for c in chosen[:-1]] + [0]
+    assert widths[1] < catalog.codebook_sizes[1]                             # a real tree, not everything
+    heads, medusa.medusa = medusa.medusa, OracleHeads(chosen)
+    try:
+        result, calls = medusa_decode(catalog, k, medusa, batch, "medusa:tree=" + "x".join(map(str, widths)))
+    finally:
+        medusa.medusa = heads
+    assert calls == 2
+    assert torch.equal(result.sids, expected[0])
+    torch.testing.assert_close(result.scores, expected[1], atol=1e-4, rtol=1e-4)
+
+
+def test_medusa_with_the_whole_tree_equals_beam(catalog, ntp, medusa):
+    batch = random_batch(catalog, users=5, seed=6)
+    sizes = "x".join(map(str, catalog.codebook_sizes))
+    result, calls = medusa_decode(catalog, 7, medusa, batch, f"medusa:tree={sizes}")
+    assert calls == 2
+    assert_same(result, beam(catalog, 7, ntp, batch))
+
+
+def test_medusa_with_untrained_heads_loses_candidates_not_calls(catalog, ntp, medusa):
+    batch = random_batch(catalog, users=5, seed=7)
+    narrow, calls = medusa_decode(catalog, 4, medusa, batch, "medusa:tree=4x1x0")
+    assert calls == 2
+    assert narrow.sids.shape == (5, 4, catalog.levels)
+    full = beam(catalog, 4, ntp, batch)
+    assert not torch.equal(narrow.sids, full.sids)
+    assert (narrow.scores <= full.scores + 1e-4).all()       # beam's k-th best is never beaten by a subset
+
+
+def test_medusa_options_are_checked(catalog, medusa):
+    with pytest.raises(BenchError, match="has 2 widths"):
+        build_decoder("medusa:tree=4x4", catalog, 4, {"medusa": medusa})
+    with pytest.raises(BenchError, match="between 1 and 5"):
+        build_decoder("medusa:tree=4x9x0", catalog, 4, {"medusa": medusa})
+    with pytest.raises(BenchError, match="trained with mode 'frozen'"):
+        build_decoder("medusa:mode=joint", catalog, 4, {"medusa": medusa})
+
+
+@pytest.mark.parametrize("mode", ["frozen", "joint"])
+def test_medusa_training_freezes_the_backbone_only_in_frozen_mode(catalog, mode):
+    model = random_model("medusa", catalog, seed=12, medusa_mode=mode).train()
+    before = {n: p.clone() for n, p in model.lm.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    batch = model.collate([{"items": torch.randint(0, catalog.num_items, (4,), generator=gen).tolist()}
+                           for _ in range(16)])
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(20):
+        loss = objectives.loss("medusa", model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    changed = any(not torch.equal(before[n], p) for n, p in model.lm.named_parameters())
+    assert changed == (mode == "joint")
