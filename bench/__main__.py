@@ -1,7 +1,8 @@
-"""python -m bench {run,train,data,leaderboard}
+"""python -m bench {run,ablate,train,data,leaderboard}
 
     run          decoders on the same batches -> metrics, latency, one JSON record each
-    train        train a model for an objective (ntp: greedy/beam; nezha: NEZHA)
+    ablate       the NEZHA ablations (verifier, placeholders, transition, head beam) beside beam
+    train        train a model for an objective (ntp: greedy/beam/hf_beam/speculative; nezha; medusa)
     data         load a dataset and print what it holds (users, catalogue, collisions)
     leaderboard  result files -> Markdown tables
 """
@@ -88,18 +89,26 @@ def cmd_train(args) -> None:
     print(f"best checkpoint: {best}")
 
 
+def ablation_specs(k: int) -> list[str]:
+    return ["beam", "nezha", "nezha:verifier=last", "nezha:verifier=off", f"nezha:head_beam={2 * k}",
+            "nezha:placeholders=off", "nezha:transition=gru", "nezha:transition=none"]
+
+
 def cmd_run(args) -> None:
     from bench.data import load_dataset
     from bench.records import append_records, read_records
     from bench.run import format_table, run
     out = Path(args.out)
     read_records(out)                                   # a broken results file fails before any work
-    specs = [s.strip() for s in args.decoder.split(",") if s.strip()]
+    if args.command == "ablate":
+        specs = ablation_specs(args.k)
+    else:
+        specs = [s.strip() for s in args.decoder.split(",") if s.strip()]
     if not specs:
         raise BenchError("--decoder names no decoder; give e.g. --decoder greedy,beam,nezha")
     if args.constrained:
-        specs = [s + ":constrained" if s.split(":")[0] in ("beam", "hf_beam") and "constrained" not in s else s
-                 for s in specs]
+        specs = [s + ":constrained" if s.split(":")[0] in ("beam", "hf_beam", "speculative") and "constrained" not in s
+                 else s for s in specs]
     settings = train_settings(args)
     data = load_dataset(args.dataset, args.data_dir, args.collisions, args.seed)
     records = run(data, specs, k=args.k, batch_size=args.batch_size, split=args.split, checkpoints=args.ckpt or [],
@@ -126,22 +135,25 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="evaluate decoders: quality and latency on the same batches")
-    p.add_argument("--decoder", default="nezha", help="comma-separated decoder specs, e.g. greedy,beam,nezha or "
-                   "beam:constrained,nezha:verifier=off")
-    p.add_argument("--constrained", action="store_true", help="beam and hf_beam mask invalid prefixes (verifier)")
-    p.add_argument("--k", type=int, default=20, help="recommendations per user (beam width)")
-    p.add_argument("--batch-size", type=int, default=32, help="users per decoding batch")
-    p.add_argument("--split", default="test", choices=["test", "valid"])
-    p.add_argument("--ckpt", action="append", help="checkpoint from bench train (repeat for ntp and nezha); "
-                   "models without one are trained first and cached under runs/")
-    p.add_argument("--limit-users", type=int, help="evaluate the first N users of the split")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--warmup", type=int, default=2, help="untimed passes over the first batch")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="results file (JSON list; records are appended)")
-    add_data_args(p)
-    add_train_args(p)
-    p.set_defaults(func=cmd_run)
+    for command, text in (("run", "evaluate decoders: quality and latency on the same batches"),
+                          ("ablate", "NEZHA ablations beside beam, on the same batches")):
+        p = sub.add_parser(command, help=text)
+        if command == "run":
+            p.add_argument("--decoder", default="nezha", help="comma-separated decoder specs, e.g. greedy,beam,nezha "
+                           "or beam:constrained,nezha:verifier=off (see README for every decoder and option)")
+        p.add_argument("--constrained", action="store_true", help="beam, hf_beam and speculative mask invalid prefixes")
+        p.add_argument("--k", type=int, default=20, help="recommendations per user (beam width)")
+        p.add_argument("--batch-size", type=int, default=32, help="users per decoding batch")
+        p.add_argument("--split", default="test", choices=["test", "valid"])
+        p.add_argument("--ckpt", action="append", help="checkpoint from bench train (repeat for ntp, nezha, medusa); "
+                       "models without one are trained first and cached under runs/")
+        p.add_argument("--limit-users", type=int, help="evaluate the first N users of the split")
+        p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        p.add_argument("--warmup", type=int, default=2, help="untimed passes over the first batch")
+        p.add_argument("--out", default=str(DEFAULT_OUT), help="results file (JSON list; records are appended)")
+        add_data_args(p)
+        add_train_args(p)
+        p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("train", help="train a model (Lightning: progress bar, checkpoints, early stopping)")
     p.add_argument("--objective", required=True, choices=["ntp", "nezha", "medusa"])

@@ -150,3 +150,43 @@ def test_nezha_options_are_checked(catalog, nezha):
         build_decoder("nezha:transition=gru", catalog, 4, {"nezha": nezha})
     with pytest.raises(BenchError, match="below K"):
         build_decoder("nezha:head_beam=2", catalog, 4, {"nezha": nezha})
+
+
+def test_verifier_only_at_the_last_level_returns_no_invalid_sid_but_may_leave_slots_empty(catalog, nezha):
+    batch = random_batch(catalog, users=40, seed=8)
+    last, _ = decode("nezha:verifier=last", catalog, 1, {"nezha": nezha}, batch)
+    every, _ = decode("nezha:verifier=every", catalog, 1, {"nezha": nezha}, batch)
+    present = (last.sids >= 0).all(-1)
+    assert valid_rows(catalog, last.sids.clamp(min=0))[present].all()
+    assert (~present).sum() > 0 and (every.sids >= 0).all()
+
+
+def test_wider_head_beam_never_finds_worse_candidates(catalog, nezha):
+    batch = random_batch(catalog, users=8, seed=9)
+    narrow, _ = decode("nezha:verifier=off", catalog, 3, {"nezha": nezha}, batch)
+    wide, _ = decode("nezha:verifier=off:head_beam=60", catalog, 3, {"nezha": nezha}, batch)
+    assert (wide.scores >= narrow.scores - 1e-5).all()
+    assert (wide.scores > narrow.scores + 1e-5).any()
+
+
+def test_transition_none_predicts_levels_independently(catalog):
+    model = random_model("nezha", catalog, seed=3, transition="none")
+    batch = random_batch(catalog, users=4, seed=10)
+    result, _ = decode("nezha:verifier=off:transition=none", catalog, 1, {"nezha": model}, batch)
+    ids, mask = build_decoder("nezha", catalog, 1, {"nezha": model}).prompt(batch)
+    with torch.no_grad():
+        hidden = model.lm.hidden(ids, mask)
+        h0, hp = hidden[:, -catalog.levels - 1], hidden[:, -catalog.levels:]
+        argmax = torch.stack([model.head.level_logits(level, h0, hp[:, level]).argmax(-1)
+                              for level in range(catalog.levels)], dim=-1)
+    assert torch.equal(result.sids[:, 0], argmax)
+
+
+def test_without_placeholders_the_prompt_is_the_history(catalog):
+    model = random_model("nezha", catalog, seed=4, placeholders=False)
+    batch = random_batch(catalog, users=4, seed=11)
+    decoder = build_decoder("nezha:placeholders=off", catalog, 5, {"nezha": model})
+    ids, _ = decoder.prompt(batch)
+    assert torch.equal(ids, batch.history)
+    result, calls = decode("nezha:placeholders=off", catalog, 5, {"nezha": model}, batch)
+    assert calls == 1 and valid_rows(catalog, result.sids).all()
