@@ -43,6 +43,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--medusa-mode", default="frozen", choices=["frozen", "joint"],
                    help="Medusa heads on a frozen backbone (Medusa-1) or trained with it (Medusa-2)")
     p.add_argument("--draft-backbone", default="qwen-micro", help="the separate draft model of speculative")
+    p.add_argument("--item-backbone", default="sasrec-small", help="the item-embedding model of full_rank")
 
 
 def train_settings(args):
@@ -56,6 +57,7 @@ def train_settings(args):
         dropout=args.dropout, weight_decay=args.weight_decay,
         max_history=args.max_history, val_users=args.val_users, transition=args.transition,
         placeholders=not args.no_placeholders, medusa_mode=args.medusa_mode, draft_backbone=args.draft_backbone,
+        item_backbone=args.item_backbone,
         seed=args.seed)
 
 
@@ -68,11 +70,9 @@ def cmd_data(args) -> None:
 def cmd_train(args) -> None:
     from bench.data import load_dataset
     from bench.train import runs_dir, train_model
-    from models.backbones import BACKBONES
-    from models.module import load_checkpoint
+    from models.module import check_pairing, load_checkpoint
     settings = train_settings(args)
-    if settings.backbone not in BACKBONES:
-        raise BenchError(f"unknown backbone '{settings.backbone}'; choose one of {', '.join(BACKBONES)}")
+    check_pairing(args.objective, settings.backbone)
     data = load_dataset(args.dataset, args.data_dir, args.collisions, args.seed)
     run_dir = Path(args.run_dir) if args.run_dir else runs_dir() / data.name / settings.key(args.objective, data)
     if args.resume and not Path(args.resume).is_file():
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("train", help="train a model (Lightning: progress bar, checkpoints, early stopping)")
-    p.add_argument("--objective", required=True, choices=["ntp", "nezha", "medusa"])
+    p.add_argument("--objective", required=True, choices=["ntp", "nezha", "medusa", "next_item"])
     p.add_argument("--init-from", help="medusa: the trained NTP checkpoint whose backbone the heads sit on")
     p.add_argument("--resume", help="checkpoint to resume from (e.g. runs/.../last.ckpt)")
     p.add_argument("--run-dir", help="where checkpoints go (default: runs/<dataset>/<objective>-<backbone>-<hash>)")

@@ -17,7 +17,7 @@ from bench.metrics import ranking_metrics, target_ranks
 from bench.records import PROTOCOL, device_name, git_sha
 from bench.train import TrainSettings, ensure_model
 from decoders import REGISTRY, build_decoder, parse_spec
-from models.backbones import parameter_count
+from models.backbones import ITEM, backbone_kind, parameter_count
 from models.module import load_checkpoint
 
 
@@ -49,11 +49,22 @@ def model_requests(name: str, options: dict, settings: TrainSettings) -> dict[st
     for role in cls.needs:
         if role == "draft":
             requests[role] = ("draft", "ntp", replace(settings, backbone=settings.draft_backbone))
+        elif role == "next_item":
+            item_backbone = settings.backbone if backbone_kind(settings.backbone) == ITEM else settings.item_backbone
+            requests[role] = ("next_item", "next_item", replace(settings, backbone=item_backbone))
         elif role == cls.needs[0] and picked:
             tag = ",".join(f"{k}={v}" for k, v in sorted(picked.items()))
             requests[role] = (f"{role}[{tag}]", role, replace(settings, **picked))
         else:
             requests[role] = (role, role, settings)
+    for role, (_, objective, wanted) in requests.items():
+        if objective == "popularity":
+            continue
+        kind = backbone_kind(wanted.backbone)
+        if kind not in cls.backbone_kinds:
+            needed = " or ".join(cls.backbone_kinds)
+            raise BenchError(f"decoder '{name}' cannot run on {wanted.backbone} ({kind}): it needs a {needed} backbone; "
+                             f"{cls.kind_reason or 'it decodes SID tokens with a generative backbone'}")
     return requests
 
 
@@ -99,7 +110,7 @@ def run(data: RecData, specs: list[str], k: int, batch_size: int, split: str, ch
     if batch_size < 1:
         raise BenchError(f"--batch-size {batch_size}: must be at least 1")
     device = resolve_device(device_arg)
-    per_decoder = [model_requests(name, options, settings) for name, options in parsed]
+    per_decoder = [model_requests(name, options, settings) for name, options in parsed]   # refusals before training
     requests = {key: (objective, wanted) for request in per_decoder for key, objective, wanted in request.values()}
     models, sources = load_models(requests, data, checkpoints, settings, device, progress)
     decoders = {spec: build_decoder(spec, data.catalog, k, {role: models[key] for role, (key, _, _) in request.items()})

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from bench.data import RecData, eval_examples, train_windows
 from bench.data.batches import collate_eval
+from models.backbones import ENCODER_DECODER
 from models.module import SidRecommender, load_checkpoint
 
 RUNS_ENV = "BENCH_RUNS_DIR"
@@ -37,11 +38,12 @@ class TrainSettings:
     placeholders: bool = True       # nezha only
     medusa_mode: str = "frozen"     # medusa only: frozen backbone (Medusa-1) or joint (Medusa-2)
     draft_backbone: str = "qwen-micro"   # the separate draft model of `speculative`
+    item_backbone: str = "sasrec-small"  # the item-embedding model of `full_rank`
     seed: int = 0
 
     def relevant(self, objective: str) -> dict:
         """The settings that shape a model of this objective (and so name its cache)."""
-        skip = {"draft_backbone"}
+        skip = {"draft_backbone", "item_backbone"}
         if objective != "nezha":
             skip |= {"transition", "placeholders"}
         if objective != "medusa":
@@ -99,7 +101,7 @@ def train_model(data: RecData, objective: str, settings: TrainSettings, run_dir:
         transition=settings.transition, placeholders=settings.placeholders, medusa_mode=settings.medusa_mode)
     if init_from is not None:
         model.lm.load_state_dict(init_from.lm.state_dict())
-    windows = train_windows(data, settings.max_history)
+    windows = train_windows(data, settings.max_history, per_target=model.lm.kind == ENCODER_DECODER)
     train_loader = DataLoader(
         windows, collate_fn=model.collate,
         batch_sampler=LengthBucketSampler([len(w) for w in windows["items"]], settings.batch_size, settings.seed))

@@ -35,7 +35,10 @@ class Decoder:
     options: ClassVar[dict[str, type]] = {}    # option name -> type, settable as name:option=value
     model_options: ClassVar[dict[str, str]] = {}   # options that pick the trained model -> its setting name
     choices: ClassVar[dict[str, tuple]] = {}       # allowed values of string options
+    backbone_kinds: ClassVar[tuple[str, ...]] = ("decoder-only", "encoder-decoder")   # generative backbones
+    kind_reason: ClassVar[str] = ""                 # why other kinds cannot work, for the error line
     description: ClassVar[str] = ""
+    lm = None                                       # the backbone wrapper (models.backbones) it decodes with
 
     def __init__(self, catalog: Catalog, k: int, models: dict, **options):
         self.catalog, self.k, self.models = catalog, k, models
@@ -44,20 +47,16 @@ class Decoder:
     @property
     def backbone_core(self) -> nn.Module | None:
         """The module one call of which is one backbone forward pass (None: no backbone)."""
-        return None
+        return self.lm.core if self.lm is not None else None
 
     @property
     def draft_core(self) -> nn.Module | None:
         """The separate draft model's module, when the decoder has one (its calls are counted too)."""
         return None
 
-    def prompt(self, batch: EvalBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The token ids and mask of this decoder's first backbone call."""
-        return batch.history, batch.mask
-
     def bare_forward(self, batch: EvalBatch) -> None:
-        """One backbone forward pass over the prompt: the floor for this decoder's latency."""
-        raise NotImplementedError
+        """One backbone forward pass over the history: the floor for this decoder's latency."""
+        self.lm.bare_forward(batch.history, batch.mask)
 
     def decode(self, batch: EvalBatch) -> DecodeResult:
         raise NotImplementedError

@@ -53,13 +53,6 @@ class BeamSearch(Decoder):
         self.lm = models["ntp"].lm
         self.constrained = constrained
 
-    @property
-    def backbone_core(self):
-        return self.lm.core
-
-    def bare_forward(self, batch):
-        self.lm.hidden(batch.history, batch.mask)
-
     @torch.no_grad()
     def decode(self, batch) -> DecodeResult:
         return finish(*beam_search(self.lm, self.catalog, batch.history, batch.mask, self.k, self.constrained))

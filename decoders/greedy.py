@@ -16,13 +16,6 @@ class Greedy(Decoder):
         super().__init__(catalog, k, models)
         self.lm = models["ntp"].lm
 
-    @property
-    def backbone_core(self):
-        return self.lm.core
-
-    def bare_forward(self, batch):
-        self.lm.hidden(batch.history, batch.mask)
-
     @torch.no_grad()
     def decode(self, batch) -> DecodeResult:
         logits, state = self.lm.prefill(batch.history, batch.mask)

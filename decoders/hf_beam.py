@@ -47,17 +47,10 @@ class HFBeam(Decoder):
         self.lm = models["ntp"].lm
         self.constrained = constrained
 
-    @property
-    def backbone_core(self):
-        return self.lm.core
-
-    def bare_forward(self, batch):
-        self.lm.hidden(batch.history, batch.mask)
-
     @torch.no_grad()
     def decode(self, batch) -> DecodeResult:
         levels, size = self.catalog.levels, len(batch)
-        processor = SidLevelProcessor(self.catalog, batch.history.shape[1], self.constrained)
+        processor = SidLevelProcessor(self.catalog, self.lm.generation_prompt_length(batch.history), self.constrained)
         # with one beam generate runs greedy search, which takes no beam settings and reports raw logits
         beam_settings = dict(length_penalty=0.0, early_stopping=True) if self.k > 1 else dict(output_logits=True)
         out = self.lm.lm.generate(

@@ -65,6 +65,8 @@ class Medusa(Decoder):
     options = {"tree": str, "constrained": bool, "mode": str}
     model_options = {"mode": "medusa_mode"}
     choices = {"mode": ("frozen", "joint")}
+    backbone_kinds = ("decoder-only",)
+    kind_reason = "its verification pass feeds a token tree with tree attention and its own position ids, which only a decoder-only backbone takes"
     description = ("Medusa heads guess levels 2..L, one tree-masked backbone pass scores the tree; "
                    ":tree=20x3x3x0 codes per level, :mode=frozen|joint (Medusa-1/-2)")
 
@@ -77,13 +79,6 @@ class Medusa(Decoder):
         self.lm, self.heads = model.lm, model.medusa
         self.widths, self.constrained = widths, constrained
         self._tree = None
-
-    @property
-    def backbone_core(self):
-        return self.lm.core
-
-    def bare_forward(self, batch):
-        self.lm.hidden(batch.history, batch.mask)
 
     def tree(self, device):
         if self._tree is None:

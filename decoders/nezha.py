@@ -37,29 +37,19 @@ class Nezha(Decoder):
         self.placeholders = model.hparams.placeholders
         self.verifier, self.head_beam = verifier, head_beam or k
 
-    @property
-    def backbone_core(self):
-        return self.lm.core
-
-    def prompt(self, batch):
-        if not self.placeholders:
-            return batch.history, batch.mask
-        size, levels = len(batch), self.catalog.levels
-        placeholders = torch.tensor(self.catalog.placeholder_tokens, device=batch.history.device).expand(size, levels)
-        return torch.cat([batch.history, placeholders], 1), torch.cat([batch.mask, torch.ones_like(placeholders)], 1)
+    def placeholder_tokens(self, device) -> torch.Tensor | None:
+        return torch.tensor(self.catalog.placeholder_tokens, device=device) if self.placeholders else None
 
     def bare_forward(self, batch):
-        self.lm.hidden(*self.prompt(batch))
+        self.lm.nezha_states(batch.history, batch.mask, self.placeholder_tokens(batch.history.device))
 
     @torch.no_grad()
     def decode(self, batch) -> DecodeResult:
         catalog, levels, size = self.catalog, self.catalog.levels, len(batch)
-        hidden = self.lm.hidden(*self.prompt(batch))                           # [B, T, d]
-        if self.placeholders:
-            h0, placeholder_states = hidden[:, -levels - 1], hidden[:, -levels:]   # [B, d], [B, L, d]
-        else:
-            h0 = hidden[:, -1]
-            placeholder_states = hidden.new_zeros(size, levels, hidden.shape[-1])
+        h0, placeholder_states = self.lm.nezha_states(batch.history, batch.mask,
+                                                      self.placeholder_tokens(batch.history.device))   # [B, d], [B, L, d]
+        if placeholder_states is None:
+            placeholder_states = h0.new_zeros(size, levels, h0.shape[-1])
         state = h0.unsqueeze(1)                                                # [B, beams, d]
         scores = h0.new_zeros(size, 1)
         prefixes = torch.zeros(size, 1, 0, dtype=torch.long, device=h0.device)

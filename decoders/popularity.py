@@ -10,6 +10,7 @@ from decoders.base import Decoder, DecodeResult, register
 class Popularity(Decoder):
     name = "popularity"
     needs = ("popularity",)
+    backbone_kinds = ()
     description = "the K most frequent items of the training split; no model"
 
     def __init__(self, catalog, k, models):

@@ -22,6 +22,8 @@ class Speculative(Decoder):
     name = "speculative"
     needs = ("ntp", "draft")
     options = {"constrained": bool}
+    backbone_kinds = ("decoder-only",)
+    kind_reason = "its verification pass reads the prompt and the draft tree in one pass with tree attention, which only a decoder-only backbone takes"
     description = ("draft model beam-searches K beams, the backbone verifies the draft tree in one pass and keeps "
                    "exactly beam's top-K, falling back to its own steps where drafts miss")
 
@@ -31,15 +33,8 @@ class Speculative(Decoder):
         self.constrained = constrained
 
     @property
-    def backbone_core(self):
-        return self.lm.core
-
-    @property
     def draft_core(self):
         return self.draft.core
-
-    def bare_forward(self, batch):
-        self.lm.hidden(batch.history, batch.mask)
 
     def draft_tree(self, batch):
         """-> node tokens [B, N], tree mask [B, N, N], node prefix codes [B, N] (-1 where

@@ -11,10 +11,10 @@ from bench.data.catalog import Catalog
 from bench.errors import BenchError
 from bench.metrics import target_ranks
 from models import objectives
-from models.backbones import build_backbone
+from models.backbones import DECODER_ONLY, ITEM, backbone_kind, build_backbone
 from models.heads import MedusaHeads, NezhaDraftHead
 
-VALIDATION_DECODER = {"ntp": "beam", "nezha": "nezha", "medusa": "medusa"}
+VALIDATION_DECODER = {"ntp": "beam", "nezha": "nezha", "medusa": "medusa", "next_item": "full_rank"}
 
 
 class SidRecommender(L.LightningModule):
@@ -27,14 +27,16 @@ class SidRecommender(L.LightningModule):
     def __init__(self, objective: str, backbone: str, dataset: str, catalog_fingerprint: str,
                  codebook_sizes: list[int], max_history: int = 20, lr: float = 2e-3, weight_decay: float = 0.01,
                  warmup_steps: int = 100, dropout: float = 0.1, transition: str = "rnn", placeholders: bool = True,
-                 medusa_mode: str = "frozen", val_k: int = 10, catalog: Catalog | None = None):
+                 medusa_mode: str = "frozen", val_k: int = 10, num_items: int = 0, catalog: Catalog | None = None):
         super().__init__()
         if objective not in objectives.OBJECTIVES:
             raise BenchError(f"unknown objective '{objective}'; choose one of {', '.join(objectives.OBJECTIVES)}")
         self.save_hyperparameters(ignore=["catalog"])
+        check_pairing(objective, backbone)
         levels = len(codebook_sizes)
         vocab_size = 1 + sum(codebook_sizes) + levels
-        self.lm = build_backbone(backbone, vocab_size, max_positions=(max_history + 2) * levels, dropout=dropout)
+        positions = max_history + 2 if objective == "next_item" else (max_history + 2) * levels
+        self.lm = build_backbone(backbone, vocab_size, positions, dropout=dropout, num_items=num_items)
         self.head = NezhaDraftHead(self.lm.hidden_size, tuple(codebook_sizes), transition) if objective == "nezha" else None
         self.medusa = MedusaHeads(self.lm.hidden_size, tuple(codebook_sizes)) if objective == "medusa" else None
         if objective == "medusa" and medusa_mode not in objectives.MEDUSA_MODES:
@@ -49,15 +51,15 @@ class SidRecommender(L.LightningModule):
     def for_catalog(cls, objective: str, backbone: str, catalog: Catalog, **settings) -> "SidRecommender":
         return cls(objective=objective, backbone=backbone, dataset=catalog.name,
                    catalog_fingerprint=catalog.fingerprint, codebook_sizes=list(catalog.codebook_sizes),
-                   catalog=catalog, **settings)
+                   num_items=catalog.num_items, catalog=catalog, **settings)
 
     def collate(self, windows: list[dict]) -> dict:
         return objectives.collate(self.hparams.objective, [w["items"] for w in windows], self.catalog,
-                                  self.hparams.placeholders)
+                                  self.lm.kind, self.hparams.placeholders)
 
     def training_step(self, batch, batch_idx):
         loss = objectives.loss(self.hparams.objective, self, batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=next(iter(batch.values())).shape[0])
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -79,6 +81,19 @@ class SidRecommender(L.LightningModule):
         warmup = max(1, self.hparams.warmup_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def check_pairing(objective: str, backbone: str) -> None:
+    """Which objectives a backbone can be trained with, as one clear error."""
+    kind = backbone_kind(backbone)
+    if (objective == "next_item") != (kind == ITEM):
+        if kind == ITEM:
+            raise BenchError(f"{backbone} is an item-embedding model (SASRec); it trains only with objective "
+                             "next_item and decodes with full_rank")
+        raise BenchError(f"objective next_item needs an item-embedding backbone (sasrec-*), not {backbone}")
+    if objective == "medusa" and kind != DECODER_ONLY:
+        raise BenchError(f"Medusa heads need a decoder-only backbone (their tree check uses tree attention); "
+                         f"{backbone} is {kind}")
 
 
 def load_checkpoint(path: str | Path, catalog: Catalog) -> SidRecommender:

@@ -11,33 +11,52 @@ nezha: the window is laid out as  SID(i_1) P SID(i_2) P ... SID(i_{w-1}) P  wher
        from all tokens outside it and position ids skip the Ps, so each P sees exactly
        the prompt [history, <sp_1..sp_L>] it sees at inference; the draft head is
        teacher-forced with cross-entropy per level on the next item's codes.
+next_item: the SASRec reference: item ids in one causal pass, cross-entropy over all
+       items at every position after the first.
+
+Encoder-decoder backbones (T5) cannot score all prefixes in one pass (the encoder sees
+the whole history), so their windows hold one target each (history + target): ntp
+decodes [start, t_1 .. t_{L-1}] against t_1 .. t_L, nezha reads [start, <sp_1..sp_L>].
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from bench.data.batches import pad_rows
 from bench.data.catalog import PAD, Catalog
+from models.backbones import ENCODER_DECODER
 
-OBJECTIVES = ("ntp", "nezha", "medusa")
+OBJECTIVES = ("ntp", "nezha", "medusa", "next_item")
 MEDUSA_MODES = ("frozen", "joint")
 IGNORE = -100
 
 
+def collate_seq2seq(windows: list[list[int]], catalog: Catalog, objective: str, placeholders: bool) -> dict:
+    """One target per window: encoder = history tokens, decoder = start + (SID or placeholders)."""
+    history, mask = pad_rows([catalog.item_tokens(torch.tensor(w[:-1])).flatten() for w in windows])
+    target = catalog.sids[torch.tensor([w[-1] for w in windows])]                   # [B, L]
+    start = torch.full((len(windows), 1), PAD, dtype=torch.long)
+    if objective == "ntp":
+        tokens = target + torch.tensor(catalog.offsets)
+        decoder = torch.cat([start, tokens[:, :-1]], 1)
+        return {"history": history, "mask": mask, "decoder": decoder, "labels": tokens}
+    if placeholders:
+        start = torch.cat([start, torch.tensor(catalog.placeholder_tokens).expand(len(windows), -1)], 1)
+    return {"history": history, "mask": mask, "decoder": start, "target_codes": target}
+
+
 def collate_ntp(windows: list[list[int]], catalog: Catalog) -> dict:
-    rows = [catalog.item_tokens(torch.tensor(items)).flatten() for items in windows]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), PAD, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = row
-        attention_mask[i, : len(row)] = 1
-        labels[i, catalog.levels: len(row)] = row[catalog.levels:]   # the first item is context only
+    input_ids, attention_mask = pad_rows([catalog.item_tokens(torch.tensor(items)).flatten() for items in windows])
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE)
+    labels[:, : catalog.levels] = IGNORE                               # the first item is context only
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def ntp_loss(model, batch: dict) -> torch.Tensor:
+    if "decoder" in batch:
+        logits = model.lm.logits(batch["history"], batch["mask"], batch["decoder"])         # [B, L, V]
+        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
     logits = model.lm.logits(batch["input_ids"], batch["attention_mask"])   # [B, T, V]
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
 
@@ -84,12 +103,16 @@ def collate_nezha(windows: list[list[int]], catalog: Catalog, placeholders: bool
 
 
 def nezha_loss(model, batch: dict) -> torch.Tensor:
-    hidden = model.lm.hidden(batch["input_ids"], batch["attention_mask"], batch["position_ids"])   # [B, T, d]
-    rows = batch["rows"]
-    h0 = hidden[rows, batch["h0_index"]]                                   # [N, d]
-    if "placeholder_index" in batch:
-        placeholders = hidden[rows[:, None], batch["placeholder_index"]]   # [N, L, d]
+    if "decoder" in batch:
+        hidden = model.lm.decoder_hidden(batch["history"], batch["mask"], batch["decoder"])   # [B, 1 (+L), d]
+        h0 = hidden[:, 0]
+        placeholders = hidden[:, 1:] if hidden.shape[1] > 1 else None
     else:
+        hidden = model.lm.hidden(batch["input_ids"], batch["attention_mask"], batch["position_ids"])   # [B, T, d]
+        rows = batch["rows"]
+        h0 = hidden[rows, batch["h0_index"]]                                   # [N, d]
+        placeholders = hidden[rows[:, None], batch["placeholder_index"]] if "placeholder_index" in batch else None
+    if placeholders is None:
         placeholders = h0.new_zeros(h0.shape[0], len(model.head.classifiers), h0.shape[1])
     codes = batch["target_codes"]
     logits = model.head.teacher_forced_logits(h0, placeholders, codes)
@@ -122,7 +145,23 @@ def medusa_loss(model, batch: dict) -> torch.Tensor:
     return lm + heads
 
 
-def collate(objective: str, windows: list[list[int]], catalog: Catalog, placeholders: bool = True) -> dict:
+def collate_next_item(windows: list[list[int]]) -> dict:
+    items, mask = pad_rows([torch.tensor(w) + 1 for w in windows])                  # item i -> token i + 1
+    labels = (items - 1).masked_fill(mask == 0, IGNORE)
+    labels[:, 0] = IGNORE                                                           # the first item is context only
+    return {"items": items, "mask": mask, "labels": labels}
+
+
+def next_item_loss(model, batch: dict) -> torch.Tensor:
+    scores = model.lm.item_scores(batch["items"], batch["mask"])                    # [B, T, N]
+    return F.cross_entropy(scores[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
+
+
+def collate(objective: str, windows: list[list[int]], catalog: Catalog, kind: str, placeholders: bool = True) -> dict:
+    if objective == "next_item":
+        return collate_next_item(windows)
+    if kind == ENCODER_DECODER:
+        return collate_seq2seq(windows, catalog, objective, placeholders)
     if objective == "ntp":
         return collate_ntp(windows, catalog)
     if objective == "medusa":
@@ -131,4 +170,5 @@ def collate(objective: str, windows: list[list[int]], catalog: Catalog, placehol
 
 
 def loss(objective: str, model, batch: dict) -> torch.Tensor:
-    return {"ntp": ntp_loss, "nezha": nezha_loss, "medusa": medusa_loss}[objective](model, batch)
+    losses = {"ntp": ntp_loss, "nezha": nezha_loss, "medusa": medusa_loss, "next_item": next_item_loss}
+    return losses[objective](model, batch)

@@ -17,7 +17,7 @@ def random_model(objective: str, catalog, seed: int = 0, backbone: str = "qwen-t
     torch.manual_seed(seed)
     model = SidRecommender.for_catalog(objective, backbone, catalog, **settings)
     with torch.no_grad():
-        model.lm.lm.get_input_embeddings().weight.normal_(0, 1.0)
+        model.lm.core.get_input_embeddings().weight.normal_(0, 1.0)
     return model.eval()
 
 

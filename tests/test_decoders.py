@@ -79,8 +79,10 @@ def test_left_padding_does_not_change_results(catalog, ntp, nezha):
         together, _ = decode(spec, catalog, 4, models, batch)
         for user in range(len(batch)):
             keep = batch.mask[user].bool()
+            keep_items = batch.items_mask[user].bool()
             alone = type(batch)(batch.history[user][keep][None], batch.mask[user][keep][None],
-                                batch.targets[user:user + 1], batch.users[user:user + 1])
+                                batch.targets[user:user + 1], batch.users[user:user + 1],
+                                batch.items[user][keep_items][None], batch.items_mask[user][keep_items][None])
             single, _ = decode(spec, catalog, 4, models, alone)
             assert torch.equal(single.sids[0], together.sids[user]), spec
             torch.testing.assert_close(single.scores[0], together.scores[user], atol=1e-4, rtol=1e-4)
@@ -108,13 +110,12 @@ def test_nezha_beam_ranks_by_head_scores(catalog, nezha):
     batch = random_batch(catalog, users=2, seed=6)
     width = 6 * 5 * 8
     result, _ = decode(f"nezha:verifier=off:head_beam={width}", catalog, 3, {"nezha": nezha}, batch)
-    ids, mask = build_decoder("nezha", catalog, 3, {"nezha": nezha}).prompt(batch)
     with torch.no_grad():
-        hidden = nezha.lm.hidden(ids, mask)
+        h0_all, hp_all = nezha.lm.nezha_states(batch.history, batch.mask, torch.tensor(catalog.placeholder_tokens))
         grid = torch.cartesian_prod(*[torch.arange(s) for s in catalog.codebook_sizes])   # [240, 3]
         for user in range(2):
-            h0 = hidden[user, -4].expand(len(grid), -1)
-            hp = hidden[user, -3:].expand(len(grid), -1, -1)
+            h0 = h0_all[user].expand(len(grid), -1)
+            hp = hp_all[user].expand(len(grid), -1, -1)
             logits = nezha.head.teacher_forced_logits(h0, hp, grid)
             joint = sum(torch.log_softmax(lg, -1).gather(1, grid[:, [lv]]).squeeze(1) for lv, lg in enumerate(logits))
             best = joint.topk(3)
@@ -173,20 +174,21 @@ def test_transition_none_predicts_levels_independently(catalog):
     model = random_model("nezha", catalog, seed=3, transition="none")
     batch = random_batch(catalog, users=4, seed=10)
     result, _ = decode("nezha:verifier=off:transition=none", catalog, 1, {"nezha": model}, batch)
-    ids, mask = build_decoder("nezha", catalog, 1, {"nezha": model}).prompt(batch)
     with torch.no_grad():
-        hidden = model.lm.hidden(ids, mask)
-        h0, hp = hidden[:, -catalog.levels - 1], hidden[:, -catalog.levels:]
+        h0, hp = model.lm.nezha_states(batch.history, batch.mask, torch.tensor(catalog.placeholder_tokens))
         argmax = torch.stack([model.head.level_logits(level, h0, hp[:, level]).argmax(-1)
                               for level in range(catalog.levels)], dim=-1)
     assert torch.equal(result.sids[:, 0], argmax)
 
 
-def test_without_placeholders_the_prompt_is_the_history(catalog):
+def test_without_placeholders_the_head_reads_the_last_history_state(catalog):
     model = random_model("nezha", catalog, seed=4, placeholders=False)
     batch = random_batch(catalog, users=4, seed=11)
     decoder = build_decoder("nezha:placeholders=off", catalog, 5, {"nezha": model})
-    ids, _ = decoder.prompt(batch)
-    assert torch.equal(ids, batch.history)
+    assert decoder.placeholder_tokens(batch.history.device) is None
+    with torch.no_grad():
+        h0, states = model.lm.nezha_states(batch.history, batch.mask, None)
+        torch.testing.assert_close(h0, model.lm.hidden(batch.history, batch.mask)[:, -1])
+    assert states is None
     result, calls = decode("nezha:placeholders=off", catalog, 5, {"nezha": model}, batch)
     assert calls == 1 and valid_rows(catalog, result.sids).all()

@@ -15,9 +15,12 @@ class EvalBatch:
     mask: torch.Tensor      # [B, T] 1 on real tokens
     targets: torch.Tensor   # [B] item index of the held-out item
     users: torch.Tensor     # [B] user index
+    items: torch.Tensor     # [B, H] history item index + 1, left-padded with 0 (item-id models)
+    items_mask: torch.Tensor  # [B, H]
 
     def to(self, device) -> "EvalBatch":
-        return EvalBatch(self.history.to(device), self.mask.to(device), self.targets.to(device), self.users.to(device))
+        return EvalBatch(*(t.to(device) for t in (self.history, self.mask, self.targets, self.users, self.items,
+                                                   self.items_mask)))
 
     def __len__(self) -> int:
         return self.history.shape[0]
@@ -25,16 +28,23 @@ class EvalBatch:
 
 def collate_eval(examples: list[dict], catalog: Catalog) -> EvalBatch:
     """examples: dicts with 'user', 'history' (item indices) and 'target'."""
-    rows = [catalog.item_tokens(torch.tensor(ex["history"], dtype=torch.long)).flatten() for ex in examples]
-    width = max(len(r) for r in rows)
-    history = torch.full((len(rows), width), PAD, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        history[i, width - len(row):] = row
-        mask[i, width - len(row):] = 1
+    histories = [torch.tensor(ex["history"], dtype=torch.long) for ex in examples]
+    history, mask = pad_rows([catalog.item_tokens(h).flatten() for h in histories], left=True)
+    items, items_mask = pad_rows([h + 1 for h in histories], left=True)
     targets = torch.tensor([ex["target"] for ex in examples], dtype=torch.long)
     users = torch.tensor([ex["user"] for ex in examples], dtype=torch.long)
-    return EvalBatch(history, mask, targets, users)
+    return EvalBatch(history, mask, targets, users, items, items_mask)
+
+
+def pad_rows(rows: list[torch.Tensor], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variable-length 1D tensors -> [B, T] padded with PAD (on the left or right), and the 0/1 mask."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        out[i, span], mask[i, span] = row, 1
+    return out, mask
 
 
 def eval_batches(examples, catalog: Catalog, batch_size: int) -> list[EvalBatch]:

@@ -45,11 +45,17 @@ class RecData:
         }
 
 
-def train_windows(data: RecData, max_history: int = 20) -> datasets.Dataset:
-    """Windows of <= max_history + 1 items from each user's training part items[:-2]."""
+def train_windows(data: RecData, max_history: int = 20, per_target: bool = False) -> datasets.Dataset:
+    """Windows of <= max_history + 1 items from each user's training part items[:-2].
+
+    per_target: one window per training target instead (its history and itself), for
+    models that cannot score every prefix of a window in one pass (encoder-decoders)."""
     windows = []
     for seq in data.sequences:
         train = seq[:-2]
+        if per_target:
+            windows += [train[max(0, end - max_history - 1): end] for end in range(2, len(train) + 1)]
+            continue
         end = len(train)
         while end >= 2:
             windows.append(train[max(0, end - max_history - 1): end])

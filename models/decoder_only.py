@@ -1,0 +1,133 @@
+"""Decoder-only causal LMs over SID tokens: Qwen2, Qwen3 and Llama configs."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
+
+from models.backbones import DECODER_ONLY, SHAPED_LIKE, DecodeState, generic_size, positions_from_mask
+
+CLASSES = {"qwen": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+           "llama": (LlamaConfig, LlamaForCausalLM)}
+
+
+def tree_attention(prefix_mask: torch.Tensor, tree_mask: torch.Tensor) -> torch.Tensor:
+    """prefix_mask [B, T] (1 = real token), tree_mask [B or 1, N, N] (node i sees node j iff
+    j is i or an ancestor of i) -> bool [B, 1, N, T + N] for N tree tokens after T others."""
+    size, nodes = prefix_mask.shape[0], tree_mask.shape[-1]
+    seen = prefix_mask.bool()[:, None, None, :].expand(size, 1, nodes, prefix_mask.shape[1])
+    return torch.cat([seen, tree_mask.bool().expand(size, nodes, nodes).unsqueeze(1)], dim=-1)
+
+
+class DecoderOnlyLM(nn.Module):
+    kind = DECODER_ONLY
+
+    def __init__(self, name: str, vocab_size: int, max_positions: int, dropout: float = 0.0):
+        super().__init__()
+        if name in SHAPED_LIKE:
+            family, shape = SHAPED_LIKE[name]
+        else:
+            family = name.partition("-")[0]
+            hidden, layers, heads, kv_heads, ffn = generic_size(name)
+            shape = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, intermediate_size=ffn)
+        config_cls, model_cls = CLASSES[family]
+        config = config_cls(vocab_size=vocab_size, max_position_embeddings=max_positions, pad_token_id=0,
+                            bos_token_id=None, eos_token_id=None, tie_word_embeddings=True,
+                            attention_dropout=dropout, **shape)
+        self.name = name
+        self.lm = model_cls(config)
+        self.hidden_size = config.hidden_size
+        # the Qwen/Llama blocks have no residual dropout; small recommendation data needs some,
+        # so training passes drop input embeddings and final hidden states (identity in eval)
+        self.dropout = nn.Dropout(dropout)
+
+    @property
+    def core(self) -> nn.Module:
+        return self.lm.model
+
+    def logits(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+        """Training pass: [B, T] -> [B, T, V]."""
+        return self.lm.lm_head(self.hidden(input_ids, attention_mask, position_ids))
+
+    def hidden(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+        """[B, T] -> [B, T, d] last-layer hidden states (after the final norm). A 4D
+        attention mask [B, 1, T, T] is used as given (the NEZHA training layout)."""
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)
+        embeds = self.dropout(self.lm.get_input_embeddings()(input_ids))
+        hidden = self.core(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
+        return self.dropout(hidden.last_hidden_state)
+
+    def bare_forward(self, history, mask) -> None:
+        self.hidden(history, mask)
+
+    def nezha_states(self, history, mask, placeholders: torch.Tensor | None):
+        """One pass over [history, <sp_1..sp_L>] (left-padded) -> h_0 [B, d] and the
+        placeholder states [B, L, d] (None without placeholders)."""
+        if placeholders is None:
+            return self.hidden(history, mask)[:, -1], None
+        levels = placeholders.shape[0]
+        tail = placeholders.expand(history.shape[0], levels)
+        hidden = self.hidden(torch.cat([history, tail], 1), torch.cat([mask, torch.ones_like(tail)], 1))
+        return hidden[:, -levels - 1], hidden[:, -levels:]
+
+    def generation_prompt_length(self, history) -> int:
+        """How many tokens of `generate`'s output precede the generated SID."""
+        return history.shape[1]
+
+    def prefill(self, input_ids, attention_mask) -> tuple[torch.Tensor, DecodeState]:
+        """Left-padded prompt [B, T] -> logits of the next token [B, V] and the cache."""
+        positions = positions_from_mask(attention_mask)
+        out = self.core(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+        last = out.last_hidden_state[:, -1]
+        return self.lm.lm_head(last), DecodeState(out.past_key_values, attention_mask, positions[:, -1] + 1, last)
+
+    def extend(self, state: DecodeState, tokens: torch.Tensor,
+               tree_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, DecodeState]:
+        """tokens [N, m] appended after the cached positions -> logits [N, m, V].
+
+        With tree_mask [N or 1, m, m] the m tokens form a tree (see tree_attention): each
+        sees the cache, its ancestors and itself, at position next + its depth."""
+        mask = torch.cat([state.mask, state.mask.new_ones(tokens.shape)], dim=1)
+        if tree_mask is None:
+            positions = state.next_position[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+            attention = mask
+        else:
+            positions = state.next_position[:, None] + tree_mask.sum(-1).expand(tokens.shape) - 1
+            attention = tree_attention(state.mask, tree_mask)
+        out = self.lm(input_ids=tokens, attention_mask=attention, position_ids=positions,
+                      past_key_values=state.cache, use_cache=True)
+        return out.logits, DecodeState(out.past_key_values, mask, positions.max(dim=1).values + 1)
+
+    def tree_forward(self, input_ids, attention_mask, tree_tokens, tree_mask):
+        """A left-padded prompt [B, T] and a token tree [B, N] after it, in ONE pass.
+
+        -> logits at the last prompt token [B, V], at every tree node [B, N, V], and the
+        cache (crop it to T to drop the tree)."""
+        size, length = input_ids.shape
+        positions = positions_from_mask(attention_mask)
+        causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
+        prompt_rows = causal & attention_mask.bool()[:, None, :]
+        prompt_rows |= torch.eye(length, dtype=torch.bool, device=input_ids.device)   # pad rows see themselves
+        prompt_part = torch.cat([prompt_rows, prompt_rows.new_zeros(size, length, tree_tokens.shape[1])], dim=-1)
+        attention = torch.cat([prompt_part.unsqueeze(1), tree_attention(attention_mask, tree_mask)], dim=2)
+        tree_positions = positions[:, -1:] + tree_mask.sum(-1).expand(tree_tokens.shape)
+        out = self.lm(input_ids=torch.cat([input_ids, tree_tokens], 1), attention_mask=attention,
+                      position_ids=torch.cat([positions, tree_positions], 1), use_cache=True)
+        state = DecodeState(out.past_key_values, attention_mask, positions[:, -1] + 1)
+        return out.logits[:, length - 1], out.logits[:, length:], state
+
+    @staticmethod
+    def select(state: DecodeState, rows: torch.Tensor) -> DecodeState:
+        """Gather rows [N'] of the cache: repeats rows to copy a prompt to beams, or reorders beams."""
+        state.cache.reorder_cache(rows)
+        last = state.last_hidden[rows] if state.last_hidden is not None else None
+        return DecodeState(state.cache, state.mask[rows], state.next_position[rows], last)
+
+    @staticmethod
+    def crop(state: DecodeState, length: int) -> DecodeState:
+        """Drop cached positions beyond `length` (e.g. a verified token tree)."""
+        state.cache.crop(length - state.cache.get_seq_length())     # negative: tokens to remove
+        return DecodeState(state.cache, state.mask[:, :length], state.next_position, state.last_hidden)

@@ -1,0 +1,39 @@
+"""A SASRec-style item-embedding model: a causal transformer over item ids (GPT-2 config:
+learned positions, dropout, layer norm, as SASRec) whose last state is scored against
+every item embedding. Not generative: the non-generative reference row."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2Model
+
+from models.backbones import ITEM, generic_size
+
+
+class ItemSequenceModel(nn.Module):
+    kind = ITEM
+
+    def __init__(self, name: str, num_items: int, max_positions: int, dropout: float = 0.0):
+        super().__init__()
+        hidden, layers, heads, _, ffn = generic_size(name)
+        config = GPT2Config(vocab_size=num_items + 1, n_positions=max_positions, n_embd=hidden, n_layer=layers,
+                            n_head=heads, n_inner=ffn, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                            bos_token_id=None, eos_token_id=None, pad_token_id=0)
+        self.name = name
+        self.model = GPT2Model(config)
+        self.hidden_size = hidden
+
+    @property
+    def core(self) -> nn.Module:
+        return self.model
+
+    def item_scores(self, items: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """items [B, T] (item index + 1, 0 = PAD) -> scores over all items [B, T, N] (or [B, N])."""
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.model(input_ids=items, attention_mask=mask, position_ids=positions).last_hidden_state
+        if last_only:
+            hidden = hidden[:, -1]
+        return hidden @ self.model.wte.weight[1:].T
+
+    def bare_forward(self, items, mask) -> None:
+        self.model(input_ids=items, attention_mask=mask, position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0))

@@ -1,0 +1,115 @@
+"""Every backbone trains; every decoder runs on every generative backbone or refuses
+with the documented line."""
+import pytest
+import torch
+
+from bench.errors import BenchError
+from bench.latency import count_calls
+from bench.run import model_requests
+from bench.train import TrainSettings
+from conftest import random_batch, random_model
+from decoders import REGISTRY, build_decoder
+from models import objectives
+from models.backbones import BACKBONES, backbone_kind, build_backbone, parameter_count
+
+GENERATIVE = ["qwen-tiny", "llama-tiny", "t5-tiny"]
+
+
+@pytest.mark.parametrize("backbone,objective", [(b, o) for b in GENERATIVE for o in ("ntp", "nezha")]
+                         + [("sasrec-tiny", "next_item"), ("llama-tiny", "medusa")])
+def test_each_backbone_trains_and_its_loss_falls(catalog, backbone, objective):
+    model = random_model(objective, catalog, seed=5, backbone=backbone, dropout=0.0).train()
+    gen = torch.Generator().manual_seed(0)
+    windows = [torch.randint(0, catalog.num_items, (4,), generator=gen).tolist() for _ in range(16)]
+    if model.lm.kind == "encoder-decoder":
+        windows = [w[:end] for w in windows for end in range(2, 5)]          # one target per window
+    batch = model.collate([{"items": w} for w in windows])
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = objectives.loss(objective, model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < (0.8 if objective == "medusa" else 0.7) * losses[0]   # medusa: heads only
+
+
+def models_for(catalog, backbone, seed=0):
+    models = {"ntp": random_model("ntp", catalog, seed=seed, backbone=backbone),
+              "nezha": random_model("nezha", catalog, seed=seed, backbone=backbone),
+              "popularity": torch.arange(catalog.num_items)}
+    if backbone_kind(backbone) == "decoder-only":
+        models["draft"] = random_model("ntp", catalog, seed=seed + 1, backbone=backbone.split("-")[0] + "-micro")
+        medusa = random_model("medusa", catalog, seed=seed, backbone=backbone)
+        medusa.lm.load_state_dict(models["ntp"].lm.state_dict())
+        models["medusa"] = medusa
+    return models
+
+
+@pytest.mark.parametrize("backbone", GENERATIVE)
+def test_every_decoder_runs_on_every_generative_backbone_or_refuses(catalog, backbone):
+    models = models_for(catalog, backbone)
+    batch = random_batch(catalog, users=4, seed=1)
+    expected = build_decoder("beam", catalog, 5, models).decode(batch)
+    for name, cls in sorted(REGISTRY.items()):
+        if name == "full_rank":
+            continue
+        if cls.backbone_kinds and backbone_kind(backbone) not in cls.backbone_kinds:
+            with pytest.raises(BenchError, match=f"decoder '{name}' cannot run on {backbone}.*only a decoder-only"):
+                model_requests(name, {}, TrainSettings(backbone=backbone))
+            continue
+        decoder = build_decoder(name, catalog, 5, models)
+        with count_calls(decoder.backbone_core) as calls:
+            result = decoder.decode(batch)
+        width = 1 if name == "greedy" else 5
+        assert result.sids.shape == (4, width, catalog.levels), name
+        if name in ("hf_beam", "speculative"):
+            assert torch.equal(result.sids, expected.sids), name
+            torch.testing.assert_close(result.scores, expected.scores, atol=1e-4, rtol=1e-4)
+        if name == "greedy":
+            assert torch.equal(result.sids[:, 0], build_decoder("beam", catalog, 1, models).decode(batch).sids[:, 0])
+        expected_calls = {"nezha": 1, "medusa": 2, "popularity": 0, "greedy": catalog.levels,
+                          "beam": catalog.levels, "hf_beam": catalog.levels}
+        if name in expected_calls:
+            assert calls[0] == expected_calls[name], name
+
+
+def test_full_rank_scores_every_item_in_one_call(catalog):
+    model = random_model("next_item", catalog, seed=2, backbone="sasrec-tiny")
+    batch = random_batch(catalog, users=5, seed=2)
+    decoder = build_decoder("full_rank", catalog, 7, {"next_item": model})
+    with count_calls(decoder.backbone_core) as calls:
+        result = decoder.decode(batch)
+    assert calls[0] == 1
+    items = catalog.items_of(result.sids)
+    with torch.no_grad():
+        scores = model.lm.item_scores(batch.items, batch.items_mask, last_only=True)
+    assert torch.equal(items, scores.topk(7).indices)
+
+
+def test_sid_decoders_refuse_the_item_model_and_full_rank_refuses_sid_models():
+    with pytest.raises(BenchError, match="decoder 'beam' cannot run on sasrec-small"):
+        model_requests("beam", {}, TrainSettings(backbone="sasrec-small"))
+    request = model_requests("full_rank", {}, TrainSettings(backbone="qwen-small"))
+    assert request["next_item"][2].backbone == "sasrec-small"            # --item-backbone
+    with pytest.raises(BenchError, match="unknown backbone 'gpt-small'"):
+        model_requests("beam", {}, TrainSettings(backbone="gpt-small"))
+
+
+def test_objective_and_backbone_pairings_are_checked(catalog):
+    with pytest.raises(BenchError, match="trains only with objective next_item"):
+        random_model("ntp", catalog, backbone="sasrec-tiny")
+    with pytest.raises(BenchError, match="needs an item-embedding backbone"):
+        random_model("next_item", catalog, backbone="qwen-tiny")
+    with pytest.raises(BenchError, match="Medusa heads need a decoder-only backbone"):
+        random_model("medusa", catalog, backbone="t5-tiny")
+
+
+@pytest.mark.parametrize("name,hidden,layers,params", [("qwen3-0.6b", 1024, 28, 440e6), ("llama-3.2-1b", 2048, 16, 970e6)])
+def test_presets_are_shaped_like_the_real_models(name, hidden, layers, params):
+    with torch.device("meta"):
+        model = build_backbone(name, vocab_size=1000, max_positions=256)
+    assert model.lm.config.hidden_size == hidden and model.lm.config.num_hidden_layers == layers
+    assert abs(parameter_count(model) - params) / params < 0.1        # all but the embedding of a real vocabulary
+    assert name in BACKBONES
