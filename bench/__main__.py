@@ -1,8 +1,9 @@
-"""python -m bench {run,ablate,train,data,leaderboard}
+"""python -m bench {run,ablate,train,tokenize,data,leaderboard}
 
     run          decoders on the same batches -> metrics, latency, one JSON record each
     ablate       the NEZHA ablations (verifier, placeholders, transition, head beam) beside beam
     train        train a model for an objective (ntp: greedy/beam/hf_beam/speculative; nezha; medusa)
+    tokenize     SIDs for a catalogue by residual k-means, written in the LETTER format
     data         load a dataset and print what it holds (users, catalogue, collisions)
     leaderboard  result files -> Markdown tables
 """
@@ -120,6 +121,51 @@ def cmd_run(args) -> None:
     print(f"\n{len(records)} record(s) appended to {out}")
 
 
+def cmd_tokenize(args) -> None:
+    import shutil
+
+    import numpy as np
+
+    from bench.data import letter, load_dataset, tokenizer
+    if args.levels < 1 or args.codes < 2:
+        raise BenchError("--levels must be at least 1 and --codes at least 2")
+    if args.inter:                                   # a catalogue with no SIDs yet: interactions only
+        inter = Path(args.inter)
+        raw = letter._read_json(inter)
+        if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
+            raise BenchError(f"{inter}: expected an object mapping user id -> list of item ids")
+        item_ids = sorted({str(i) for items in raw.values() for i in items},
+                          key=lambda i: (not i.isdigit(), int(i) if i.isdigit() else 0, i))
+        position = {item: n for n, item in enumerate(item_ids)}
+        sequences = [[position[str(i)] for i in items] for items in raw.values()]
+        stem, name = inter.name.removesuffix(".inter.json"), args.dataset
+    else:
+        data = load_dataset(args.dataset, args.data_dir, seed=args.seed)
+        item_ids, sequences, name = data.catalog.item_ids, data.sequences, data.name
+        inter = next(Path(data.source).glob("*.inter.json"), None) if Path(data.source).is_dir() else None
+        stem = inter.name.removesuffix(".inter.json") if inter else name.capitalize()
+    if args.vectors:
+        vectors, origin = tokenizer.load_vectors(Path(args.vectors), len(item_ids)), args.vectors
+    else:
+        vectors = tokenizer.cooccurrence_vectors(sequences, len(item_ids), dim=args.dim, seed=args.seed)
+        origin = f"PPMI co-occurrence SVD ({args.dim} dims) of the training parts"
+    sizes = [args.codes] * args.levels
+    codes = tokenizer.rq_kmeans(vectors, sizes, seed=args.seed, balanced=args.balanced)
+    out = Path(args.out_dir or Path("runs") / "tokenized" / f"{name}-rq{args.levels}x{args.codes}"
+               f"{'-balanced' if args.balanced else ''}")
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.write_letter_index(out / f"{stem}.index.json", item_ids, codes)
+    if inter:
+        shutil.copyfile(inter, out / f"{stem}.inter.json")
+    else:
+        users = {u: [item_ids[i] for i in seq] for u, seq in zip(data.user_ids, sequences)}
+        (out / f"{stem}.inter.json").write_text(json.dumps(users))
+    report = {"vectors": origin, "balanced": args.balanced, **tokenizer.codebook_report(codes, sizes),
+              "written_to": str(out)}
+    print(json.dumps(report, indent=1))
+    print(f"use it with: python -m bench run --dataset {name}-rq --data-dir {out}")
+
+
 def cmd_leaderboard(args) -> None:
     from bench.leaderboard import leaderboard
     table = leaderboard([Path(p) for p in args.files])
@@ -163,6 +209,18 @@ def main(argv: list[str] | None = None) -> int:
     add_data_args(p)
     add_train_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tokenize", help="SIDs by residual k-means (RQ-KMeans), written as a LETTER index")
+    p.add_argument("--inter", help="a <Name>.inter.json with no SIDs yet (else the items of --dataset are used)")
+    p.add_argument("--vectors", help=".npy with one row per item (row i = item id i); default: vectors from "
+                   "item co-occurrence in the training parts")
+    p.add_argument("--levels", type=int, default=4)
+    p.add_argument("--codes", type=int, default=256, help="codes per level")
+    p.add_argument("--balanced", action="store_true", help="cap every cluster at ceil(items / codes)")
+    p.add_argument("--dim", type=int, default=64, help="size of co-occurrence vectors")
+    p.add_argument("--out-dir", help="default: runs/tokenized/<dataset>-rq<levels>x<codes>")
+    add_data_args(p)
+    p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("data", help="load a dataset and describe it")
     add_data_args(p)

@@ -1,8 +1,10 @@
 """The embedded default dataset: generated from a seed, no files.
 
-Items sit in a hierarchy (category -> subcategory -> item) that their SIDs follow, and
-only a small share of the code space holds real items, so the verifier has work to do.
-A user has a favourite category; the next item is, with probability `follow`, one of
+Items sit in a planted hierarchy (category -> subcategory -> item): each item has a
+vector made of its category's centre, its subcategory's offset and a little noise,
+and its SID comes from our own RQ-KMeans tokenizer over those vectors (codebooks of
+16, 16 and 32 codes: 600 items in 8,192 combinations, so the verifier has work). A
+user has a favourite category; the next item is, with probability `follow`, one of
 three fixed successors of the last item (same category), otherwise a popular item of
 the favourite category. A model that reads the history can learn both rules;
 popularity alone cannot, which is what makes the dataset a fair smoke test.
@@ -11,7 +13,16 @@ from __future__ import annotations
 
 import numpy as np
 
-CODEBOOK = (16, 16, 32)   # level sizes: 10 of 16 categories, 6 of 16 subcategory codes each
+from bench.data.tokenizer import rq_kmeans
+
+CODEBOOK = (16, 16, 32)
+
+
+def item_vectors(rng: np.random.Generator, category: np.ndarray, subcategory: np.ndarray, dim: int = 8):
+    """Centre of the category (scale 4) + offset of the subcategory (scale 1) + the item's own part (scale 1)."""
+    centres = rng.normal(0, 4, (category.max() + 1, dim))
+    offsets = rng.normal(0, 1, (category.max() + 1, subcategory.max() + 1, dim))
+    return centres[category] + offsets[category, subcategory] + rng.normal(0, 1, (len(category), dim))
 
 
 def generate(seed: int = 0, users: int = 3000, categories: int = 10, subcategories: int = 6,
@@ -19,26 +30,20 @@ def generate(seed: int = 0, users: int = 3000, categories: int = 10, subcategori
     """-> (item ids, SID codes [items][3], user ids, sequences of item ids)."""
     rng = np.random.default_rng(seed)
     category = rng.integers(0, categories, size=items)
-    # each category uses `subcategories` of the level-2 codes, chosen at random
-    sub_codes = np.stack([rng.choice(CODEBOOK[1], subcategories, replace=False) for _ in range(categories)])
-    sub = sub_codes[category, rng.integers(0, subcategories, size=items)]
-    leaf = rng.integers(0, CODEBOOK[2], size=items)
-    codes = [[int(c), int(s), int(t)] for c, s, t in zip(category, sub, leaf)]
+    subcategory = rng.integers(0, subcategories, size=items)
+    codes = rq_kmeans(item_vectors(rng, category, subcategory), list(CODEBOOK), seed=seed).tolist()
 
-    popularity = rng.zipf(1.3, size=items).astype(float)
-    popularity = np.minimum(popularity, 50.0)
+    popularity = np.minimum(rng.zipf(1.3, size=items).astype(float), 50.0)
     by_category = [np.flatnonzero(category == c) for c in range(categories)]
 
     def popular_in(c: int) -> int:
         pool = by_category[c]
-        weights = popularity[pool] / popularity[pool].sum()
-        return int(rng.choice(pool, p=weights))
+        return int(rng.choice(pool, p=popularity[pool] / popularity[pool].sum()))
 
     successors = np.array([[popular_in(category[i]) for _ in range(3)] for i in range(items)])
     successor_p = np.array([0.6, 0.25, 0.15])
-
-    sequences = []
     taste_p = np.bincount(category, minlength=categories) / items
+    sequences = []
     for _ in range(users):
         taste = int(rng.choice(categories, p=taste_p))
         length = int(min(max_len, min_len + rng.geometric(0.15) - 1))
@@ -49,6 +54,4 @@ def generate(seed: int = 0, users: int = 3000, categories: int = 10, subcategori
             else:
                 seq.append(popular_in(taste))
         sequences.append([str(i) for i in seq])
-    item_ids = [str(i) for i in range(items)]
-    user_ids = [str(u) for u in range(users)]
-    return item_ids, codes, user_ids, sequences
+    return [str(i) for i in range(items)], codes, [str(u) for u in range(users)], sequences

@@ -1,0 +1,146 @@
+"""An item tokenizer of our own: residual k-means (RQ-KMeans) from item vectors to SIDs.
+
+Level 1 clusters the item vectors into C codes; each next level clusters what is left
+(the residual: vector minus its centroids so far). `balanced` caps every cluster at
+ceil(N / C) items (greedy assignment by distance), which spreads items over the
+codebook. Vectors come from a .npy file (row i = item id str(i)) or, for a catalogue
+without text, from the interactions: a PPMI co-occurrence matrix of items within a few
+steps of each other in users' TRAINING parts only (no valid/test leakage), factorised
+by a truncated SVD, rows scaled to unit length.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.errors import BenchError
+
+
+def kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 50, balanced: bool = False, restarts: int = 3):
+    """x [N, D] -> centroids [k, D], assignment [N]: the best (least squared error) of
+    `restarts` runs of k-means++ seeding and Lloyd iterations."""
+    best = None
+    for restart in range(restarts):
+        centroids, assign = lloyd(x, k, seed * 1000 + restart, iters, balanced)
+        error = float(((x - centroids[assign]) ** 2).sum())
+        if best is None or error < best[0]:
+            best = (error, centroids, assign)
+    return best[1], best[2]
+
+
+def lloyd(x: torch.Tensor, k: int, seed: int, iters: int, balanced: bool):
+    gen = torch.Generator().manual_seed(seed)
+    k = min(k, x.shape[0])
+    centroids = x[torch.randint(0, x.shape[0], (1,), generator=gen)]
+    while centroids.shape[0] < k:                     # k-means++: far points are likelier seeds
+        nearest = torch.cdist(x, centroids).min(1).values ** 2
+        weights = nearest / nearest.sum() if nearest.sum() > 0 else torch.ones_like(nearest)
+        centroids = torch.cat([centroids, x[torch.multinomial(weights, 1, generator=gen)]])
+    assign = None
+    for _ in range(iters):
+        distance = torch.cdist(x, centroids)
+        new = balanced_assign(distance, math.ceil(x.shape[0] / k)) if balanced else distance.argmin(1)
+        if assign is not None and torch.equal(new, assign):
+            break
+        assign = new
+        for c in range(k):
+            members = assign == c
+            if members.any():
+                centroids[c] = x[members].mean(0)
+            else:                                     # an empty cluster takes the worst-served point
+                centroids[c] = x[distance.min(1).values.argmax()]
+    return centroids, assign
+
+
+def balanced_assign(distance: torch.Tensor, capacity: int) -> torch.Tensor:
+    """distance [N, k] -> assignment [N] with at most `capacity` items per cluster,
+    filling the closest (item, cluster) pairs first."""
+    n, k = distance.shape
+    order = distance.flatten().argsort()
+    assign = torch.full((n,), -1, dtype=torch.long)
+    load = [0] * k
+    left = n
+    for flat in order.tolist():
+        item, cluster = divmod(flat, k)
+        if assign[item] < 0 and load[cluster] < capacity:
+            assign[item] = cluster
+            load[cluster] += 1
+            left -= 1
+            if left == 0:
+                break
+    return assign
+
+
+def rq_kmeans(vectors: np.ndarray, codebook_sizes: list[int], seed: int = 0, balanced: bool = False) -> np.ndarray:
+    """[N, D] item vectors -> [N, L] codes, one residual k-means per level."""
+    residual = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
+    codes = []
+    for level, size in enumerate(codebook_sizes):
+        centroids, assign = kmeans(residual, size, seed + level, balanced=balanced)
+        codes.append(assign)
+        residual = residual - centroids[assign]
+    return torch.stack(codes, 1).numpy()
+
+
+def cooccurrence_vectors(sequences: list[list[int]], num_items: int, dim: int = 64, window: int = 3,
+                         seed: int = 0) -> np.ndarray:
+    """Item vectors from interactions alone: truncated SVD of the PPMI matrix of items
+    that follow each other within `window` steps in the training parts (items[:-2])."""
+    pairs = []
+    for seq in sequences:
+        train = seq[:-2]
+        for offset in range(1, window + 1):
+            for a, b in zip(train, train[offset:]):
+                pairs += [(a, b), (b, a)]
+    if not pairs:
+        raise BenchError("no item co-occurs with another in the training parts; pass item vectors with --vectors")
+    index = torch.tensor(pairs).T
+    counts = torch.sparse_coo_tensor(index, torch.ones(index.shape[1]), (num_items, num_items)).coalesce()
+    rows, cols = counts.indices()
+    values = counts.values()
+    per_item = torch.zeros(num_items).index_add_(0, rows, values)
+    total = values.sum()
+    pmi = torch.log(values * total / (per_item[rows] * per_item[cols])).clamp(min=0)
+    ppmi = torch.sparse_coo_tensor(counts.indices(), pmi, counts.shape).coalesce()
+    torch.manual_seed(seed)
+    u, s, _ = torch.svd_lowrank(ppmi, q=min(dim, num_items - 1), niter=4)
+    vectors = u * s.sqrt()
+    # unit length: direction carries the neighbourhood, length mostly the item's frequency
+    return torch.nn.functional.normalize(vectors, dim=1).numpy()
+
+
+def load_vectors(path: Path, num_items: int) -> np.ndarray:
+    try:
+        vectors = np.load(path)
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"{path}: not a readable .npy array ({exc})") from None
+    if vectors.ndim != 2 or vectors.shape[0] < num_items:
+        raise BenchError(f"{path}: expected one row per item ([{num_items}, dim]), got shape {list(vectors.shape)}")
+    if not np.isfinite(vectors).all():
+        raise BenchError(f"{path}: has NaN or infinite values")
+    return vectors[:num_items]
+
+
+def codebook_report(codes: np.ndarray, codebook_sizes: list[int]) -> dict:
+    """Codebook use per level (share of codes used, perplexity) and the collision rate
+    (share of items whose SID another item also has, before collisions are resolved)."""
+    levels = []
+    for level, size in enumerate(codebook_sizes):
+        counts = np.bincount(codes[:, level], minlength=size)
+        p = counts[counts > 0] / counts.sum()
+        levels.append({"codes": size, "used": int((counts > 0).sum()),
+                       "perplexity": float(np.exp(-(p * np.log(p)).sum()))})
+    _, inverse, group_sizes = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+    shared = group_sizes[inverse.ravel()] > 1
+    return {"levels": levels, "items": int(len(codes)), "collision_rate": float(shared.mean()),
+            "distinct_sids": int(len(group_sizes))}
+
+
+def write_letter_index(path: Path, item_ids: list[str], codes: np.ndarray) -> None:
+    index = {item: [f"<{chr(ord('a') + level)}_{int(code)}>" for level, code in enumerate(row)]
+             for item, row in zip(item_ids, codes)}
+    path.write_text(json.dumps(index))
