@@ -62,6 +62,17 @@ class Decoder:
         raise NotImplementedError
 
 
+class NtpDecoder(Decoder):
+    """A decoder on the NTP backbone that can mask invalid prefixes (':constrained')."""
+    needs = ("ntp",)
+    options = {"constrained": bool}
+
+    def __init__(self, catalog: Catalog, k: int, models: dict, constrained: bool = False):
+        super().__init__(catalog, k, models, constrained=constrained)
+        self.lm = models["ntp"].lm
+        self.constrained = constrained
+
+
 REGISTRY: dict[str, type[Decoder]] = {}
 
 

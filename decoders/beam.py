@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from decoders.base import (Decoder, DecodeResult, extend_prefixes, finish, level_log_probs, mask_invalid, prune,
+from decoders.base import (DecodeResult, NtpDecoder, extend_prefixes, finish, level_log_probs, mask_invalid, prune,
                            register)
 
 
@@ -42,16 +42,9 @@ def beam_search(lm, catalog, history, mask, k: int, constrained: bool, trail: li
 
 
 @register
-class BeamSearch(Decoder):
+class BeamSearch(NtpDecoder):
     name = "beam"
-    needs = ("ntp",)
-    options = {"constrained": bool}
     description = "one prefill, KV cache copied to K beams, L-1 decode steps; :constrained masks invalid prefixes"
-
-    def __init__(self, catalog, k, models, constrained: bool = False):
-        super().__init__(catalog, k, models, constrained=constrained)
-        self.lm = models["ntp"].lm
-        self.constrained = constrained
 
     @torch.no_grad()
     def decode(self, batch) -> DecodeResult:

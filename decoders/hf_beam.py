@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from decoders.base import NEG_INF, Decoder, DecodeResult, finish, register
+from decoders.base import NEG_INF, DecodeResult, NtpDecoder, finish, register
 
 
 class SidLevelProcessor(LogitsProcessor):
@@ -36,16 +36,9 @@ class SidLevelProcessor(LogitsProcessor):
 
 
 @register
-class HFBeam(Decoder):
+class HFBeam(NtpDecoder):
     name = "hf_beam"
-    needs = ("ntp",)
-    options = {"constrained": bool}
     description = "transformers generate(num_beams=K): prompt prefilled once per beam, cache reordered each step"
-
-    def __init__(self, catalog, k, models, constrained: bool = False):
-        super().__init__(catalog, k, models, constrained=constrained)
-        self.lm = models["ntp"].lm
-        self.constrained = constrained
 
     @torch.no_grad()
     def decode(self, batch) -> DecodeResult:

@@ -66,7 +66,8 @@ class Medusa(Decoder):
     model_options = {"mode": "medusa_mode"}
     choices = {"mode": ("frozen", "joint")}
     backbone_kinds = ("decoder-only",)
-    kind_reason = "its verification pass feeds a token tree with tree attention and its own position ids, which only a decoder-only backbone takes"
+    kind_reason = ("its verification pass feeds a token tree with tree attention and its own position ids, "
+                   "which only a decoder-only backbone takes")
     description = ("Medusa heads guess levels 2..L, one tree-masked backbone pass scores the tree; "
                    ":tree=20x3x3x0 codes per level, :mode=frozen|joint (Medusa-1/-2)")
 

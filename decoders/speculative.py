@@ -13,24 +13,23 @@ from __future__ import annotations
 
 import torch
 
-from decoders.base import Decoder, DecodeResult, extend_prefixes, finish, level_log_probs, mask_invalid, prune, register
+from decoders.base import DecodeResult, NtpDecoder, extend_prefixes, finish, level_log_probs, mask_invalid, prune, register
 from decoders.beam import beam_search, continue_beam
 
 
 @register
-class Speculative(Decoder):
+class Speculative(NtpDecoder):
     name = "speculative"
     needs = ("ntp", "draft")
-    options = {"constrained": bool}
     backbone_kinds = ("decoder-only",)
-    kind_reason = "its verification pass reads the prompt and the draft tree in one pass with tree attention, which only a decoder-only backbone takes"
+    kind_reason = ("its verification pass reads the prompt and the draft tree in one pass with tree attention, "
+                   "which only a decoder-only backbone takes")
     description = ("draft model beam-searches K beams, the backbone verifies the draft tree in one pass and keeps "
                    "exactly beam's top-K, falling back to its own steps where drafts miss")
 
     def __init__(self, catalog, k, models, constrained: bool = False):
         super().__init__(catalog, k, models, constrained=constrained)
-        self.lm, self.draft = models["ntp"].lm, models["draft"].lm
-        self.constrained = constrained
+        self.draft = models["draft"].lm
 
     @property
     def draft_core(self):

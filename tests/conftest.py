@@ -32,6 +32,26 @@ def random_batch(catalog, users: int = 6, seed: int = 0, max_items: int = 5):
     return collate_eval(rows, catalog)
 
 
+def training_losses(model, objective: str, steps: int = 25, seed: int = 0) -> list[float]:
+    """Adam steps on one fixed batch of random windows (one target per window for
+    encoder-decoders) -> the loss at every step."""
+    from models import objectives
+    gen = torch.Generator().manual_seed(seed)
+    windows = [torch.randint(0, model.catalog.num_items, (4,), generator=gen).tolist() for _ in range(16)]
+    if model.lm.kind == "encoder-decoder":
+        windows = [w[:end] for w in windows for end in range(2, 5)]
+    batch = model.collate([{"items": w} for w in windows])
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = objectives.loss(objective, model.train(), batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture(scope="module")
 def catalog():
     return random_catalog()

@@ -7,31 +7,19 @@ from bench.errors import BenchError
 from bench.latency import count_calls
 from bench.run import model_requests
 from bench.train import TrainSettings
-from conftest import random_batch, random_model
+from conftest import random_batch, random_model, training_losses
 from decoders import REGISTRY, build_decoder
-from models import objectives
 from models.backbones import BACKBONES, backbone_kind, build_backbone, parameter_count
 
 GENERATIVE = ["qwen-tiny", "llama-tiny", "t5-tiny"]
 
 
-@pytest.mark.parametrize("backbone,objective", [(b, o) for b in GENERATIVE for o in ("ntp", "nezha")]
-                         + [("sasrec-tiny", "next_item"), ("llama-tiny", "medusa")])
-def test_each_backbone_trains_and_its_loss_falls(catalog, backbone, objective):
-    model = random_model(objective, catalog, seed=5, backbone=backbone, dropout=0.0).train()
-    gen = torch.Generator().manual_seed(0)
-    windows = [torch.randint(0, catalog.num_items, (4,), generator=gen).tolist() for _ in range(16)]
-    if model.lm.kind == "encoder-decoder":
-        windows = [w[:end] for w in windows for end in range(2, 5)]          # one target per window
-    batch = model.collate([{"items": w} for w in windows])
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for _ in range(25):
-        loss = objectives.loss(objective, model, batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+@pytest.mark.parametrize("backbone,objective,options", [(b, o, {}) for b in GENERATIVE for o in ("ntp", "nezha")] + [
+    ("qwen-tiny", "nezha", {"transition": "gru"}), ("qwen-tiny", "nezha", {"transition": "none", "placeholders": False}),
+    ("t5-tiny", "nezha", {"placeholders": False}), ("sasrec-tiny", "next_item", {}), ("llama-tiny", "medusa", {})])
+def test_each_backbone_and_objective_trains_and_its_loss_falls(catalog, backbone, objective, options):
+    model = random_model(objective, catalog, seed=5, backbone=backbone, dropout=0.0, **options)
+    losses = training_losses(model, objective)
     assert losses[-1] < (0.8 if objective == "medusa" else 0.7) * losses[0]   # medusa: heads only
 
 

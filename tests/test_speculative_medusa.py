@@ -7,10 +7,9 @@ import torch
 
 from bench.errors import BenchError
 from bench.latency import count_calls
-from conftest import random_batch, random_model
+from conftest import random_batch, random_model, training_losses
 from decoders import build_decoder
 from decoders.beam import beam_search
-from models import objectives
 
 
 @pytest.fixture(scope="module")
@@ -179,19 +178,9 @@ def test_medusa_options_are_checked(catalog, medusa):
 
 @pytest.mark.parametrize("mode", ["frozen", "joint"])
 def test_medusa_training_freezes_the_backbone_only_in_frozen_mode(catalog, mode):
-    model = random_model("medusa", catalog, seed=12, medusa_mode=mode).train()
+    model = random_model("medusa", catalog, seed=12, medusa_mode=mode)
     before = {n: p.clone() for n, p in model.lm.named_parameters()}
-    gen = torch.Generator().manual_seed(0)
-    batch = model.collate([{"items": torch.randint(0, catalog.num_items, (4,), generator=gen).tolist()}
-                           for _ in range(16)])
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for _ in range(20):
-        loss = objectives.loss("medusa", model, batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = training_losses(model, "medusa", steps=20)
     assert losses[-1] < 0.8 * losses[0]
     changed = any(not torch.equal(before[n], p) for n, p in model.lm.named_parameters())
     assert changed == (mode == "joint")
