@@ -1,12 +1,13 @@
 """python -m bench {run,ablate,train,tokenize,data,leaderboard}
 
-    run          decoders on the same batches -> metrics, latency, one JSON record each
-    ablate       the NEZHA ablations (verifier, placeholders, transition, head beam) beside beam
-    train        train a model for an objective (ntp: greedy/beam/hf_beam/speculative; nezha; medusa)
-    tokenize     SIDs for a catalogue by residual k-means, written in the LETTER format
-    data         load a dataset and print what it holds (users, catalogue, collisions)
-    leaderboard  result files -> Markdown tables
+run          decoders on the same batches -> metrics, latency, one JSON record each
+ablate       the NEZHA ablations (verifier, placeholders, transition, head beam) beside beam
+train        train a model for an objective (ntp: greedy/beam/hf_beam/speculative; nezha; medusa)
+tokenize     SIDs for a catalogue by residual k-means, written in the LETTER format
+data         load a dataset and print what it holds (users, catalogue, collisions)
+leaderboard  result files -> Markdown tables
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,17 +21,26 @@ DEFAULT_OUT = Path("runs") / "results.json"
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="synthetic", help="synthetic (default, generated), beauty, instruments, yelp, "
-                   "or any name with --data-dir")
+    p.add_argument(
+        "--dataset",
+        default="synthetic",
+        help="synthetic (default, generated), beauty, instruments, yelp, or any name with --data-dir",
+    )
     p.add_argument("--data-dir", help="folder with <Name>.inter.json and <Name>.index.json")
-    p.add_argument("--collisions", default="last_code", choices=["last_code", "extra_level"],
-                   help="how SIDs shared by several items are made unique")
+    p.add_argument(
+        "--collisions",
+        default="last_code",
+        choices=["last_code", "extra_level"],
+        help="how SIDs shared by several items are made unique",
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", help="family-size, e.g. qwen-small, llama-base (default: qwen-tiny on synthetic, "
-                   "qwen-small otherwise)")
+    p.add_argument(
+        "--backbone",
+        help="family-size, e.g. qwen-small, llama-base (default: qwen-tiny on synthetic, qwen-small otherwise)",
+    )
     p.add_argument("--max-epochs", type=int, default=30)
     p.add_argument("--patience", type=int, default=3, help="epochs without val/recall@10 gain before stopping")
     p.add_argument("--train-batch-size", type=int, help="default: 64 on synthetic, 256 otherwise")
@@ -41,29 +51,44 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-users", type=int, default=3000, help="valid users decoded per epoch (0 = all)")
     p.add_argument("--transition", default="rnn", choices=["rnn", "gru", "none"], help="NEZHA head transition cell")
     p.add_argument("--no-placeholders", action="store_true", help="NEZHA head reads only the last history state")
-    p.add_argument("--medusa-mode", default="frozen", choices=["frozen", "joint"],
-                   help="Medusa heads on a frozen backbone (Medusa-1) or trained with it (Medusa-2)")
+    p.add_argument(
+        "--medusa-mode",
+        default="frozen",
+        choices=["frozen", "joint"],
+        help="Medusa heads on a frozen backbone (Medusa-1) or trained with it (Medusa-2)",
+    )
     p.add_argument("--draft-backbone", default="qwen-micro", help="the separate draft model of speculative")
     p.add_argument("--item-backbone", default="sasrec-small", help="the item-embedding model of full_rank")
 
 
 def train_settings(args):
     from bench.train import TrainSettings
+
     small = args.dataset == "synthetic" and not args.data_dir
     if args.max_epochs < 1 or args.patience < 0 or args.max_history < 1:
         raise BenchError("--max-epochs and --max-history must be at least 1, --patience at least 0")
     return TrainSettings(
-        backbone=args.backbone or ("qwen-tiny" if small else "qwen-small"), max_epochs=args.max_epochs,
-        patience=args.patience, batch_size=args.train_batch_size or (64 if small else 256), lr=args.lr,
-        dropout=args.dropout, weight_decay=args.weight_decay,
-        max_history=args.max_history, val_users=args.val_users, transition=args.transition,
-        placeholders=not args.no_placeholders, medusa_mode=args.medusa_mode, draft_backbone=args.draft_backbone,
+        backbone=args.backbone or ("qwen-tiny" if small else "qwen-small"),
+        max_epochs=args.max_epochs,
+        patience=args.patience,
+        batch_size=args.train_batch_size or (64 if small else 256),
+        lr=args.lr,
+        dropout=args.dropout,
+        weight_decay=args.weight_decay,
+        max_history=args.max_history,
+        val_users=args.val_users,
+        transition=args.transition,
+        placeholders=not args.no_placeholders,
+        medusa_mode=args.medusa_mode,
+        draft_backbone=args.draft_backbone,
         item_backbone=args.item_backbone,
-        seed=args.seed)
+        seed=args.seed,
+    )
 
 
 def cmd_data(args) -> None:
     from bench.data import load_dataset
+
     data = load_dataset(args.dataset, args.data_dir, args.collisions, args.seed)
     print(json.dumps(data.describe(), indent=1))
 
@@ -72,6 +97,7 @@ def cmd_train(args) -> None:
     from bench.data import load_dataset
     from bench.train import runs_dir, train_model
     from models.module import check_pairing, load_checkpoint
+
     settings = train_settings(args)
     check_pairing(args.objective, settings.backbone)
     data = load_dataset(args.dataset, args.data_dir, args.collisions, args.seed)
@@ -84,23 +110,34 @@ def cmd_train(args) -> None:
             raise BenchError("--objective medusa trains heads on a trained NTP backbone: pass --init-from NTP.ckpt")
         init = load_checkpoint(args.init_from, data.catalog)
         if init.hparams.objective != "ntp" or init.hparams.backbone != settings.backbone:
-            raise BenchError(f"--init-from {args.init_from} is a {init.hparams.objective} model with backbone "
-                             f"{init.hparams.backbone}; Medusa needs an ntp model with backbone {settings.backbone}")
+            raise BenchError(
+                f"--init-from {args.init_from} is a {init.hparams.objective} model with backbone "
+                f"{init.hparams.backbone}; Medusa needs an ntp model with backbone {settings.backbone}"
+            )
     best = train_model(data, args.objective, settings, run_dir, resume=args.resume, init_from=init)
     print(f"best checkpoint: {best}")
 
 
 def ablation_specs(k: int) -> list[str]:
-    return ["beam", "nezha", "nezha:verifier=last", "nezha:verifier=off", f"nezha:head_beam={2 * k}",
-            "nezha:placeholders=off", "nezha:transition=gru", "nezha:transition=none"]
+    return [
+        "beam",
+        "nezha",
+        "nezha:verifier=last",
+        "nezha:verifier=off",
+        f"nezha:head_beam={2 * k}",
+        "nezha:placeholders=off",
+        "nezha:transition=gru",
+        "nezha:transition=none",
+    ]
 
 
 def cmd_run(args) -> None:
     from bench.data import load_dataset
     from bench.records import append_records, read_records
     from bench.run import format_table, run
+
     out = Path(args.out)
-    read_records(out)                                   # a broken results file fails before any work
+    read_records(out)  # a broken results file fails before any work
     if args.command == "ablate":
         specs = ablation_specs(args.k)
     else:
@@ -108,14 +145,30 @@ def cmd_run(args) -> None:
     if not specs:
         raise BenchError("--decoder names no decoder; give e.g. --decoder greedy,beam,nezha")
     if args.constrained:
-        specs = [s + ":constrained" if s.split(":")[0] in ("beam", "hf_beam", "speculative") and "constrained" not in s
-                 else s for s in specs]
+        specs = [
+            s + ":constrained"
+            if s.split(":")[0] in ("beam", "hf_beam", "speculative") and "constrained" not in s
+            else s
+            for s in specs
+        ]
     settings = train_settings(args)
     data = load_dataset(args.dataset, args.data_dir, args.collisions, args.seed)
-    records = run(data, specs, k=args.k, batch_size=args.batch_size, split=args.split, checkpoints=args.ckpt or [],
-                  settings=settings, device_arg=args.device, limit_users=args.limit_users, warmup=args.warmup)
-    print(f"\n{data.name} / {args.split} / {records[0]['users']} users / K={args.k} / batch {args.batch_size} / "
-          f"{records[0]['device']}")
+    records = run(
+        data,
+        specs,
+        k=args.k,
+        batch_size=args.batch_size,
+        split=args.split,
+        checkpoints=args.ckpt or [],
+        settings=settings,
+        device_arg=args.device,
+        limit_users=args.limit_users,
+        warmup=args.warmup,
+    )
+    print(
+        f"\n{data.name} / {args.split} / {records[0]['users']} users / K={args.k} / batch {args.batch_size} / "
+        f"{records[0]['device']}"
+    )
     print(format_table(records))
     append_records(out, records)
     print(f"\n{len(records)} record(s) appended to {out}")
@@ -124,18 +177,19 @@ def cmd_run(args) -> None:
 def cmd_tokenize(args) -> None:
     import shutil
 
-    import numpy as np
-
     from bench.data import letter, load_dataset, tokenizer
+
     if args.levels < 1 or args.codes < 2:
         raise BenchError("--levels must be at least 1 and --codes at least 2")
-    if args.inter:                                   # a catalogue with no SIDs yet: interactions only
+    if args.inter:  # a catalogue with no SIDs yet: interactions only
         inter = Path(args.inter)
         raw = letter._read_json(inter)
         if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
             raise BenchError(f"{inter}: expected an object mapping user id -> list of item ids")
-        item_ids = sorted({str(i) for items in raw.values() for i in items},
-                          key=lambda i: (not i.isdigit(), int(i) if i.isdigit() else 0, i))
+        item_ids = sorted(
+            {str(i) for items in raw.values() for i in items},
+            key=lambda i: (not i.isdigit(), int(i) if i.isdigit() else 0, i),
+        )
         position = {item: n for n, item in enumerate(item_ids)}
         sequences = [[position[str(i)] for i in items] for items in raw.values()]
         stem, name = inter.name.removesuffix(".inter.json"), args.dataset
@@ -151,8 +205,10 @@ def cmd_tokenize(args) -> None:
         origin = f"PPMI co-occurrence SVD ({args.dim} dims) of the training parts"
     sizes = [args.codes] * args.levels
     codes = tokenizer.rq_kmeans(vectors, sizes, seed=args.seed, balanced=args.balanced)
-    out = Path(args.out_dir or Path("runs") / "tokenized" / f"{name}-rq{args.levels}x{args.codes}"
-               f"{'-balanced' if args.balanced else ''}")
+    out = Path(
+        args.out_dir
+        or Path("runs") / "tokenized" / f"{name}-rq{args.levels}x{args.codes}{'-balanced' if args.balanced else ''}"
+    )
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.write_letter_index(out / f"{stem}.index.json", item_ids, codes)
     if inter:
@@ -160,14 +216,19 @@ def cmd_tokenize(args) -> None:
     else:
         users = {u: [item_ids[i] for i in seq] for u, seq in zip(data.user_ids, sequences)}
         (out / f"{stem}.inter.json").write_text(json.dumps(users))
-    report = {"vectors": origin, "balanced": args.balanced, **tokenizer.codebook_report(codes, sizes),
-              "written_to": str(out)}
+    report = {
+        "vectors": origin,
+        "balanced": args.balanced,
+        **tokenizer.codebook_report(codes, sizes),
+        "written_to": str(out),
+    }
     print(json.dumps(report, indent=1))
     print(f"use it with: python -m bench run --dataset {name}-rq --data-dir {out}")
 
 
 def cmd_leaderboard(args) -> None:
     from bench.leaderboard import leaderboard
+
     table = leaderboard([Path(p) for p in args.files])
     if args.out:
         Path(args.out).write_text(table + "\n")
@@ -177,22 +238,33 @@ def cmd_leaderboard(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    for command, text in (("run", "evaluate decoders: quality and latency on the same batches"),
-                          ("ablate", "NEZHA ablations beside beam, on the same batches")):
+    for command, text in (
+        ("run", "evaluate decoders: quality and latency on the same batches"),
+        ("ablate", "NEZHA ablations beside beam, on the same batches"),
+    ):
         p = sub.add_parser(command, help=text)
         if command == "run":
-            p.add_argument("--decoder", default="nezha", help="comma-separated decoder specs, e.g. greedy,beam,nezha "
-                           "or beam:constrained,nezha:verifier=off (see README for every decoder and option)")
+            p.add_argument(
+                "--decoder",
+                default="nezha",
+                help="comma-separated decoder specs, e.g. greedy,beam,nezha "
+                "or beam:constrained,nezha:verifier=off (see README for every decoder and option)",
+            )
         p.add_argument("--constrained", action="store_true", help="beam, hf_beam and speculative mask invalid prefixes")
         p.add_argument("--k", type=int, default=20, help="recommendations per user (beam width)")
         p.add_argument("--batch-size", type=int, default=32, help="users per decoding batch")
         p.add_argument("--split", default="test", choices=["test", "valid"])
-        p.add_argument("--ckpt", action="append", help="checkpoint from bench train (repeat for ntp, nezha, medusa); "
-                       "models without one are trained first and cached under runs/")
+        p.add_argument(
+            "--ckpt",
+            action="append",
+            help="checkpoint from bench train (repeat for ntp, nezha, medusa); "
+            "models without one are trained first and cached under runs/",
+        )
         p.add_argument("--limit-users", type=int, help="evaluate the first N users of the split")
         p.add_argument("--device", default="auto", help="auto, cpu or cuda")
         p.add_argument("--warmup", type=int, default=2, help="untimed passes over the first batch")
@@ -212,8 +284,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("tokenize", help="SIDs by residual k-means (RQ-KMeans), written as a LETTER index")
     p.add_argument("--inter", help="a <Name>.inter.json with no SIDs yet (else the items of --dataset are used)")
-    p.add_argument("--vectors", help=".npy with one row per item (row i = item id i); default: vectors from "
-                   "item co-occurrence in the training parts")
+    p.add_argument(
+        "--vectors",
+        help=".npy with one row per item (row i = item id i); default: vectors from "
+        "item co-occurrence in the training parts",
+    )
     p.add_argument("--levels", type=int, default=4)
     p.add_argument("--codes", type=int, default=256, help="codes per level")
     p.add_argument("--balanced", action="store_true", help="cap every cluster at ceil(items / codes)")

@@ -6,6 +6,7 @@ index, so drift of a shared machine hits them alike. Each decoder's turn is time
 forward hook on the backbone, and right after it one bare backbone forward pass over
 its prompt is timed: the floor no decoder on that backbone can beat.
 """
+
 from __future__ import annotations
 
 import time
@@ -22,19 +23,23 @@ from decoders.base import DecodeResult, Decoder
 @dataclass
 class Measurement:
     results: list[DecodeResult] = field(default_factory=list)
-    latency_ms: list[float] = field(default_factory=list)          # per batch
-    prefill_ms: list[float] = field(default_factory=list)          # per batch, bare forward pass
-    backbone_calls: list[int] = field(default_factory=list)        # per batch
-    draft_calls: list[int] = field(default_factory=list)           # per batch, separate draft model
-    peak_memory_mb: float | None = None                            # CUDA only: torch does not track CPU allocations
+    latency_ms: list[float] = field(default_factory=list)  # per batch
+    prefill_ms: list[float] = field(default_factory=list)  # per batch, bare forward pass
+    backbone_calls: list[int] = field(default_factory=list)  # per batch
+    draft_calls: list[int] = field(default_factory=list)  # per batch, separate draft model
+    peak_memory_mb: float | None = None  # CUDA only: torch does not track CPU allocations
 
 
 def summarize(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
     arr = np.asarray(values)
-    return {"p50": float(np.percentile(arr, 50)), "p90": float(np.percentile(arr, 90)),
-            "p99": float(np.percentile(arr, 99)), "mean": float(arr.mean())}
+    return {
+        "p50": float(np.percentile(arr, 50)),
+        "p90": float(np.percentile(arr, 90)),
+        "p99": float(np.percentile(arr, 99)),
+        "mean": float(arr.mean()),
+    }
 
 
 @contextmanager
@@ -71,8 +76,9 @@ def timed(fn, device: torch.device):
 
 
 @torch.no_grad()
-def benchmark(decoders: dict[str, Decoder], batches: list, device: torch.device, warmup: int = 2,
-              progress: bool = True) -> dict[str, Measurement]:
+def benchmark(
+    decoders: dict[str, Decoder], batches: list, device: torch.device, warmup: int = 2, progress: bool = True
+) -> dict[str, Measurement]:
     labels = list(decoders)
     for _ in range(warmup):
         for label in labels:

@@ -1,4 +1,5 @@
 """`bench leaderboard`: result files -> one Markdown table per dataset, split and device."""
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -21,8 +22,10 @@ def leaderboard(paths: list[Path]) -> str:
         beam = [r for r in records if r["decoder"] == "beam" and r.get("latency_ms")]
         base = beam[-1]["latency_ms"]["mean"] if beam else None
         out.append(f"### {dataset} / {split} / {device}\n")
-        out.append("| decoder | backbone | users | K | batch | R@1 | R@10 | N@10 | R@20 | N@20 | invalid | "
-                   "mean ms/batch | p99 ms | x bare forward | speedup vs beam | backbone calls | commit |")
+        out.append(
+            "| decoder | backbone | users | K | batch | R@1 | R@10 | N@10 | R@20 | N@20 | invalid | "
+            "mean ms/batch | p99 ms | x bare forward | speedup vs beam | backbone calls | commit |"
+        )
         out.append("|" + "---|" * 17)
         for r in records:
             m, lat = r["metrics"], r.get("latency_ms") or {}
@@ -34,7 +37,8 @@ def leaderboard(paths: list[Path]) -> str:
                 f"{_fmt(m['recall@20'], '.4f')} | {_fmt(m['ndcg@20'], '.4f')} | {r['invalid_rate']:.3f} | "
                 f"{_fmt(lat.get('mean'), '.1f')} | {_fmt(lat.get('p99'), '.1f')} | "
                 f"{_fmt(r.get('latency_over_prefill'), '.2f')} | {_fmt(speedup, '.2f')} | "
-                f"{r['backbone_calls_per_batch']:.1f} | {r['git_sha'][:10]} |")
+                f"{r['backbone_calls_per_batch']:.1f} | {r['git_sha'][:10]} |"
+            )
         commands = sorted({r["command"] for r in records})
         out.append("\nCommand(s): " + "; ".join(f"`{c}`" for c in commands) + "\n")
     return "\n".join(out)

@@ -6,6 +6,7 @@ NDCG@k:   1 / log2(rank + 1) with rank the 1-based position of the held-out item
 Both are averaged over users. A vectorised form of torchmetrics' RetrievalRecall and
 RetrievalNormalizedDCG (tests check they agree); an item absent from the list counts 0.
 """
+
 from __future__ import annotations
 
 import torch

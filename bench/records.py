@@ -1,6 +1,7 @@
 """Result records: what one decoder scored on one dataset and device, how fast, and
 how to reproduce it. Files hold a JSON list of records; new ones are appended with an
 atomic write, and a file that cannot be read is never overwritten."""
+
 from __future__ import annotations
 
 import json
@@ -14,20 +15,24 @@ import torch
 
 from bench.errors import BenchError
 
-PROTOCOL = ("leave-one-out per user: test target = last item, valid target = second to last, history = up to "
-            "{max_history} earlier items; candidates = every item of the catalogue (a generated SID that is no item "
-            "counts as a miss); Recall@k = share of users whose target is in the top k; NDCG@k = mean of "
-            "1/log2(rank+1) for ranks <= k; latency = wall time per batch after {warmup} warm-up batches, decoders "
-            "taking turns on the same batches")
+PROTOCOL = (
+    "leave-one-out per user: test target = last item, valid target = second to last, history = up to "
+    "{max_history} earlier items; candidates = every item of the catalogue (a generated SID that is no item "
+    "counts as a miss); Recall@k = share of users whose target is in the top k; NDCG@k = mean of "
+    "1/log2(rank+1) for ranks <= k; latency = wall time per batch after {warmup} warm-up batches, decoders "
+    "taking turns on the same batches"
+)
 
 
 def git_sha() -> str:
     root = Path(__file__).resolve().parents[1]
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -47,11 +52,14 @@ def read_records(path: Path) -> list[dict]:
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise BenchError(f"{path} is not a results file (invalid JSON at line {exc.lineno}); "
-                         "pass another --out or move it away; it was left untouched") from None
+        raise BenchError(
+            f"{path} is not a results file (invalid JSON at line {exc.lineno}); "
+            "pass another --out or move it away; it was left untouched"
+        ) from None
     except UnicodeDecodeError:
-        raise BenchError(f"{path} is not a results file (not UTF-8 text); pass another --out; "
-                         "it was left untouched") from None
+        raise BenchError(
+            f"{path} is not a results file (not UTF-8 text); pass another --out; it was left untouched"
+        ) from None
     if not isinstance(records, list):
         raise BenchError(f"{path} is not a results file (expected a JSON list of records); it was left untouched")
     return records

@@ -1,6 +1,7 @@
 """Training with Lightning: progress bar, best-checkpoint saving and early stopping on
 val/recall@10, resume from a checkpoint. `ensure_model` caches the models that
 `bench run` trains itself under runs/ (ignored by git), keyed by their settings."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +12,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, Sampler
 
 from bench.data import RecData, eval_examples, train_windows
@@ -33,11 +33,11 @@ class TrainSettings:
     warmup_steps: int = 100
     dropout: float = 0.1
     max_history: int = 20
-    val_users: int = 3000           # valid users decoded each epoch (first N; 0 = all)
-    transition: str = "rnn"         # nezha only
-    placeholders: bool = True       # nezha only
-    medusa_mode: str = "frozen"     # medusa only: frozen backbone (Medusa-1) or joint (Medusa-2)
-    draft_backbone: str = "qwen-micro"   # the separate draft model of `speculative`
+    val_users: int = 3000  # valid users decoded each epoch (first N; 0 = all)
+    transition: str = "rnn"  # nezha only
+    placeholders: bool = True  # nezha only
+    medusa_mode: str = "frozen"  # medusa only: frozen backbone (Medusa-1) or joint (Medusa-2)
+    draft_backbone: str = "qwen-micro"  # the separate draft model of `speculative`
     item_backbone: str = "sasrec-small"  # the item-embedding model of `full_rank`
     seed: int = 0
 
@@ -52,8 +52,15 @@ class TrainSettings:
 
     def key(self, objective: str, data: RecData, init_from: str = "") -> str:
         """Names the cached run: same data, objective and settings -> same folder."""
-        blob = json.dumps({"objective": objective, "catalog": data.catalog.fingerprint, "init": init_from,
-                           **self.relevant(objective)}, sort_keys=True)
+        blob = json.dumps(
+            {
+                "objective": objective,
+                "catalog": data.catalog.fingerprint,
+                "init": init_from,
+                **self.relevant(objective),
+            },
+            sort_keys=True,
+        )
         return f"{objective}-{self.backbone}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
@@ -74,8 +81,8 @@ class LengthBucketSampler(Sampler):
         chunk = self.batch_size * 50
         batches = []
         for start in range(0, len(order), chunk):
-            part = sorted(order[start: start + chunk], key=self.lengths.__getitem__)
-            batches += [part[i: i + self.batch_size] for i in range(0, len(part), self.batch_size)]
+            part = sorted(order[start : start + chunk], key=self.lengths.__getitem__)
+            batches += [part[i : i + self.batch_size] for i in range(0, len(part), self.batch_size)]
         rng.shuffle(batches)
         return iter(batches)
 
@@ -87,41 +94,80 @@ def runs_dir() -> Path:
     return Path(os.environ.get(RUNS_ENV, "runs"))
 
 
-def train_model(data: RecData, objective: str, settings: TrainSettings, run_dir: Path,
-                resume: str | None = None, progress: bool = True, accelerator: str = "auto",
-                init_from: SidRecommender | None = None) -> Path:
+def train_model(
+    data: RecData,
+    objective: str,
+    settings: TrainSettings,
+    run_dir: Path,
+    resume: str | None = None,
+    progress: bool = True,
+    accelerator: str = "auto",
+    init_from: SidRecommender | None = None,
+) -> Path:
     """Train and return the path of the best checkpoint (by val/recall@10).
 
     init_from: a trained NTP model whose backbone weights the new model starts from
     (Medusa heads are trained on top of the NTP backbone)."""
     L.seed_everything(settings.seed, workers=True, verbose=False)
     model = SidRecommender.for_catalog(
-        objective, settings.backbone, data.catalog, max_history=settings.max_history, lr=settings.lr,
-        weight_decay=settings.weight_decay, warmup_steps=settings.warmup_steps, dropout=settings.dropout,
-        transition=settings.transition, placeholders=settings.placeholders, medusa_mode=settings.medusa_mode)
+        objective,
+        settings.backbone,
+        data.catalog,
+        max_history=settings.max_history,
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
+        warmup_steps=settings.warmup_steps,
+        dropout=settings.dropout,
+        transition=settings.transition,
+        placeholders=settings.placeholders,
+        medusa_mode=settings.medusa_mode,
+    )
     if init_from is not None:
         model.lm.load_state_dict(init_from.lm.state_dict())
     windows = train_windows(data, settings.max_history, per_target=model.lm.kind == ENCODER_DECODER)
     train_loader = DataLoader(
-        windows, collate_fn=model.collate,
-        batch_sampler=LengthBucketSampler([len(w) for w in windows["items"]], settings.batch_size, settings.seed))
+        windows,
+        collate_fn=model.collate,
+        batch_sampler=LengthBucketSampler([len(w) for w in windows["items"]], settings.batch_size, settings.seed),
+    )
     valid = eval_examples(data, "valid", settings.max_history, settings.val_users or None)
     valid_loader = DataLoader(valid, batch_size=256, collate_fn=lambda rows: collate_eval(rows, data.catalog))
-    best = L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val/recall@10",
-                                               mode="max", save_last=True, enable_version_counter=False)
+    best = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=run_dir,
+        filename="best",
+        monitor="val/recall@10",
+        mode="max",
+        save_last=True,
+        enable_version_counter=False,
+    )
     stop = L.pytorch.callbacks.EarlyStopping(monitor="val/recall@10", mode="max", patience=settings.patience)
     trainer = L.Trainer(
-        max_epochs=settings.max_epochs, callbacks=[best, stop], default_root_dir=run_dir, accelerator=accelerator,
-        devices=1, logger=L.pytorch.loggers.CSVLogger(run_dir, name="logs"), enable_progress_bar=progress,
-        enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0, log_every_n_steps=10)
+        max_epochs=settings.max_epochs,
+        callbacks=[best, stop],
+        default_root_dir=run_dir,
+        accelerator=accelerator,
+        devices=1,
+        logger=L.pytorch.loggers.CSVLogger(run_dir, name="logs"),
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+    )
     trainer.fit(model, train_loader, valid_loader, ckpt_path=resume)
-    (run_dir / "settings.json").write_text(json.dumps({"objective": objective, "dataset": data.name,
-                                                       **settings.relevant(objective)}, indent=1))
+    (run_dir / "settings.json").write_text(
+        json.dumps({"objective": objective, "dataset": data.name, **settings.relevant(objective)}, indent=1)
+    )
     return Path(best.best_model_path)
 
 
-def ensure_model(data: RecData, objective: str, settings: TrainSettings, progress: bool = True,
-                 init_from: tuple[str, SidRecommender] | None = None) -> SidRecommender:
+def ensure_model(
+    data: RecData,
+    objective: str,
+    settings: TrainSettings,
+    progress: bool = True,
+    init_from: tuple[str, SidRecommender] | None = None,
+) -> SidRecommender:
     """The cached model for these settings, training it first when there is none.
 
     init_from: (cache key, model) of the NTP model a Medusa model is built on."""
@@ -129,8 +175,9 @@ def ensure_model(data: RecData, objective: str, settings: TrainSettings, progres
     best = run_dir / "best.ckpt"
     if not best.exists() or not (run_dir / "settings.json").exists():
         print(f"training a {objective} model ({settings.backbone}) on {data.name}; cached in {run_dir}")
-        best = train_model(data, objective, settings, run_dir, progress=progress,
-                           init_from=init_from[1] if init_from else None)
+        best = train_model(
+            data, objective, settings, run_dir, progress=progress, init_from=init_from[1] if init_from else None
+        )
     model = load_checkpoint(best, data.catalog)
     model.cache_key = run_dir.name
     return model

@@ -1,4 +1,5 @@
 """Decoders: one module each, one registry (`REGISTRY`, filled on import)."""
+
 from decoders import beam, full_rank, greedy, hf_beam, medusa, nezha, popularity, speculative  # noqa: F401  (each registers itself)
 from decoders.base import REGISTRY, DecodeResult, Decoder, parse_spec
 

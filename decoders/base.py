@@ -5,6 +5,7 @@ called on EvalBatches. It returns the top-K SIDs per user [B, K, L] with their s
 backbone calls are counted by the harness through a hook on `backbone_core`, never
 declared by the decoder.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,21 +25,21 @@ NEG_INF = float("-inf")
 
 @dataclass
 class DecodeResult:
-    sids: torch.Tensor      # [B, K, L] codes per level; -1 where there is no K-th candidate
-    scores: torch.Tensor    # [B, K] summed log-probabilities, best first; -inf where no candidate
-    stats: dict[str, float] = field(default_factory=dict)   # what only the decoder sees, summed over the batch
+    sids: torch.Tensor  # [B, K, L] codes per level; -1 where there is no K-th candidate
+    scores: torch.Tensor  # [B, K] summed log-probabilities, best first; -inf where no candidate
+    stats: dict[str, float] = field(default_factory=dict)  # what only the decoder sees, summed over the batch
 
 
 class Decoder:
     name: ClassVar[str]
-    needs: ClassVar[tuple[str, ...]] = ()      # roles of the trained models it needs: "ntp", "nezha"
-    options: ClassVar[dict[str, type]] = {}    # option name -> type, settable as name:option=value
-    model_options: ClassVar[dict[str, str]] = {}   # options that pick the trained model -> its setting name
-    choices: ClassVar[dict[str, tuple]] = {}       # allowed values of string options
-    backbone_kinds: ClassVar[tuple[str, ...]] = ("decoder-only", "encoder-decoder")   # generative backbones
-    kind_reason: ClassVar[str] = ""                 # why other kinds cannot work, for the error line
+    needs: ClassVar[tuple[str, ...]] = ()  # roles of the trained models it needs: "ntp", "nezha"
+    options: ClassVar[dict[str, type]] = {}  # option name -> type, settable as name:option=value
+    model_options: ClassVar[dict[str, str]] = {}  # options that pick the trained model -> its setting name
+    choices: ClassVar[dict[str, tuple]] = {}  # allowed values of string options
+    backbone_kinds: ClassVar[tuple[str, ...]] = ("decoder-only", "encoder-decoder")  # generative backbones
+    kind_reason: ClassVar[str] = ""  # why other kinds cannot work, for the error line
     description: ClassVar[str] = ""
-    lm = None                                       # the backbone wrapper (models.backbones) it decodes with
+    lm = None  # the backbone wrapper (models.backbones) it decodes with
 
     def __init__(self, catalog: Catalog, k: int, models: dict, **options):
         self.catalog, self.k, self.models = catalog, k, models
@@ -64,6 +65,7 @@ class Decoder:
 
 class NtpDecoder(Decoder):
     """A decoder on the NTP backbone that can mask invalid prefixes (':constrained')."""
+
     needs = ("ntp",)
     options = {"constrained": bool}
 
@@ -116,14 +118,17 @@ def level_log_probs(logits: torch.Tensor, catalog: Catalog, level: int) -> torch
     token); other levels' tokens are then left out, as a Hugging Face logits processor
     would mask them."""
     start = catalog.offsets[level]
-    return torch.log_softmax(logits.float(), dim=-1)[..., start: start + catalog.codebook_sizes[level]]
+    return torch.log_softmax(logits.float(), dim=-1)[..., start : start + catalog.codebook_sizes[level]]
 
 
 def mask_invalid(candidates: torch.Tensor, prefixes: torch.Tensor, catalog: Catalog, level: int) -> torch.Tensor:
     """candidates [B, K, C] scores of extending each beam's prefix [B, K, level] by each
     code -> the same with -inf where the extended prefix belongs to no real item."""
-    codes = catalog.verifier.encode(prefixes) if level else torch.zeros(prefixes.shape[:2], dtype=torch.long,
-                                                                         device=prefixes.device)
+    codes = (
+        catalog.verifier.encode(prefixes)
+        if level
+        else torch.zeros(prefixes.shape[:2], dtype=torch.long, device=prefixes.device)
+    )
     valid = catalog.verifier.child_mask(codes.flatten(), level).view(candidates.shape)
     return candidates.masked_fill(~valid, NEG_INF)
 

@@ -1,6 +1,7 @@
 """Full ranking with an item-embedding model (SASRec): one pass over the history's item
 ids, then every item scored at once. What a user would pick instead of generative
 retrieval; reported beside the generative decoders in quality and latency."""
+
 from __future__ import annotations
 
 import torch
@@ -26,5 +27,5 @@ class FullRank(Decoder):
     @torch.no_grad()
     def decode(self, batch) -> DecodeResult:
         scores = torch.log_softmax(self.lm.item_scores(batch.items, batch.items_mask, last_only=True).float(), -1)
-        top = scores.topk(min(self.k, scores.shape[-1]), dim=-1)                      # [B, K]
+        top = scores.topk(min(self.k, scores.shape[-1]), dim=-1)  # [B, K]
         return DecodeResult(sids=self.catalog.sids.to(top.indices.device)[top.indices], scores=top.values)

@@ -1,4 +1,5 @@
 """Greedy decoding on the NTP backbone: the argmax code at each level, one candidate."""
+
 from __future__ import annotations
 
 import torch

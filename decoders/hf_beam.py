@@ -7,6 +7,7 @@ KV cache every step; the level of each step and (with :constrained) the verifier
 applied through a logits processor on the full-vocabulary log-probabilities, which is
 the scoring `beam` uses too, so both return the same top-K.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,11 +28,13 @@ class SidLevelProcessor(LogitsProcessor):
         start, size = self.catalog.offsets[level], self.catalog.codebook_sizes[level]
         allowed = torch.zeros_like(scores, dtype=torch.bool)
         if self.constrained:
-            generated = input_ids[:, self.prompt_length:] - torch.tensor(self.catalog.offsets[:level], device=scores.device)
+            generated = input_ids[:, self.prompt_length :] - torch.tensor(
+                self.catalog.offsets[:level], device=scores.device
+            )
             prefix_codes = self.catalog.verifier.encode(generated)
-            allowed[:, start: start + size] = self.catalog.verifier.child_mask(prefix_codes, level)
+            allowed[:, start : start + size] = self.catalog.verifier.child_mask(prefix_codes, level)
         else:
-            allowed[:, start: start + size] = True
+            allowed[:, start : start + size] = True
         return scores.masked_fill(~allowed, NEG_INF)
 
 
@@ -47,15 +50,26 @@ class HFBeam(NtpDecoder):
         # with one beam generate runs greedy search, which takes no beam settings and reports raw logits
         beam_settings = dict(length_penalty=0.0, early_stopping=True) if self.k > 1 else dict(output_logits=True)
         out = self.lm.lm.generate(
-            input_ids=batch.history, attention_mask=batch.mask, num_beams=self.k, num_return_sequences=self.k,
-            max_new_tokens=levels, min_new_tokens=levels, do_sample=False, return_dict_in_generate=True,
-            output_scores=True, logits_processor=LogitsProcessorList([processor]), pad_token_id=0,
-            eos_token_id=None, bos_token_id=None, **beam_settings)
-        generated = out.sequences[:, -levels:]                                  # [B*K, L]
+            input_ids=batch.history,
+            attention_mask=batch.mask,
+            num_beams=self.k,
+            num_return_sequences=self.k,
+            max_new_tokens=levels,
+            min_new_tokens=levels,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_scores=True,
+            logits_processor=LogitsProcessorList([processor]),
+            pad_token_id=0,
+            eos_token_id=None,
+            bos_token_id=None,
+            **beam_settings,
+        )
+        generated = out.sequences[:, -levels:]  # [B*K, L]
         if self.k > 1:
             scores = out.sequences_scores.float()
         else:
-            log_probs = torch.stack([torch.log_softmax(step.float(), -1) for step in out.logits], 1)   # [B, L, V]
+            log_probs = torch.stack([torch.log_softmax(step.float(), -1) for step in out.logits], 1)  # [B, L, V]
             scores = log_probs.gather(2, generated.unsqueeze(-1)).sum((1, 2))
         offsets = torch.tensor(self.catalog.offsets, device=generated.device)
         sids = (generated - offsets).view(size, self.k, levels)

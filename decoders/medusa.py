@@ -11,6 +11,7 @@ scores but restricted to the tree: with heads that always contain beam search's
 choices it returns exactly what `beam` returns. A last-level width of 0 scores every
 code of the last level (the verification pass gives that distribution for free).
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,17 @@ import math
 import torch
 
 from bench.errors import BenchError
-from decoders.base import (NEG_INF, Decoder, DecodeResult, extend_prefixes, finish, level_log_probs, mask_invalid,
-                           prune, register)
+from decoders.base import (
+    NEG_INF,
+    Decoder,
+    DecodeResult,
+    extend_prefixes,
+    finish,
+    level_log_probs,
+    mask_invalid,
+    prune,
+    register,
+)
 
 
 def parse_tree(spec: str, k: int, codebook_sizes: tuple[int, ...]) -> list[int]:
@@ -30,8 +40,10 @@ def parse_tree(spec: str, k: int, codebook_sizes: tuple[int, ...]) -> list[int]:
     try:
         widths = [int(w) for w in spec.split("x")]
     except ValueError:
-        raise BenchError(f"medusa: tree '{spec}' must be {levels} numbers joined by x, e.g. "
-                         f"{'x'.join(['20'] + ['3'] * (levels - 2) + ['0'])}") from None
+        raise BenchError(
+            f"medusa: tree '{spec}' must be {levels} numbers joined by x, e.g. "
+            f"{'x'.join(['20'] + ['3'] * (levels - 2) + ['0'])}"
+        ) from None
     if len(widths) != levels:
         raise BenchError(f"medusa: tree '{spec}' has {len(widths)} widths; the SIDs have {levels} levels")
     for level, (width, size) in enumerate(zip(widths, codebook_sizes)):
@@ -66,10 +78,14 @@ class Medusa(Decoder):
     model_options = {"mode": "medusa_mode"}
     choices = {"mode": ("frozen", "joint")}
     backbone_kinds = ("decoder-only",)
-    kind_reason = ("its verification pass feeds a token tree with tree attention and its own position ids, "
-                   "which only a decoder-only backbone takes")
-    description = ("Medusa heads guess levels 2..L, one tree-masked backbone pass scores the tree; "
-                   ":tree=20x3x3x0 codes per level, :mode=frozen|joint (Medusa-1/-2)")
+    kind_reason = (
+        "its verification pass feeds a token tree with tree attention and its own position ids, "
+        "which only a decoder-only backbone takes"
+    )
+    description = (
+        "Medusa heads guess levels 2..L, one tree-masked backbone pass scores the tree; "
+        ":tree=20x3x3x0 codes per level, :mode=frozen|joint (Medusa-1/-2)"
+    )
 
     def __init__(self, catalog, k, models, tree: str = "", constrained: bool = False, mode: str = "frozen"):
         widths = parse_tree(tree, k, catalog.codebook_sizes)
@@ -89,15 +105,18 @@ class Medusa(Decoder):
     @torch.no_grad()
     def decode(self, batch) -> DecodeResult:
         catalog, levels, size = self.catalog, self.catalog.levels, len(batch)
-        logits, state = self.lm.prefill(batch.history, batch.mask)                    # call 1
+        logits, state = self.lm.prefill(batch.history, batch.mask)  # call 1
         guesses = [level_log_probs(logits, catalog, 0)] + [g.float() for g in self.heads(state.last_hidden)]
         top_codes, allowed, rank = [], [], []
         for level, guess in enumerate(guesses):
             width = self.widths[level] or catalog.codebook_sizes[level]
-            codes = guess.topk(width, dim=-1).indices                                  # [B, width]
+            codes = guess.topk(width, dim=-1).indices  # [B, width]
             top_codes.append(codes)
-            rank.append(torch.full_like(guess, -1, dtype=torch.long).scatter(
-                1, codes, torch.arange(width, device=codes.device).expand(size, -1)))
+            rank.append(
+                torch.full_like(guess, -1, dtype=torch.long).scatter(
+                    1, codes, torch.arange(width, device=codes.device).expand(size, -1)
+                )
+            )
             allowed.append(rank[-1] >= 0)
         tree_mask, starts = self.tree(logits.device)
         # node tokens, depth by depth: the last code of each prefix in row-major order
@@ -105,20 +124,20 @@ class Medusa(Decoder):
         for depth in range(1, levels):
             repeat = math.prod(self.widths[: depth - 1])
             tokens.append(top_codes[depth - 1].repeat(1, repeat) + catalog.offsets[depth - 1])
-        node_logits, _ = self.lm.extend(state, torch.cat(tokens, dim=1), tree_mask)   # call 2: [B, N, V]
+        node_logits, _ = self.lm.extend(state, torch.cat(tokens, dim=1), tree_mask)  # call 2: [B, N, V]
 
         scores = logits.new_zeros(size, 1)
         prefixes = torch.zeros(size, 1, 0, dtype=torch.long, device=logits.device)
         for level in range(levels):
             if level == 0:
-                log_probs = guesses[0].unsqueeze(1)                                    # [B, 1, C]
+                log_probs = guesses[0].unsqueeze(1)  # [B, 1, C]
             else:
                 node = torch.full_like(scores, starts[level - 1], dtype=torch.long)
                 for j in range(level):
-                    stride = math.prod(self.widths[j + 1: level])
+                    stride = math.prod(self.widths[j + 1 : level])
                     node += rank[j].gather(1, prefixes[:, :, j]).clamp(min=0) * stride
                 picked = node_logits.gather(1, node.unsqueeze(-1).expand(-1, -1, node_logits.shape[-1]))
-                log_probs = level_log_probs(picked, catalog, level)                    # [B, beams, C]
+                log_probs = level_log_probs(picked, catalog, level)  # [B, beams, C]
             candidates = (scores.unsqueeze(-1) + log_probs).masked_fill(~allowed[level].unsqueeze(1), NEG_INF)
             if self.constrained:
                 candidates = mask_invalid(candidates, prefixes, catalog, level)

@@ -1,4 +1,5 @@
 """The most popular training items for every user: the floor any recommender must beat."""
+
 from __future__ import annotations
 
 import torch
@@ -21,5 +22,7 @@ class Popularity(Decoder):
 
     def decode(self, batch) -> DecodeResult:
         size = len(batch)
-        return DecodeResult(sids=self.sids.to(batch.history.device).expand(size, -1, -1),
-                            scores=self.scores.to(batch.history.device).expand(size, -1))
+        return DecodeResult(
+            sids=self.sids.to(batch.history.device).expand(size, -1, -1),
+            scores=self.scores.to(batch.history.device).expand(size, -1),
+        )

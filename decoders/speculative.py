@@ -9,11 +9,21 @@ the level is accepted without a call; at the first level where a kept prefix is
 missing, the request falls back to the backbone's own beam steps from there. The output
 is therefore exactly `beam`'s top-K (lossless), only the number of backbone calls varies.
 """
+
 from __future__ import annotations
 
 import torch
 
-from decoders.base import DecodeResult, NtpDecoder, extend_prefixes, finish, level_log_probs, mask_invalid, prune, register
+from decoders.base import (
+    DecodeResult,
+    NtpDecoder,
+    extend_prefixes,
+    finish,
+    level_log_probs,
+    mask_invalid,
+    prune,
+    register,
+)
 from decoders.beam import beam_search, continue_beam
 
 
@@ -22,10 +32,14 @@ class Speculative(NtpDecoder):
     name = "speculative"
     needs = ("ntp", "draft")
     backbone_kinds = ("decoder-only",)
-    kind_reason = ("its verification pass reads the prompt and the draft tree in one pass with tree attention, "
-                   "which only a decoder-only backbone takes")
-    description = ("draft model beam-searches K beams, the backbone verifies the draft tree in one pass and keeps "
-                   "exactly beam's top-K, falling back to its own steps where drafts miss")
+    kind_reason = (
+        "its verification pass reads the prompt and the draft tree in one pass with tree attention, "
+        "which only a decoder-only backbone takes"
+    )
+    description = (
+        "draft model beam-searches K beams, the backbone verifies the draft tree in one pass and keeps "
+        "exactly beam's top-K, falling back to its own steps where drafts miss"
+    )
 
     def __init__(self, catalog, k, models, constrained: bool = False):
         super().__init__(catalog, k, models, constrained=constrained)
@@ -45,7 +59,7 @@ class Speculative(NtpDecoder):
         tokens, codes, masks = [], [], []
         eye = torch.eye(k, dtype=torch.bool, device=batch.history.device).expand(size, k, k)
         for depth in range(1, levels):
-            prefixes, scores, parent = trail[depth - 1]                             # [B, K, depth], [B, K], [B, K]
+            prefixes, scores, parent = trail[depth - 1]  # [B, K, depth], [B, K], [B, K]
             tokens.append(prefixes[:, :, -1] + catalog.offsets[depth - 1])
             codes.append(catalog.verifier.encode(prefixes).masked_fill(torch.isinf(scores), -1))
             if depth == 1:
@@ -57,30 +71,30 @@ class Speculative(NtpDecoder):
         nodes = k * (levels - 1)
         tree_mask = torch.zeros(size, nodes, nodes, dtype=torch.bool, device=batch.history.device)
         for depth, block in enumerate(masks):
-            tree_mask[:, depth * k: (depth + 1) * k, : block.shape[-1]] = block
+            tree_mask[:, depth * k : (depth + 1) * k, : block.shape[-1]] = block
         return torch.cat(tokens, 1), tree_mask, torch.cat(codes, 1)
 
     @torch.no_grad()
     def decode(self, batch) -> DecodeResult:
         catalog, k, levels, size = self.catalog, self.k, self.catalog.levels, len(batch)
         tokens, tree_mask, node_codes = self.draft_tree(batch)
-        logits, node_logits, state = self.lm.tree_forward(batch.history, batch.mask, tokens, tree_mask)   # 1 call
+        logits, node_logits, state = self.lm.tree_forward(batch.history, batch.mask, tokens, tree_mask)  # 1 call
 
         scores = logits.new_zeros(size, 1)
         prefixes = torch.zeros(size, 1, 0, dtype=torch.long, device=logits.device)
-        kept = []                                      # (scores, prefixes) after each level
-        accepted = torch.full((size,), levels, dtype=torch.long, device=logits.device)   # levels decided before a miss
+        kept = []  # (scores, prefixes) after each level
+        accepted = torch.full((size,), levels, dtype=torch.long, device=logits.device)  # levels decided before a miss
         for level in range(levels):
             if level == 0:
                 log_probs = level_log_probs(logits, catalog, 0).unsqueeze(1)
             else:
-                block = node_codes[:, (level - 1) * k: level * k]                    # drafted prefixes of this length
-                wanted = catalog.verifier.encode(prefixes)                           # [B, K]
+                block = node_codes[:, (level - 1) * k : level * k]  # drafted prefixes of this length
+                wanted = catalog.verifier.encode(prefixes)  # [B, K]
                 match = (wanted.unsqueeze(-1) == block.unsqueeze(1)) & (block.unsqueeze(1) >= 0)
                 needed = ~torch.isinf(scores)
                 missing = (needed & ~match.any(-1)).any(-1) & (accepted == levels)
                 accepted[missing] = level
-                node = (level - 1) * k + match.float().argmax(-1)                    # [B, K]
+                node = (level - 1) * k + match.float().argmax(-1)  # [B, K]
                 picked = node_logits.gather(1, node.unsqueeze(-1).expand(-1, -1, node_logits.shape[-1]))
                 log_probs = level_log_probs(picked, catalog, level)
             candidates = scores.unsqueeze(-1) + log_probs
@@ -92,15 +106,22 @@ class Speculative(NtpDecoder):
 
         fallback = (accepted < levels).nonzero().flatten()
         if len(fallback):
-            start = int(accepted[fallback].min())                                    # first level to recompute
+            start = int(accepted[fallback].min())  # first level to recompute
             base_scores, base_prefixes = kept[start - 1]
             rows = fallback.repeat_interleave(k)
             state = self.lm.select(self.lm.crop(state, batch.history.shape[1]), rows)
             fed = (base_prefixes[fallback] + torch.tensor(catalog.offsets[:start], device=rows.device)).flatten(0, 1)
-            step_logits, state = self.lm.extend(state, fed)                          # the kept prefixes, one call
+            step_logits, state = self.lm.extend(state, fed)  # the kept prefixes, one call
             redo_prefixes, redo_scores = continue_beam(
-                self.lm, catalog, step_logits[:, -1], state, base_scores[fallback], base_prefixes[fallback], k,
-                self.constrained)
+                self.lm,
+                catalog,
+                step_logits[:, -1],
+                state,
+                base_scores[fallback],
+                base_prefixes[fallback],
+                k,
+                self.constrained,
+            )
             prefixes, scores = prefixes.clone(), scores.clone()
             prefixes[fallback], scores[fallback] = redo_prefixes, redo_scores
         stats = {"accepted_levels": float(accepted.sum()), "fallback_requests": float(len(fallback))}

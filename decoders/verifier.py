@@ -7,6 +7,7 @@ full SID that starts with it padded by zeros, and the children of a prefix are
 (``is_valid``); for batched decoding the valid prefix codes of each length are kept
 as sorted tensors and looked up with ``searchsorted`` (the tensor form of a set).
 """
+
 from __future__ import annotations
 
 import math

@@ -13,6 +13,7 @@ decoder-only ones also take a token tree (tree_forward, extend with a tree mask)
 Medusa and speculative verification need. `core` is the module one forward pass of
 which counts as one backbone call.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,10 +33,29 @@ DECODER_ONLY, ENCODER_DECODER, ITEM = "decoder-only", "encoder-decoder", "item"
 FAMILY_KIND = {"qwen": DECODER_ONLY, "llama": DECODER_ONLY, "t5": ENCODER_DECODER, "sasrec": ITEM}
 # presets shaped like the backbones of the NEZHA paper (random weights, our vocabulary)
 SHAPED_LIKE = {
-    "qwen3-0.6b": ("qwen3", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                                 num_attention_heads=16, num_key_value_heads=8, head_dim=128)),
-    "llama-3.2-1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                   num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0)),
+    "qwen3-0.6b": (
+        "qwen3",
+        dict(
+            hidden_size=1024,
+            intermediate_size=3072,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+        ),
+    ),
+    "llama-3.2-1b": (
+        "llama",
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            rope_theta=500000.0,
+        ),
+    ),
 }
 BACKBONES = tuple(f"{family}-{size}" for family in FAMILY_KIND for size in SIZES) + tuple(SHAPED_LIKE)
 
@@ -57,17 +77,18 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class DecodeState:
-    cache: object            # the model's KV cache
-    mask: torch.Tensor       # [N, T_seen] attention mask over the cached prompt (and steps)
+    cache: object  # the model's KV cache
+    mask: torch.Tensor  # [N, T_seen] attention mask over the cached prompt (and steps)
     next_position: torch.Tensor  # [N] position id of the next token
-    last_hidden: torch.Tensor | None = None   # [N, d] hidden state that predicted the first level
-    memory: torch.Tensor | None = None        # [N, T, d] encoder output (encoder-decoder only)
+    last_hidden: torch.Tensor | None = None  # [N, d] hidden state that predicted the first level
+    memory: torch.Tensor | None = None  # [N, T, d] encoder output (encoder-decoder only)
 
 
 def build_backbone(name: str, vocab_size: int, max_positions: int, dropout: float = 0.0, num_items: int = 0):
     from models.decoder_only import DecoderOnlyLM
     from models.encoder_decoder import EncoderDecoderLM
     from models.sasrec import ItemSequenceModel
+
     kind = backbone_kind(name)
     if kind == ENCODER_DECODER:
         return EncoderDecoderLM(name, vocab_size, dropout)

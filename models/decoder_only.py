@@ -1,15 +1,18 @@
 """Decoder-only causal LMs over SID tokens: Qwen2, Qwen3 and Llama configs."""
+
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM)
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from models.backbones import DECODER_ONLY, SHAPED_LIKE, DecodeState, generic_size, positions_from_mask
 
-CLASSES = {"qwen": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-           "llama": (LlamaConfig, LlamaForCausalLM)}
+CLASSES = {
+    "qwen": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "llama": (LlamaConfig, LlamaForCausalLM),
+}
 
 
 def tree_attention(prefix_mask: torch.Tensor, tree_mask: torch.Tensor) -> torch.Tensor:
@@ -30,12 +33,24 @@ class DecoderOnlyLM(nn.Module):
         else:
             family = name.partition("-")[0]
             hidden, layers, heads, kv_heads, ffn = generic_size(name)
-            shape = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv_heads, intermediate_size=ffn)
+            shape = dict(
+                hidden_size=hidden,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                num_key_value_heads=kv_heads,
+                intermediate_size=ffn,
+            )
         config_cls, model_cls = CLASSES[family]
-        config = config_cls(vocab_size=vocab_size, max_position_embeddings=max_positions, pad_token_id=0,
-                            bos_token_id=None, eos_token_id=None, tie_word_embeddings=True,
-                            attention_dropout=dropout, **shape)
+        config = config_cls(
+            vocab_size=vocab_size,
+            max_position_embeddings=max_positions,
+            pad_token_id=0,
+            bos_token_id=None,
+            eos_token_id=None,
+            tie_word_embeddings=True,
+            attention_dropout=dropout,
+            **shape,
+        )
         self.name = name
         self.lm = model_cls(config)
         self.hidden_size = config.hidden_size
@@ -84,8 +99,9 @@ class DecoderOnlyLM(nn.Module):
         last = out.last_hidden_state[:, -1]
         return self.lm.lm_head(last), DecodeState(out.past_key_values, attention_mask, positions[:, -1] + 1, last)
 
-    def extend(self, state: DecodeState, tokens: torch.Tensor,
-               tree_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, DecodeState]:
+    def extend(
+        self, state: DecodeState, tokens: torch.Tensor, tree_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, DecodeState]:
         """tokens [N, m] appended after the cached positions -> logits [N, m, V].
 
         With tree_mask [N or 1, m, m] the m tokens form a tree (see tree_attention): each
@@ -97,8 +113,13 @@ class DecoderOnlyLM(nn.Module):
         else:
             positions = state.next_position[:, None] + tree_mask.sum(-1).expand(tokens.shape) - 1
             attention = tree_attention(state.mask, tree_mask)
-        out = self.lm(input_ids=tokens, attention_mask=attention, position_ids=positions,
-                      past_key_values=state.cache, use_cache=True)
+        out = self.lm(
+            input_ids=tokens,
+            attention_mask=attention,
+            position_ids=positions,
+            past_key_values=state.cache,
+            use_cache=True,
+        )
         return out.logits, DecodeState(out.past_key_values, mask, positions.max(dim=1).values + 1)
 
     def tree_forward(self, input_ids, attention_mask, tree_tokens, tree_mask):
@@ -110,12 +131,16 @@ class DecoderOnlyLM(nn.Module):
         positions = positions_from_mask(attention_mask)
         causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
         prompt_rows = causal & attention_mask.bool()[:, None, :]
-        prompt_rows |= torch.eye(length, dtype=torch.bool, device=input_ids.device)   # pad rows see themselves
+        prompt_rows |= torch.eye(length, dtype=torch.bool, device=input_ids.device)  # pad rows see themselves
         prompt_part = torch.cat([prompt_rows, prompt_rows.new_zeros(size, length, tree_tokens.shape[1])], dim=-1)
         attention = torch.cat([prompt_part.unsqueeze(1), tree_attention(attention_mask, tree_mask)], dim=2)
         tree_positions = positions[:, -1:] + tree_mask.sum(-1).expand(tree_tokens.shape)
-        out = self.lm(input_ids=torch.cat([input_ids, tree_tokens], 1), attention_mask=attention,
-                      position_ids=torch.cat([positions, tree_positions], 1), use_cache=True)
+        out = self.lm(
+            input_ids=torch.cat([input_ids, tree_tokens], 1),
+            attention_mask=attention,
+            position_ids=torch.cat([positions, tree_positions], 1),
+            use_cache=True,
+        )
         state = DecodeState(out.past_key_values, attention_mask, positions[:, -1] + 1)
         return out.logits[:, length - 1], out.logits[:, length:], state
 
@@ -129,5 +154,5 @@ class DecoderOnlyLM(nn.Module):
     @staticmethod
     def crop(state: DecodeState, length: int) -> DecodeState:
         """Drop cached positions beyond `length` (e.g. a verified token tree)."""
-        state.cache.crop(length - state.cache.get_seq_length())     # negative: tokens to remove
+        state.cache.crop(length - state.cache.get_seq_length())  # negative: tokens to remove
         return DecodeState(state.cache, state.mask[:, :length], state.next_position, state.last_hidden)

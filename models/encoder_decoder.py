@@ -1,6 +1,7 @@
 """An encoder-decoder T5 over SID tokens, as in TIGER: the history goes to the encoder,
 the SID is decoded after a start token (PAD). NEZHA's placeholders go to the decoder
 input: [start, <sp_1> .. <sp_L>], h_0 being the start token's state."""
+
 from __future__ import annotations
 
 import torch
@@ -17,9 +18,21 @@ class EncoderDecoderLM(nn.Module):
     def __init__(self, name: str, vocab_size: int, dropout: float = 0.0):
         super().__init__()
         hidden, layers, heads, _, ffn = generic_size(name)
-        config = T5Config(vocab_size=vocab_size, d_model=hidden, d_ff=ffn, d_kv=hidden // heads, num_layers=layers,
-                          num_decoder_layers=layers, num_heads=heads, dropout_rate=dropout, pad_token_id=PAD,
-                          decoder_start_token_id=PAD, eos_token_id=None, bos_token_id=None, tie_word_embeddings=True)
+        config = T5Config(
+            vocab_size=vocab_size,
+            d_model=hidden,
+            d_ff=ffn,
+            d_kv=hidden // heads,
+            num_layers=layers,
+            num_decoder_layers=layers,
+            num_heads=heads,
+            dropout_rate=dropout,
+            pad_token_id=PAD,
+            decoder_start_token_id=PAD,
+            eos_token_id=None,
+            bos_token_id=None,
+            tie_word_embeddings=True,
+        )
         self.name = name
         self.lm = T5ForConditionalGeneration(config)
         self.hidden_size = hidden
@@ -34,8 +47,13 @@ class EncoderDecoderLM(nn.Module):
 
     def decoder_hidden(self, history, mask, decoder_tokens) -> torch.Tensor:
         """history [B, T] to the encoder, decoder_tokens [B, m] -> decoder states [B, m, d]."""
-        out = self.lm(input_ids=history, attention_mask=mask, decoder_input_ids=decoder_tokens,
-                      output_hidden_states=True, use_cache=False)
+        out = self.lm(
+            input_ids=history,
+            attention_mask=mask,
+            decoder_input_ids=decoder_tokens,
+            output_hidden_states=True,
+            use_cache=False,
+        )
         return out.decoder_hidden_states[-1]
 
     def logits(self, history, mask, decoder_tokens) -> torch.Tensor:
@@ -53,22 +71,37 @@ class EncoderDecoderLM(nn.Module):
         return hidden[:, 0], (hidden[:, 1:] if placeholders is not None else None)
 
     def generation_prompt_length(self, history) -> int:
-        return 1          # generate's output starts with the decoder start token
+        return 1  # generate's output starts with the decoder start token
 
     def prefill(self, history, mask) -> tuple[torch.Tensor, DecodeState]:
         encoded = self.lm.get_encoder()(input_ids=history, attention_mask=mask).last_hidden_state
-        out = self.lm(encoder_outputs=(encoded,), attention_mask=mask, decoder_input_ids=self._start(history),
-                      use_cache=True, output_hidden_states=True)
-        state = DecodeState(out.past_key_values, mask, torch.ones(history.shape[0], dtype=torch.long,
-                                                                  device=history.device),
-                            out.decoder_hidden_states[-1][:, -1], encoded)
+        out = self.lm(
+            encoder_outputs=(encoded,),
+            attention_mask=mask,
+            decoder_input_ids=self._start(history),
+            use_cache=True,
+            output_hidden_states=True,
+        )
+        state = DecodeState(
+            out.past_key_values,
+            mask,
+            torch.ones(history.shape[0], dtype=torch.long, device=history.device),
+            out.decoder_hidden_states[-1][:, -1],
+            encoded,
+        )
         return out.logits[:, -1], state
 
     def extend(self, state: DecodeState, tokens: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:
-        out = self.lm(encoder_outputs=(state.memory,), attention_mask=state.mask, decoder_input_ids=tokens,
-                      past_key_values=state.cache, use_cache=True)
-        return out.logits, DecodeState(out.past_key_values, state.mask, state.next_position + tokens.shape[1],
-                                       None, state.memory)
+        out = self.lm(
+            encoder_outputs=(state.memory,),
+            attention_mask=state.mask,
+            decoder_input_ids=tokens,
+            past_key_values=state.cache,
+            use_cache=True,
+        )
+        return out.logits, DecodeState(
+            out.past_key_values, state.mask, state.next_position + tokens.shape[1], None, state.memory
+        )
 
     @staticmethod
     def select(state: DecodeState, rows: torch.Tensor) -> DecodeState:

@@ -1,4 +1,5 @@
 """The NEZHA self-draft head: a few small matmuls per SID level on top of the backbone."""
+
 from __future__ import annotations
 
 import torch
@@ -36,7 +37,9 @@ class NezhaDraftHead(nn.Module):
             return state
         return self.cells[level](self.code_embeddings[level](codes), state)
 
-    def teacher_forced_logits(self, h0: torch.Tensor, placeholders: torch.Tensor, codes: torch.Tensor) -> list[torch.Tensor]:
+    def teacher_forced_logits(
+        self, h0: torch.Tensor, placeholders: torch.Tensor, codes: torch.Tensor
+    ) -> list[torch.Tensor]:
         """h0 [N, d], placeholders [N, L, d], true codes [N, L] -> per level [N, C_l]."""
         state, out = h0, []
         for level in range(len(self.classifiers)):
@@ -55,7 +58,7 @@ class MedusaHeads(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in codebook_sizes[1:])
         self.classifiers = nn.ModuleList(nn.Linear(hidden_size, size) for size in codebook_sizes[1:])
-        for block in self.blocks:          # start as the identity, as Medusa does
+        for block in self.blocks:  # start as the identity, as Medusa does
             nn.init.zeros_(block.weight)
             nn.init.zeros_(block.bias)
 

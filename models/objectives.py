@@ -18,6 +18,7 @@ Encoder-decoder backbones (T5) cannot score all prefixes in one pass (the encode
 the whole history), so their windows hold one target each (history + target): ntp
 decodes [start, t_1 .. t_{L-1}] against t_1 .. t_L, nezha reads [start, <sp_1..sp_L>].
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,7 +36,7 @@ IGNORE = -100
 def collate_seq2seq(windows: list[list[int]], catalog: Catalog, objective: str, placeholders: bool) -> dict:
     """One target per window: encoder = history tokens, decoder = start + (SID or placeholders)."""
     history, mask = pad_rows([catalog.item_tokens(torch.tensor(w[:-1])).flatten() for w in windows])
-    target = catalog.sids[torch.tensor([w[-1] for w in windows])]                   # [B, L]
+    target = catalog.sids[torch.tensor([w[-1] for w in windows])]  # [B, L]
     start = torch.full((len(windows), 1), PAD, dtype=torch.long)
     if objective == "ntp":
         tokens = target + torch.tensor(catalog.offsets)
@@ -49,15 +50,15 @@ def collate_seq2seq(windows: list[list[int]], catalog: Catalog, objective: str, 
 def collate_ntp(windows: list[list[int]], catalog: Catalog) -> dict:
     input_ids, attention_mask = pad_rows([catalog.item_tokens(torch.tensor(items)).flatten() for items in windows])
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE)
-    labels[:, : catalog.levels] = IGNORE                               # the first item is context only
+    labels[:, : catalog.levels] = IGNORE  # the first item is context only
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def ntp_loss(model, batch: dict) -> torch.Tensor:
     if "decoder" in batch:
-        logits = model.lm.logits(batch["history"], batch["mask"], batch["decoder"])         # [B, L, V]
+        logits = model.lm.logits(batch["history"], batch["mask"], batch["decoder"])  # [B, L, V]
         return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
-    logits = model.lm.logits(batch["input_ids"], batch["attention_mask"])   # [B, T, V]
+    logits = model.lm.logits(batch["input_ids"], batch["attention_mask"])  # [B, T, V]
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
 
 
@@ -71,46 +72,49 @@ def collate_nezha(windows: list[list[int]], catalog: Catalog, placeholders: bool
     n = len(windows)
     input_ids = torch.full((n, width), PAD, dtype=torch.long)
     positions = torch.zeros((n, width), dtype=torch.long)
-    group = torch.full((n, width), -1, dtype=torch.long)      # 0 history, j >= 1 placeholder group j, -1 pad
+    group = torch.full((n, width), -1, dtype=torch.long)  # 0 history, j >= 1 placeholder group j, -1 pad
     rows, h0_index, placeholder_index, target_items = [], [], [], []
     sp = torch.tensor(catalog.placeholder_tokens)
     for b, items in enumerate(windows):
-        tokens = catalog.item_tokens(torch.tensor(items))           # [w, L]
+        tokens = catalog.item_tokens(torch.tensor(items))  # [w, L]
         for j in range(len(items) - 1):
             start = j * group_len
-            input_ids[b, start: start + L] = tokens[j]
-            positions[b, start: start + L] = torch.arange(j * L, (j + 1) * L)
-            group[b, start: start + L] = 0
+            input_ids[b, start : start + L] = tokens[j]
+            positions[b, start : start + L] = torch.arange(j * L, (j + 1) * L)
+            group[b, start : start + L] = 0
             if placeholders:
-                input_ids[b, start + L: start + 2 * L] = sp
-                positions[b, start + L: start + 2 * L] = torch.arange((j + 1) * L, (j + 2) * L)
-                group[b, start + L: start + 2 * L] = j + 1
+                input_ids[b, start + L : start + 2 * L] = sp
+                positions[b, start + L : start + 2 * L] = torch.arange((j + 1) * L, (j + 2) * L)
+                group[b, start + L : start + 2 * L] = j + 1
                 placeholder_index.append(torch.arange(start + L, start + 2 * L))
             rows.append(b)
             h0_index.append(start + L - 1)
             target_items.append(items[j + 1])
     causal = torch.ones(width, width, dtype=torch.bool).tril()
-    visible = (group[:, None, :] == 0) | (group[:, None, :] == group[:, :, None])   # [B, q, k]
-    attention = (causal & visible & (group[:, None, :] >= 0)).unsqueeze(1)         # [B, 1, T, T]
+    visible = (group[:, None, :] == 0) | (group[:, None, :] == group[:, :, None])  # [B, q, k]
+    attention = (causal & visible & (group[:, None, :] >= 0)).unsqueeze(1)  # [B, 1, T, T]
     batch = {
-        "input_ids": input_ids, "attention_mask": attention, "position_ids": positions,
-        "rows": torch.tensor(rows), "h0_index": torch.tensor(h0_index),
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "position_ids": positions,
+        "rows": torch.tensor(rows),
+        "h0_index": torch.tensor(h0_index),
         "target_codes": catalog.sids[torch.tensor(target_items)],
     }
     if placeholders:
-        batch["placeholder_index"] = torch.stack(placeholder_index)     # [N_targets, L]
+        batch["placeholder_index"] = torch.stack(placeholder_index)  # [N_targets, L]
     return batch
 
 
 def nezha_loss(model, batch: dict) -> torch.Tensor:
     if "decoder" in batch:
-        hidden = model.lm.decoder_hidden(batch["history"], batch["mask"], batch["decoder"])   # [B, 1 (+L), d]
+        hidden = model.lm.decoder_hidden(batch["history"], batch["mask"], batch["decoder"])  # [B, 1 (+L), d]
         h0 = hidden[:, 0]
         placeholders = hidden[:, 1:] if hidden.shape[1] > 1 else None
     else:
-        hidden = model.lm.hidden(batch["input_ids"], batch["attention_mask"], batch["position_ids"])   # [B, T, d]
+        hidden = model.lm.hidden(batch["input_ids"], batch["attention_mask"], batch["position_ids"])  # [B, T, d]
         rows = batch["rows"]
-        h0 = hidden[rows, batch["h0_index"]]                                   # [N, d]
+        h0 = hidden[rows, batch["h0_index"]]  # [N, d]
         placeholders = hidden[rows[:, None], batch["placeholder_index"]] if "placeholder_index" in batch else None
     if placeholders is None:
         placeholders = h0.new_zeros(h0.shape[0], len(model.head.classifiers), h0.shape[1])
@@ -127,15 +131,19 @@ def collate_medusa(windows: list[list[int]], catalog: Catalog) -> dict:
             rows.append(b)
             ends.append((j + 1) * catalog.levels - 1)
             targets.append(items[j + 1])
-    return {**batch, "rows": torch.tensor(rows), "item_end": torch.tensor(ends),
-            "target_codes": catalog.sids[torch.tensor(targets)]}
+    return {
+        **batch,
+        "rows": torch.tensor(rows),
+        "item_end": torch.tensor(ends),
+        "target_codes": catalog.sids[torch.tensor(targets)],
+    }
 
 
 def medusa_loss(model, batch: dict) -> torch.Tensor:
     joint = model.hparams.medusa_mode == "joint"
     with torch.set_grad_enabled(joint and torch.is_grad_enabled()):
-        hidden = model.lm.hidden(batch["input_ids"], batch["attention_mask"])              # [B, T, d]
-    at_item_end = hidden[batch["rows"], batch["item_end"]]                                  # [N, d]
+        hidden = model.lm.hidden(batch["input_ids"], batch["attention_mask"])  # [B, T, d]
+    at_item_end = hidden[batch["rows"], batch["item_end"]]  # [N, d]
     codes = batch["target_codes"]
     heads = torch.stack([F.cross_entropy(lg, codes[:, j + 1]) for j, lg in enumerate(model.medusa(at_item_end))]).mean()
     if not joint:
@@ -146,14 +154,14 @@ def medusa_loss(model, batch: dict) -> torch.Tensor:
 
 
 def collate_next_item(windows: list[list[int]]) -> dict:
-    items, mask = pad_rows([torch.tensor(w) + 1 for w in windows])                  # item i -> token i + 1
+    items, mask = pad_rows([torch.tensor(w) + 1 for w in windows])  # item i -> token i + 1
     labels = (items - 1).masked_fill(mask == 0, IGNORE)
-    labels[:, 0] = IGNORE                                                           # the first item is context only
+    labels[:, 0] = IGNORE  # the first item is context only
     return {"items": items, "mask": mask, "labels": labels}
 
 
 def next_item_loss(model, batch: dict) -> torch.Tensor:
-    scores = model.lm.item_scores(batch["items"], batch["mask"])                    # [B, T, N]
+    scores = model.lm.item_scores(batch["items"], batch["mask"])  # [B, T, N]
     return F.cross_entropy(scores[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
 
 

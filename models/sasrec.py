@@ -1,6 +1,7 @@
 """A SASRec-style item-embedding model: a causal transformer over item ids (GPT-2 config:
 learned positions, dropout, layer norm, as SASRec) whose last state is scored against
 every item embedding. Not generative: the non-generative reference row."""
+
 from __future__ import annotations
 
 import torch
@@ -16,9 +17,20 @@ class ItemSequenceModel(nn.Module):
     def __init__(self, name: str, num_items: int, max_positions: int, dropout: float = 0.0):
         super().__init__()
         hidden, layers, heads, _, ffn = generic_size(name)
-        config = GPT2Config(vocab_size=num_items + 1, n_positions=max_positions, n_embd=hidden, n_layer=layers,
-                            n_head=heads, n_inner=ffn, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-                            bos_token_id=None, eos_token_id=None, pad_token_id=0)
+        config = GPT2Config(
+            vocab_size=num_items + 1,
+            n_positions=max_positions,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            n_inner=ffn,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
         self.name = name
         self.model = GPT2Model(config)
         self.hidden_size = hidden

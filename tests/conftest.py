@@ -28,7 +28,9 @@ def random_batch(catalog, users: int = 6, seed: int = 0, max_items: int = 5):
     for u in range(users):
         length = int(torch.randint(1, max_items + 1, (1,), generator=gen))
         history = torch.randint(0, catalog.num_items, (length,), generator=gen).tolist()
-        rows.append({"user": u, "history": history, "target": int(torch.randint(0, catalog.num_items, (1,), generator=gen))})
+        rows.append(
+            {"user": u, "history": history, "target": int(torch.randint(0, catalog.num_items, (1,), generator=gen))}
+        )
     return collate_eval(rows, catalog)
 
 
@@ -36,6 +38,7 @@ def training_losses(model, objective: str, steps: int = 25, seed: int = 0) -> li
     """Adam steps on one fixed batch of random windows (one target per window for
     encoder-decoders) -> the loss at every step."""
     from models import objectives
+
     gen = torch.Generator().manual_seed(seed)
     windows = [torch.randint(0, model.catalog.num_items, (4,), generator=gen).tolist() for _ in range(16)]
     if model.lm.kind == "encoder-decoder":

@@ -1,5 +1,6 @@
 """Every backbone trains; every decoder runs on every generative backbone or refuses
 with the documented line."""
+
 import pytest
 import torch
 
@@ -14,19 +15,29 @@ from models.backbones import BACKBONES, backbone_kind, build_backbone, parameter
 GENERATIVE = ["qwen-tiny", "llama-tiny", "t5-tiny"]
 
 
-@pytest.mark.parametrize("backbone,objective,options", [(b, o, {}) for b in GENERATIVE for o in ("ntp", "nezha")] + [
-    ("qwen-tiny", "nezha", {"transition": "gru"}), ("qwen-tiny", "nezha", {"transition": "none", "placeholders": False}),
-    ("t5-tiny", "nezha", {"placeholders": False}), ("sasrec-tiny", "next_item", {}), ("llama-tiny", "medusa", {})])
+@pytest.mark.parametrize(
+    "backbone,objective,options",
+    [(b, o, {}) for b in GENERATIVE for o in ("ntp", "nezha")]
+    + [
+        ("qwen-tiny", "nezha", {"transition": "gru"}),
+        ("qwen-tiny", "nezha", {"transition": "none", "placeholders": False}),
+        ("t5-tiny", "nezha", {"placeholders": False}),
+        ("sasrec-tiny", "next_item", {}),
+        ("llama-tiny", "medusa", {}),
+    ],
+)
 def test_each_backbone_and_objective_trains_and_its_loss_falls(catalog, backbone, objective, options):
     model = random_model(objective, catalog, seed=5, backbone=backbone, dropout=0.0, **options)
     losses = training_losses(model, objective)
-    assert losses[-1] < (0.8 if objective == "medusa" else 0.7) * losses[0]   # medusa: heads only
+    assert losses[-1] < (0.8 if objective == "medusa" else 0.7) * losses[0]  # medusa: heads only
 
 
 def models_for(catalog, backbone, seed=0):
-    models = {"ntp": random_model("ntp", catalog, seed=seed, backbone=backbone),
-              "nezha": random_model("nezha", catalog, seed=seed, backbone=backbone),
-              "popularity": torch.arange(catalog.num_items)}
+    models = {
+        "ntp": random_model("ntp", catalog, seed=seed, backbone=backbone),
+        "nezha": random_model("nezha", catalog, seed=seed, backbone=backbone),
+        "popularity": torch.arange(catalog.num_items),
+    }
     if backbone_kind(backbone) == "decoder-only":
         models["draft"] = random_model("ntp", catalog, seed=seed + 1, backbone=backbone.split("-")[0] + "-micro")
         medusa = random_model("medusa", catalog, seed=seed, backbone=backbone)
@@ -57,8 +68,14 @@ def test_every_decoder_runs_on_every_generative_backbone_or_refuses(catalog, bac
             torch.testing.assert_close(result.scores, expected.scores, atol=1e-4, rtol=1e-4)
         if name == "greedy":
             assert torch.equal(result.sids[:, 0], build_decoder("beam", catalog, 1, models).decode(batch).sids[:, 0])
-        expected_calls = {"nezha": 1, "medusa": 2, "popularity": 0, "greedy": catalog.levels,
-                          "beam": catalog.levels, "hf_beam": catalog.levels}
+        expected_calls = {
+            "nezha": 1,
+            "medusa": 2,
+            "popularity": 0,
+            "greedy": catalog.levels,
+            "beam": catalog.levels,
+            "hf_beam": catalog.levels,
+        }
         if name in expected_calls:
             assert calls[0] == expected_calls[name], name
 
@@ -80,7 +97,7 @@ def test_sid_decoders_refuse_the_item_model_and_full_rank_refuses_sid_models():
     with pytest.raises(BenchError, match="decoder 'beam' cannot run on sasrec-small"):
         model_requests("beam", {}, TrainSettings(backbone="sasrec-small"))
     request = model_requests("full_rank", {}, TrainSettings(backbone="qwen-small"))
-    assert request["next_item"][2].backbone == "sasrec-small"            # --item-backbone
+    assert request["next_item"][2].backbone == "sasrec-small"  # --item-backbone
     with pytest.raises(BenchError, match="unknown backbone 'gpt-small'"):
         model_requests("beam", {}, TrainSettings(backbone="gpt-small"))
 
@@ -94,10 +111,12 @@ def test_objective_and_backbone_pairings_are_checked(catalog):
         random_model("medusa", catalog, backbone="t5-tiny")
 
 
-@pytest.mark.parametrize("name,hidden,layers,params", [("qwen3-0.6b", 1024, 28, 440e6), ("llama-3.2-1b", 2048, 16, 970e6)])
+@pytest.mark.parametrize(
+    "name,hidden,layers,params", [("qwen3-0.6b", 1024, 28, 440e6), ("llama-3.2-1b", 2048, 16, 970e6)]
+)
 def test_presets_are_shaped_like_the_real_models(name, hidden, layers, params):
     with torch.device("meta"):
         model = build_backbone(name, vocab_size=1000, max_positions=256)
     assert model.lm.config.hidden_size == hidden and model.lm.config.num_hidden_layers == layers
-    assert abs(parameter_count(model) - params) / params < 0.1        # all but the embedding of a real vocabulary
+    assert abs(parameter_count(model) - params) / params < 0.1  # all but the embedding of a real vocabulary
     assert name in BACKBONES

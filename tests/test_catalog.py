@@ -1,5 +1,6 @@
 """The catalogue: collision rules, token layout, SID -> item lookup, and the verifier
 against a brute-force set of prefixes."""
+
 import itertools
 
 import pytest
@@ -32,7 +33,7 @@ def test_last_code_gives_later_items_the_smallest_free_last_code():
 
 def test_last_code_without_free_code_suggests_extra_level():
     with pytest.raises(BenchError) as info:
-        build_catalog("toy", ["x", "y", "z"], [[0, 0], [0, 0], [0, 1]])     # last level has 2 codes, both used
+        build_catalog("toy", ["x", "y", "z"], [[0, 0], [0, 0], [0, 1]])  # last level has 2 codes, both used
     message = str(info.value)
     assert "SID [0, 0] is shared by 2 items" in message
     assert "extra_level" in message
@@ -45,8 +46,7 @@ def test_last_code_uses_the_given_codebook_size():
 
 def test_extra_level_appends_the_rank_within_the_group():
     catalog = toy_catalog("extra_level")
-    assert catalog.sids.tolist() == [[0, 0, 1, 0], [0, 0, 1, 1], [0, 0, 3, 0], [0, 0, 1, 2],
-                                     [1, 0, 1, 0], [1, 0, 1, 1]]
+    assert catalog.sids.tolist() == [[0, 0, 1, 0], [0, 0, 1, 1], [0, 0, 3, 0], [0, 0, 1, 2], [1, 0, 1, 0], [1, 0, 1, 1]]
     assert catalog.codebook_sizes == (2, 1, 4, 3)
     assert catalog.collisions == 3
     assert catalog.describe()["levels"] == 4
@@ -71,7 +71,7 @@ def test_unknown_collision_rule():
 
 
 def test_token_layout():
-    catalog = toy_catalog()                      # sizes (2, 1, 4): tokens 1-2, 3, 4-7, placeholders 8-10
+    catalog = toy_catalog()  # sizes (2, 1, 4): tokens 1-2, 3, 4-7, placeholders 8-10
     assert catalog.offsets == (1, 3, 4)
     assert catalog.placeholder_tokens == (8, 9, 10)
     assert catalog.vocab_size == 11
@@ -87,8 +87,12 @@ def test_item_tokens_keep_the_leading_shape():
 def test_items_of_maps_sids_back_to_items():
     catalog = toy_catalog()
     assert torch.equal(catalog.items_of(catalog.sids), torch.arange(6))
-    sids = torch.tensor([[[1, 0, 0], [1, 0, 3]],          # item f; a free code, no item
-                         [[-1, -1, -1], [0, -1, 1]]])     # no candidate; a row with a -1
+    sids = torch.tensor(
+        [
+            [[1, 0, 0], [1, 0, 3]],  # item f; a free code, no item
+            [[-1, -1, -1], [0, -1, 1]],
+        ]
+    )  # no candidate; a row with a -1
     assert catalog.items_of(sids).tolist() == [[5, -1], [-1, -1]]
 
 
@@ -102,14 +106,14 @@ def test_items_of_rejects_out_of_range_codes():
 # ---------------------------------------------------------------- verifier
 
 
-SIZES = (5, 4, 3)                                # place values 1, 5, 20
+SIZES = (5, 4, 3)  # place values 1, 5, 20
 
 
 def test_encode_is_mixed_radix():
     verifier = Verifier(torch.tensor([[2, 3, 1]]), SIZES)
     assert verifier.place_values == [1, 5, 20]
     assert verifier.encode(torch.tensor([2, 3, 1])).item() == 2 + 3 * 5 + 1 * 20
-    assert verifier.encode(torch.tensor([[2, 3], [4, 0]])).tolist() == [17, 4]   # prefixes: first levels only
+    assert verifier.encode(torch.tensor([[2, 3], [4, 0]])).tolist() == [17, 4]  # prefixes: first levels only
     assert verifier.encode(torch.zeros(2, 2, 0, dtype=torch.long)).tolist() == [[0, 0], [0, 0]]
 
 
@@ -157,7 +161,7 @@ def test_prefix_is_valid_matches_brute_force(random_verifier, length):
 @pytest.mark.parametrize("level", [0, 1, 2])
 def test_child_mask_matches_brute_force(random_verifier, level):
     verifier, _, prefixes = random_verifier
-    parents = all_tuples(level)                  # valid and invalid prefixes alike
+    parents = all_tuples(level)  # valid and invalid prefixes alike
     codes = verifier.encode(torch.tensor(parents, dtype=torch.long).reshape(len(parents), level))
     got = verifier.child_mask(codes, level)
     expected = [[p + (t,) in prefixes[level + 1] for t in range(SIZES[level])] for p in parents]
@@ -166,7 +170,7 @@ def test_child_mask_matches_brute_force(random_verifier, level):
 
 def test_verifier_works_for_any_leading_shape(random_verifier):
     verifier, _, _ = random_verifier
-    codes = verifier.encode(torch.tensor(all_tuples(2)))             # 20 prefixes of length 2
+    codes = verifier.encode(torch.tensor(all_tuples(2)))  # 20 prefixes of length 2
     flat_valid = verifier.prefix_is_valid(codes, 2)
     assert torch.equal(verifier.prefix_is_valid(codes.view(2, 5, 2), 2), flat_valid.view(2, 5, 2))
     flat_mask = verifier.child_mask(codes, 2)

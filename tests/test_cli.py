@@ -1,5 +1,6 @@
 """The CLI (in process): bad input is one 'error: ...' line and exit code 2, found before
 any training; `data` and `leaderboard`; appending result records."""
+
 import json
 
 import pytest
@@ -21,6 +22,7 @@ def cli(tmp_path, monkeypatch, capsys):
 
     def no_training(*args, **kwargs):
         raise AssertionError("training started before the input was validated")
+
     monkeypatch.setattr(bench.run, "ensure_model", no_training)
     monkeypatch.setattr(bench.train, "train_model", no_training)
 
@@ -28,6 +30,7 @@ def cli(tmp_path, monkeypatch, capsys):
         code = main(list(args))
         out, err = capsys.readouterr()
         return code, out, err
+
     return run
 
 
@@ -43,6 +46,7 @@ def bench_run_error(cli, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: "), err
         assert not out.exists()
         return lines[0]
+
     return run
 
 
@@ -64,13 +68,17 @@ def test_empty_decoder_list(bench_run_error):
     assert "decoder" in line
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--k", "0"], "--k 0: K must be at least 1"),
-    (["--k", "601"], "--k 601 is above the 600 items of the 'synthetic' catalogue; choose K <= 600"),
-    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
-    (["--device", "nosuch"], "unknown device 'nosuch'"),
-    (["--max-epochs", "0"], "--max-epochs and --max-history must be at least 1"),
-], ids=["k=0", "k>items", "batch-size=0", "device", "max-epochs=0"])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--k", "0"], "--k 0: K must be at least 1"),
+        (["--k", "601"], "--k 601 is above the 600 items of the 'synthetic' catalogue; choose K <= 600"),
+        (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        (["--device", "nosuch"], "unknown device 'nosuch'"),
+        (["--max-epochs", "0"], "--max-epochs and --max-history must be at least 1"),
+    ],
+    ids=["k=0", "k>items", "batch-size=0", "device", "max-epochs=0"],
+)
 def test_bad_numbers_and_device(bench_run_error, args, fragment):
     assert fragment in bench_run_error("--decoder", "greedy,beam,nezha", *args)
 
@@ -111,11 +119,21 @@ def test_data_command_describes_the_synthetic_dataset(cli):
 def record(decoder: str, mean_ms: float, recall10: float, **extra) -> dict:
     """A result record with the fields bench/leaderboard.py reads."""
     return {
-        "dataset": "synthetic", "split": "test", "device": "cpu (test)", "decoder": decoder,
-        "backbone": {"name": "qwen-tiny"}, "users": 100, "k": 20, "batch_size": 32,
+        "dataset": "synthetic",
+        "split": "test",
+        "device": "cpu (test)",
+        "decoder": decoder,
+        "backbone": {"name": "qwen-tiny"},
+        "users": 100,
+        "k": 20,
+        "batch_size": 32,
         "metrics": {"recall@1": 0.1, "recall@10": recall10, "ndcg@10": 0.25, "recall@20": None, "ndcg@20": None},
-        "invalid_rate": 0.0, "latency_ms": {"mean": mean_ms, "p99": 2 * mean_ms}, "latency_over_prefill": 1.5,
-        "backbone_calls_per_batch": 4.0, "git_sha": "0123456789abcdef", "command": f"python -m bench run --decoder {decoder}",
+        "invalid_rate": 0.0,
+        "latency_ms": {"mean": mean_ms, "p99": 2 * mean_ms},
+        "latency_over_prefill": 1.5,
+        "backbone_calls_per_batch": 4.0,
+        "git_sha": "0123456789abcdef",
+        "command": f"python -m bench run --decoder {decoder}",
         **extra,
     }
 
@@ -164,8 +182,11 @@ def test_append_records_appends_to_an_existing_list(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]
 
 
-@pytest.mark.parametrize("content", [b'[{"decoder": "beam"}', b'{"decoder": "beam"}', b"\x80\x81PK\x03\x04\xff"],
-                         ids=["invalid JSON", "not a list", "binary"])
+@pytest.mark.parametrize(
+    "content",
+    [b'[{"decoder": "beam"}', b'{"decoder": "beam"}', b"\x80\x81PK\x03\x04\xff"],
+    ids=["invalid JSON", "not a list", "binary"],
+)
 def test_append_records_leaves_an_unreadable_file_untouched(tmp_path, content):
     path = tmp_path / "results.json"
     path.write_bytes(content)

@@ -1,6 +1,7 @@
 """Datasets: the LETTER loader and its error messages, Beauty's published figures, the
 download path (against a local HTTP server), the synthetic generator, the leave-one-out
 splits and evaluation batches."""
+
 import contextlib
 import functools
 import http.server
@@ -130,24 +131,42 @@ def test_invalid_json_names_file_line_and_column(tmp_path):
 
 
 BAD_FILES = {
-    "inter top level is a list": (["i1", "i2", "i3"], TOY_INDEX,
-                                  ["Toy.inter.json", "expected a non-empty object mapping user id"]),
+    "inter top level is a list": (
+        ["i1", "i2", "i3"],
+        TOY_INDEX,
+        ["Toy.inter.json", "expected a non-empty object mapping user id"],
+    ),
     "inter is empty": ({}, TOY_INDEX, ["Toy.inter.json", "expected a non-empty object"]),
-    "index top level is a list": (TOY_INTER, [["<a_0>", "<b_1>"]],
-                                  ["Toy.index.json", "expected a non-empty object mapping item id"]),
+    "index top level is a list": (
+        TOY_INTER,
+        [["<a_0>", "<b_1>"]],
+        ["Toy.index.json", "expected a non-empty object mapping item id"],
+    ),
     "user maps to a string": ({"u1": "i1"}, TOY_INDEX, ["user 'u1' maps to str", "expected a list"]),
     "user maps to an object": ({"u1": {"i1": 1}}, TOY_INDEX, ["user 'u1' maps to dict"]),
     "empty user": ({"u1": ["i1", "i2", "i3"], "u2": []}, TOY_INDEX, ["user 'u2' has no interactions"]),
-    "item without SID": ({"u1": ["i1", "i9", "i2"]}, TOY_INDEX,
-                         ["user 'u1' has item 'i9'", "no SID in Toy.index.json"]),
-    "SIDs of unequal length": (TOY_INTER, {"i1": ["<a_0>", "<b_1>"], "i2": ["<a_1>"]},
-                               ["item 'i2' has 1 SID tokens but item 'i1' has 2", "same number of levels"]),
-    "code is not a number": (TOY_INTER, {"i1": ["<a_x>", "<b_1>"]},
-                             ["item 'i1'", "token '<a_x>' at level 1", "expected '<a_N>'"]),
+    "item without SID": (
+        {"u1": ["i1", "i9", "i2"]},
+        TOY_INDEX,
+        ["user 'u1' has item 'i9'", "no SID in Toy.index.json"],
+    ),
+    "SIDs of unequal length": (
+        TOY_INTER,
+        {"i1": ["<a_0>", "<b_1>"], "i2": ["<a_1>"]},
+        ["item 'i2' has 1 SID tokens but item 'i1' has 2", "same number of levels"],
+    ),
+    "code is not a number": (
+        TOY_INTER,
+        {"i1": ["<a_x>", "<b_1>"]},
+        ["item 'i1'", "token '<a_x>' at level 1", "expected '<a_N>'"],
+    ),
     "token without brackets": (TOY_INTER, {"i1": ["a_1", "<b_1>"]}, ["token 'a_1' at level 1", "expected '<a_N>'"]),
     "wrong level letter": (TOY_INTER, {"i1": ["<b_1>", "<b_1>"]}, ["token '<b_1>' at level 1", "expected '<a_N>'"]),
-    "wrong letter at level 2": (TOY_INTER, {"i1": ["<a_1>", "<a_1>"]},
-                                ["token '<a_1>' at level 2", "expected '<b_N>'"]),
+    "wrong letter at level 2": (
+        TOY_INTER,
+        {"i1": ["<a_1>", "<a_1>"]},
+        ["token '<a_1>' at level 2", "expected '<b_N>'"],
+    ),
     "token is a number": (TOY_INTER, {"i1": [5, "<b_1>"]}, ["token 5 at level 1"]),
     "empty SID list": (TOY_INTER, {"i1": [], "i2": ["<a_1>"]}, ["item 'i1' has no SID tokens"]),
     "SID is a string": (TOY_INTER, {"i1": "<a_1>"}, ["item 'i1' has no SID tokens"]),
@@ -195,7 +214,7 @@ def test_beauty_collisions_relabel_13_items_in_the_last_level(beauty):
     _, raw = letter.parse_index(BEAUTY_DIR / "Beauty.index.json")
     raw = torch.tensor(raw)
     shared = Counter(map(tuple, raw.tolist()))
-    assert sorted(n for n in shared.values() if n > 1) == [2] * 9 + [3] * 2   # 11 shared SIDs
+    assert sorted(n for n in shared.values() if n > 1) == [2] * 9 + [3] * 2  # 11 shared SIDs
     changed = (beauty.catalog.sids != raw).any(dim=1)
     assert int(changed.sum()) == 13 == beauty.catalog.collisions
     assert torch.equal(beauty.catalog.sids[:, :-1], raw[:, :-1])
@@ -203,8 +222,9 @@ def test_beauty_collisions_relabel_13_items_in_the_last_level(beauty):
 
 @pytest.mark.parametrize("rule,levels", [("last_code", 4), ("extra_level", 5)])
 def test_beauty_sids_are_unique_after_resolution(beauty, rule, levels):
-    catalog = beauty.catalog if rule == "last_code" else load_dataset(
-        "beauty", data_dir=BEAUTY_DIR, collisions=rule).catalog
+    catalog = (
+        beauty.catalog if rule == "last_code" else load_dataset("beauty", data_dir=BEAUTY_DIR, collisions=rule).catalog
+    )
     assert catalog.collision_rule == rule
     assert catalog.sids.shape == (12101, levels)
     assert torch.unique(catalog.sids, dim=0).shape[0] == 12101
@@ -222,8 +242,9 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 @contextlib.contextmanager
 def serve(directory: Path):
     """An HTTP server on 127.0.0.1 serving `directory`; yields its port."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(QuietHandler, directory=str(directory)))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(directory))
+    )
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
@@ -250,6 +271,7 @@ def cache_home(tmp_path, monkeypatch):
 
     def point_to(port: int) -> None:
         monkeypatch.setenv(letter.URL_ENV, f"http://127.0.0.1:{port}/{{name}}/{{file}}")
+
     point_to.home = home
     return point_to
 
@@ -261,7 +283,7 @@ def test_download_fetches_checks_and_caches_beauty(cache_home):
     assert folder == cache_home.home / "beauty"
     assert sorted(p.name for p in folder.iterdir()) == ["Beauty.index.json", "Beauty.inter.json"]
     assert {name: letter.sha256_of(folder / name) for name in BEAUTY_SHA256} == BEAUTY_SHA256
-    assert letter.download("beauty") == folder          # server gone: the cache is used
+    assert letter.download("beauty") == folder  # server gone: the cache is used
     data = load_dataset("beauty", data_dir=folder)
     assert (len(data.user_ids), data.catalog.num_items) == (22363, 12101)
     assert data.checksums == BEAUTY_SHA256
@@ -293,8 +315,10 @@ def test_download_records_and_then_checks_sums_of_unpinned_datasets(tmp_path, ca
         folder = letter.download("instruments")
     assert load_dataset("instruments", data_dir=folder).user_ids == ["u1", "u2"]
     sums = json.loads((folder / "sha256.json").read_text())
-    assert sums == {"inter": letter.sha256_of(folder / "Instruments.inter.json"),
-                    "index": letter.sha256_of(folder / "Instruments.index.json")}
+    assert sums == {
+        "inter": letter.sha256_of(folder / "Instruments.inter.json"),
+        "index": letter.sha256_of(folder / "Instruments.index.json"),
+    }
     (folder / "Instruments.inter.json").write_text(json.dumps({"u1": ["i1", "i2", "i3"]}))
     with pytest.raises(BenchError, match="sha256"):
         letter.download("instruments")
@@ -358,8 +382,13 @@ def make_data(sequences: list[list[int]]) -> RecData:
     """A RecData over items 0..max with distinct 2-level SIDs (4 codes per level)."""
     n = max(max(s) for s in sequences) + 1
     catalog = build_catalog("toy", [str(i) for i in range(n)], [[i // 4, i % 4] for i in range(n)])
-    return RecData(name="toy", catalog=catalog, user_ids=[str(u) for u in range(len(sequences))],
-                   sequences=sequences, source="test")
+    return RecData(
+        name="toy",
+        catalog=catalog,
+        user_ids=[str(u) for u in range(len(sequences))],
+        sequences=sequences,
+        source="test",
+    )
 
 
 def examples(data, split, **kwargs):
@@ -387,13 +416,16 @@ def test_unknown_split_is_refused():
         eval_examples(make_data(SPLIT_DATA), "train")
 
 
-@pytest.mark.parametrize("length,expected", [
-    (12, [[6, 7, 8, 9], [3, 4, 5, 6], [0, 1, 2, 3]]),   # train part 0..9
-    (10, [[4, 5, 6, 7], [1, 2, 3, 4], [0, 1]]),          # train part 0..7: a short last window
-    (6, [[0, 1, 2, 3]]),                                 # exactly max_history + 1
-    (4, [[0, 1]]),
-    (3, []),                                             # one training item: no target
-])
+@pytest.mark.parametrize(
+    "length,expected",
+    [
+        (12, [[6, 7, 8, 9], [3, 4, 5, 6], [0, 1, 2, 3]]),  # train part 0..9
+        (10, [[4, 5, 6, 7], [1, 2, 3, 4], [0, 1]]),  # train part 0..7: a short last window
+        (6, [[0, 1, 2, 3]]),  # exactly max_history + 1
+        (4, [[0, 1]]),
+        (3, []),  # one training item: no target
+    ],
+)
 def test_train_windows_exact(length, expected):
     windows = train_windows(make_data([list(range(length))]), max_history=3)["items"]
     assert windows == expected
@@ -404,7 +436,7 @@ def test_train_windows_cover_each_training_prefix_once(max_history):
     gen = torch.Generator().manual_seed(max_history)
     lengths = torch.randint(3, 30, (25,), generator=gen).tolist()
     starts = [sum(lengths[:u]) for u in range(len(lengths))]
-    sequences = [list(range(start, start + n)) for start, n in zip(starts, lengths)]   # items unique per user
+    sequences = [list(range(start, start + n)) for start, n in zip(starts, lengths)]  # items unique per user
     owner = {item: u for u, seq in enumerate(sequences) for item in seq}
     windows = train_windows(make_data(sequences), max_history=max_history)["items"]
     by_user: dict[int, list[list[int]]] = {}
@@ -424,11 +456,12 @@ def test_train_windows_cover_each_training_prefix_once(max_history):
 
 
 def test_collate_eval_left_pads_sid_tokens():
-    data = make_data([[0, 5, 6, 1]])                 # SIDs: 0 -> (0,0), 5 -> (1,1), 6 -> (1,2), 1 -> (0,1)
+    data = make_data([[0, 5, 6, 1]])  # SIDs: 0 -> (0,0), 5 -> (1,1), 6 -> (1,2), 1 -> (0,1)
     assert data.catalog.codebook_sizes == (2, 4)
-    assert data.catalog.offsets == (1, 3)            # PAD = 0, level-1 codes at 1..2, level-2 codes at 3..6
-    batch = collate_eval([{"user": 0, "history": [0, 5], "target": 6},
-                          {"user": 4, "history": [1], "target": 0}], data.catalog)
+    assert data.catalog.offsets == (1, 3)  # PAD = 0, level-1 codes at 1..2, level-2 codes at 3..6
+    batch = collate_eval(
+        [{"user": 0, "history": [0, 5], "target": 6}, {"user": 4, "history": [1], "target": 0}], data.catalog
+    )
     assert batch.history.tolist() == [[1, 3, 2, 4], [0, 0, 1, 4]]
     assert batch.mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
     assert batch.targets.tolist() == [6, 0]

@@ -1,5 +1,6 @@
 """Decoders: equal outputs where they must be equal, one backbone call for NEZHA,
 only real items where the verifier is on."""
+
 import pytest
 import torch
 
@@ -80,9 +81,14 @@ def test_left_padding_does_not_change_results(catalog, ntp, nezha):
         for user in range(len(batch)):
             keep = batch.mask[user].bool()
             keep_items = batch.items_mask[user].bool()
-            alone = type(batch)(batch.history[user][keep][None], batch.mask[user][keep][None],
-                                batch.targets[user:user + 1], batch.users[user:user + 1],
-                                batch.items[user][keep_items][None], batch.items_mask[user][keep_items][None])
+            alone = type(batch)(
+                batch.history[user][keep][None],
+                batch.mask[user][keep][None],
+                batch.targets[user : user + 1],
+                batch.users[user : user + 1],
+                batch.items[user][keep_items][None],
+                batch.items_mask[user][keep_items][None],
+            )
             single, _ = decode(spec, catalog, 4, models, alone)
             assert torch.equal(single.sids[0], together.sids[user]), spec
             torch.testing.assert_close(single.scores[0], together.scores[user], atol=1e-4, rtol=1e-4)
@@ -112,7 +118,7 @@ def test_nezha_beam_ranks_by_head_scores(catalog, nezha):
     result, _ = decode(f"nezha:verifier=off:head_beam={width}", catalog, 3, {"nezha": nezha}, batch)
     with torch.no_grad():
         h0_all, hp_all = nezha.lm.nezha_states(batch.history, batch.mask, torch.tensor(catalog.placeholder_tokens))
-        grid = torch.cartesian_prod(*[torch.arange(s) for s in catalog.codebook_sizes])   # [240, 3]
+        grid = torch.cartesian_prod(*[torch.arange(s) for s in catalog.codebook_sizes])  # [240, 3]
         for user in range(2):
             h0 = h0_all[user].expand(len(grid), -1)
             hp = hp_all[user].expand(len(grid), -1, -1)
@@ -176,8 +182,9 @@ def test_transition_none_predicts_levels_independently(catalog):
     result, _ = decode("nezha:verifier=off:transition=none", catalog, 1, {"nezha": model}, batch)
     with torch.no_grad():
         h0, hp = model.lm.nezha_states(batch.history, batch.mask, torch.tensor(catalog.placeholder_tokens))
-        argmax = torch.stack([model.head.level_logits(level, h0, hp[:, level]).argmax(-1)
-                              for level in range(catalog.levels)], dim=-1)
+        argmax = torch.stack(
+            [model.head.level_logits(level, h0, hp[:, level]).argmax(-1) for level in range(catalog.levels)], dim=-1
+        )
     assert torch.equal(result.sids[:, 0], argmax)
 
 

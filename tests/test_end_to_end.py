@@ -1,5 +1,6 @@
 """`python -m bench run` from data to records on the synthetic default: trains small
 models once (cached), evaluates several decoders on the same batches."""
+
 import json
 
 import pytest
@@ -15,8 +16,21 @@ def first_run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("BENCH_RUNS_DIR", str(root / "runs"))
     out = root / "results.json"
-    args = ["run", "--decoder", DECODERS, "--k", "10", "--limit-users", "400", "--batch-size", "50",
-            "--max-epochs", "8", "--out", str(out)]
+    args = [
+        "run",
+        "--decoder",
+        DECODERS,
+        "--k",
+        "10",
+        "--limit-users",
+        "400",
+        "--batch-size",
+        "50",
+        "--max-epochs",
+        "8",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     yield root, out, args
     mp.undo()
@@ -29,12 +43,12 @@ def test_run_writes_one_record_per_decoder(first_run):
     for r in records:
         assert r["dataset"] == "synthetic" and r["split"] == "test" and r["users"] == 400 and r["k"] == 10
         assert set(r["metrics"]) == {"recall@1", "recall@5", "recall@10", "recall@20", "ndcg@5", "ndcg@10", "ndcg@20"}
-        assert r["metrics"]["recall@20"] is None                 # above K
+        assert r["metrics"]["recall@20"] is None  # above K
         for key in ("latency_ms", "throughput_users_per_s", "git_sha", "torch", "seed", "command", "device"):
             assert key in r
     by_name = {r["decoder"]: r for r in records}
     assert by_name["nezha"]["backbone_calls_per_batch"] == 1
-    assert by_name["beam"]["backbone_calls_per_batch"] == 3       # one per SID level
+    assert by_name["beam"]["backbone_calls_per_batch"] == 3  # one per SID level
     assert by_name["greedy"]["candidates_per_user"] == 1
     assert by_name["nezha"]["invalid_rate"] == 0
     assert by_name["beam"]["backbone"]["params"] > 0

@@ -1,4 +1,5 @@
 """Ranking metrics: hand-computed cases, and agreement with torchmetrics."""
+
 import math
 
 import pytest
@@ -9,11 +10,15 @@ from bench.metrics import METRIC_NAMES, NDCG_KS, RECALL_KS, ranking_metrics, tar
 
 
 def test_target_ranks_hit_miss_and_padding():
-    ranked = torch.tensor([[5, 2, 7],        # target 5 at rank 1
-                           [1, 9, 3],        # target 3 at rank 3
-                           [4, 6, 8],        # target 0 absent
-                           [8, -1, -1],      # target 8 at rank 1, then padding
-                           [-1, -1, -1]])    # no candidate at all
+    ranked = torch.tensor(
+        [
+            [5, 2, 7],  # target 5 at rank 1
+            [1, 9, 3],  # target 3 at rank 3
+            [4, 6, 8],  # target 0 absent
+            [8, -1, -1],  # target 8 at rank 1, then padding
+            [-1, -1, -1],
+        ]
+    )  # no candidate at all
     targets = torch.tensor([5, 3, 0, 8, 2])
     assert target_ranks(ranked, targets).tolist() == [1, 3, 0, 1, 0]
 
@@ -23,8 +28,13 @@ def test_ranking_metrics_hand_computed():
     metrics = ranking_metrics(torch.tensor([1, 3, 7, 15, 0]), k_max=20)
     assert set(metrics) == set(METRIC_NAMES)
     expected = {
-        "recall@1": 1 / 5, "recall@5": 2 / 5, "recall@10": 3 / 5, "recall@20": 4 / 5,
-        "ndcg@5": (1 + 1 / 2) / 5, "ndcg@10": (1 + 1 / 2 + 1 / 3) / 5, "ndcg@20": (1 + 1 / 2 + 1 / 3 + 1 / 4) / 5,
+        "recall@1": 1 / 5,
+        "recall@5": 2 / 5,
+        "recall@10": 3 / 5,
+        "recall@20": 4 / 5,
+        "ndcg@5": (1 + 1 / 2) / 5,
+        "ndcg@10": (1 + 1 / 2 + 1 / 3) / 5,
+        "ndcg@20": (1 + 1 / 2 + 1 / 3 + 1 / 4) / 5,
     }
     assert metrics == pytest.approx(expected, abs=1e-12)
 
@@ -37,12 +47,15 @@ def test_ndcg_of_rank_r_is_one_over_log2_r_plus_1():
         assert metrics["recall@10"] == (1.0 if r <= 10 else 0.0)
 
 
-@pytest.mark.parametrize("k_max,present", [
-    (1, {"recall@1"}),
-    (5, {"recall@1", "recall@5", "ndcg@5"}),
-    (10, {"recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10"}),
-    (20, set(METRIC_NAMES)),
-])
+@pytest.mark.parametrize(
+    "k_max,present",
+    [
+        (1, {"recall@1"}),
+        (5, {"recall@1", "recall@5", "ndcg@5"}),
+        (10, {"recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10"}),
+        (20, set(METRIC_NAMES)),
+    ],
+)
 def test_cutoffs_above_k_max_are_none(k_max, present):
     metrics = ranking_metrics(torch.tensor([1, 0, 0]), k_max=k_max)
     assert {name for name, value in metrics.items() if value is not None} == present
@@ -77,10 +90,11 @@ def torchmetrics_value(metric_cls, k: int, ranked: torch.Tensor, targets: torch.
 def test_metrics_equal_torchmetrics():
     ranked, targets = random_rankings()
     ranks = target_ranks(ranked, targets)
-    assert 0.4 < float((ranks > 0).double().mean()) < 0.8          # hits and misses both present
+    assert 0.4 < float((ranks > 0).double().mean()) < 0.8  # hits and misses both present
     ours = ranking_metrics(ranks, k_max=20)
     for k in RECALL_KS:
         assert ours[f"recall@{k}"] == pytest.approx(torchmetrics_value(RetrievalRecall, k, ranked, targets), abs=1e-6)
     for k in NDCG_KS:
         assert ours[f"ndcg@{k}"] == pytest.approx(
-            torchmetrics_value(RetrievalNormalizedDCG, k, ranked, targets), abs=1e-6)
+            torchmetrics_value(RetrievalNormalizedDCG, k, ranked, targets), abs=1e-6
+        )

@@ -1,5 +1,6 @@
 """Objectives and checkpoints: the one-pass NEZHA layout sees exactly what inference
 sees, losses fall, checkpoints refuse the wrong catalogue."""
+
 import pytest
 import torch
 
@@ -22,12 +23,14 @@ def test_nezha_training_pass_matches_inference_prompts(catalog):
         for window in windows:
             for j in range(1, len(window)):
                 prompt = torch.cat([catalog.item_tokens(torch.tensor(window[:j])).flatten(), sp]).unsqueeze(0)
-                alone = model.lm.hidden(prompt, torch.ones_like(prompt))[0]           # [T, d]
+                alone = model.lm.hidden(prompt, torch.ones_like(prompt))[0]  # [T, d]
                 row = batch["rows"][target]
-                torch.testing.assert_close(hidden[row, batch["h0_index"][target]], alone[-catalog.levels - 1],
-                                           atol=1e-5, rtol=1e-4)
-                torch.testing.assert_close(hidden[row, batch["placeholder_index"][target]], alone[-catalog.levels:],
-                                           atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(
+                    hidden[row, batch["h0_index"][target]], alone[-catalog.levels - 1], atol=1e-5, rtol=1e-4
+                )
+                torch.testing.assert_close(
+                    hidden[row, batch["placeholder_index"][target]], alone[-catalog.levels :], atol=1e-5, rtol=1e-4
+                )
                 assert torch.equal(batch["target_codes"][target], catalog.sids[window[j]])
                 target += 1
     assert target == len(batch["rows"]) == sum(len(w) - 1 for w in windows)
@@ -39,7 +42,7 @@ def test_ntp_batch_predicts_every_item_after_the_first(catalog):
     assert batch["input_ids"].shape == (2, 3 * L)
     assert torch.equal(batch["labels"][0, L:], catalog.item_tokens(torch.tensor([17, 42])).flatten())
     assert (batch["labels"][0, :L] == objectives.IGNORE).all()
-    assert (batch["labels"][1, 2 * L:] == objectives.IGNORE).all()
+    assert (batch["labels"][1, 2 * L :] == objectives.IGNORE).all()
     assert batch["attention_mask"][1].tolist() == [1] * (2 * L) + [0] * L
 
 

@@ -1,5 +1,6 @@
 """Speculative decoding is lossless (equals beam) whatever the draft; Medusa with heads
 that contain beam's choices equals beam in two backbone calls."""
+
 import copy
 
 import pytest
@@ -66,11 +67,11 @@ def test_every_draft_accepted_when_the_draft_is_the_backbone(catalog, ntp):
 
 def test_every_draft_rejected_still_equals_beam(catalog, ntp):
     batch = random_batch(catalog, users=6, seed=2)
-    k = 2          # the negated draft's 2 level-1 codes are the backbone's 2 worst of 6
+    k = 2  # the negated draft's 2 level-1 codes are the backbone's 2 worst of 6
     result, calls = speculate(catalog, k, ntp, AsModel(NegatedLM(ntp.lm)), batch)
     assert_same(result, beam(catalog, k, ntp, batch))
-    assert result.stats == {"accepted_levels": 6.0, "fallback_requests": 6.0}   # only level 1, from the prompt
-    assert calls == 1 + catalog.levels - 1      # verification, the refed prefixes, the remaining steps
+    assert result.stats == {"accepted_levels": 6.0, "fallback_requests": 6.0}  # only level 1, from the prompt
+    assert calls == 1 + catalog.levels - 1  # verification, the refed prefixes, the remaining steps
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -113,7 +114,7 @@ def medusa(catalog, ntp):
 class OracleHeads(torch.nn.Module):
     """Medusa heads that rank first the codes beam search keeps at each level."""
 
-    def __init__(self, chosen):           # chosen[j]: [B, C_{j+1}] bool
+    def __init__(self, chosen):  # chosen[j]: [B, C_{j+1}] bool
         super().__init__()
         self.chosen = chosen
 
@@ -135,10 +136,10 @@ def test_medusa_with_an_oracle_head_equals_beam_in_two_calls(catalog, ntp, medus
     expected = beam_search(ntp.lm, catalog, batch.history, batch.mask, k, False, trail)
     chosen = []
     for level in range(1, catalog.levels):
-        kept = trail[level][0][:, :, level]                                   # [B, K] codes kept at this level
+        kept = trail[level][0][:, :, level]  # [B, K] codes kept at this level
         chosen.append(torch.zeros(len(batch), catalog.codebook_sizes[level], dtype=torch.bool).scatter(1, kept, True))
     widths = [k] + [int(c.sum(1).max()) for c in chosen[:-1]] + [0]
-    assert widths[1] < catalog.codebook_sizes[1]                             # a real tree, not everything
+    assert widths[1] < catalog.codebook_sizes[1]  # a real tree, not everything
     heads, medusa.medusa = medusa.medusa, OracleHeads(chosen)
     try:
         result, calls = medusa_decode(catalog, k, medusa, batch, "medusa:tree=" + "x".join(map(str, widths)))
@@ -164,7 +165,7 @@ def test_medusa_with_untrained_heads_loses_candidates_not_calls(catalog, ntp, me
     assert narrow.sids.shape == (5, 4, catalog.levels)
     full = beam(catalog, 4, ntp, batch)
     assert not torch.equal(narrow.sids, full.sids)
-    assert (narrow.scores <= full.scores + 1e-4).all()       # beam's k-th best is never beaten by a subset
+    assert (narrow.scores <= full.scores + 1e-4).all()  # beam's k-th best is never beaten by a subset
 
 
 def test_medusa_options_are_checked(catalog, medusa):

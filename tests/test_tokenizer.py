@@ -1,5 +1,6 @@
 """The RQ-KMeans tokenizer: recovers a planted residual hierarchy, balances clusters,
 and writes an index the LETTER loader reads back."""
+
 import json
 import math
 
@@ -39,7 +40,7 @@ def test_rq_kmeans_is_deterministic_for_a_seed():
 
 def test_balanced_assignment_respects_the_capacity():
     rng = np.random.default_rng(0)
-    x = np.concatenate([rng.normal(0, 0.1, (40, 4)), rng.normal(5, 0.1, (8, 4))])   # one crowded blob
+    x = np.concatenate([rng.normal(0, 0.1, (40, 4)), rng.normal(5, 0.1, (8, 4))])  # one crowded blob
     codes = rq_kmeans(x, [4], seed=0, balanced=True)[:, 0]
     assert np.bincount(codes, minlength=4).max() <= math.ceil(48 / 4)
     unbalanced = rq_kmeans(x, [4], seed=0)[:, 0]
@@ -48,6 +49,7 @@ def test_balanced_assignment_respects_the_capacity():
 
 def test_balanced_assign_fills_closest_pairs_first():
     import torch
+
     distance = torch.tensor([[0.0, 5.0], [1.0, 6.0], [2.0, 0.5]])
     assert balanced_assign(distance, capacity=2).tolist() == [0, 0, 1]
     assert balanced_assign(distance, capacity=1).tolist()[0] == 0
@@ -59,7 +61,9 @@ def test_codebook_report_counts_use_and_collisions():
     assert report["collision_rate"] == 0.5 and report["distinct_sids"] == 3
     assert report["levels"][0]["used"] == 2
     assert report["levels"][0]["perplexity"] == pytest.approx(2.0)
-    assert report["levels"][1]["perplexity"] == pytest.approx(math.exp(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75))))
+    assert report["levels"][1]["perplexity"] == pytest.approx(
+        math.exp(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    )
 
 
 def test_written_index_loads_back_through_the_letter_loader(tmp_path):
@@ -74,7 +78,7 @@ def test_written_index_loads_back_through_the_letter_loader(tmp_path):
     assert data.catalog.codebook_sizes == tuple(int(c) + 1 for c in codes.max(0))
     unique = codebook_report(codes, [5, 4, 8])["collision_rate"] == 0
     kept = data.catalog.sids.numpy()
-    assert np.array_equal(kept[:, :2], codes[:, :2])                    # collisions only touch the last level
+    assert np.array_equal(kept[:, :2], codes[:, :2])  # collisions only touch the last level
     assert unique == np.array_equal(kept, codes)
 
 
@@ -89,18 +93,45 @@ def test_cooccurrence_vectors_put_items_of_the_same_sessions_together():
 
 def test_tokenize_command_writes_a_dataset_that_runs(tmp_path, capsys):
     out = tmp_path / "tok"
-    assert main(["tokenize", "--dataset", "synthetic", "--levels", "2", "--codes", "32", "--balanced",
-                 "--out-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "tokenize",
+                "--dataset",
+                "synthetic",
+                "--levels",
+                "2",
+                "--codes",
+                "32",
+                "--balanced",
+                "--out-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out.split("\nuse it with")[0])
     assert report["items"] == 600 and len(report["levels"]) == 2 and 0 <= report["collision_rate"] <= 1
-    assert all(level["used"] == 32 for level in report["levels"])          # balanced: every code in use
+    assert all(level["used"] == 32 for level in report["levels"])  # balanced: every code in use
     data = load_dataset("synthetic-rq", data_dir=out, collisions="extra_level")
     assert data.catalog.levels == 3 and len(data.sequences) == 3000
-    assert data.catalog.collisions == 600 - report["distinct_sids"]       # each shared SID keeps one item
+    assert data.catalog.collisions == 600 - report["distinct_sids"]  # each shared SID keeps one item
 
 
 def test_tokenize_refuses_bad_vectors(tmp_path, capsys):
     np.save(tmp_path / "v.npy", np.zeros((5, 3)))
-    assert main(["tokenize", "--dataset", "synthetic", "--vectors", str(tmp_path / "v.npy"),
-                 "--out-dir", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "tokenize",
+                "--dataset",
+                "synthetic",
+                "--vectors",
+                str(tmp_path / "v.npy"),
+                "--out-dir",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "expected one row per item ([600, dim])" in capsys.readouterr().err

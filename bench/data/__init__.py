@@ -1,4 +1,5 @@
 """Datasets: LETTER files or the synthetic default -> catalog, users, splits."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +14,9 @@ DEFAULT_DATASET = "synthetic"
 __all__ = ["Catalog", "RecData", "load_dataset", "eval_examples", "train_windows", "item_popularity", "DEFAULT_DATASET"]
 
 
-def load_dataset(name: str = DEFAULT_DATASET, data_dir: str | Path | None = None, collisions: str = "last_code",
-                 seed: int = 0) -> RecData:
+def load_dataset(
+    name: str = DEFAULT_DATASET, data_dir: str | Path | None = None, collisions: str = "last_code", seed: int = 0
+) -> RecData:
     """Load by name: `synthetic` is generated; a LETTER dataset comes from --data-dir,
     else ../shared/data/<name>, else the download cache (downloading it once)."""
     if name == "synthetic" and data_dir is None:
@@ -28,8 +30,13 @@ def load_dataset(name: str = DEFAULT_DATASET, data_dir: str | Path | None = None
         user_ids, sequences = letter.parse_interactions(inter_path, set(item_ids), index_path)
         source = str(folder)
         checksums = {inter_path.name: letter.sha256_of(inter_path), index_path.name: letter.sha256_of(index_path)}
-    catalog = build_catalog(name, item_ids, codes, rule=collisions,
-                            codebook_sizes=synthetic.CODEBOOK if name == "synthetic" and data_dir is None else None)
+    catalog = build_catalog(
+        name,
+        item_ids,
+        codes,
+        rule=collisions,
+        codebook_sizes=synthetic.CODEBOOK if name == "synthetic" and data_dir is None else None,
+    )
     position = {item: i for i, item in enumerate(item_ids)}
     kept_users, kept = [], []
     for user, seq in zip(user_ids, sequences):
@@ -37,13 +44,24 @@ def load_dataset(name: str = DEFAULT_DATASET, data_dir: str | Path | None = None
             kept_users.append(user)
             kept.append([position[i] for i in seq])
     if not kept:
-        raise BenchError(f"dataset '{name}' has no user with 3 or more items; leave-one-out needs train, valid and test items")
-    return RecData(name=name, catalog=catalog, user_ids=kept_users, sequences=kept, source=source,
-                   checksums=checksums, dropped_users=len(sequences) - len(kept))
+        raise BenchError(
+            f"dataset '{name}' has no user with 3 or more items; leave-one-out needs train, valid and test items"
+        )
+    return RecData(
+        name=name,
+        catalog=catalog,
+        user_ids=kept_users,
+        sequences=kept,
+        source=source,
+        checksums=checksums,
+        dropped_users=len(sequences) - len(kept),
+    )
 
 
 def _cached_or_download(name: str) -> Path:
     if name not in letter.REMOTE_DATASETS:
-        raise BenchError(f"unknown dataset '{name}'; choose synthetic, {', '.join(letter.REMOTE_DATASETS)} "
-                         "or pass --data-dir FOLDER with <Name>.inter.json and <Name>.index.json")
+        raise BenchError(
+            f"unknown dataset '{name}'; choose synthetic, {', '.join(letter.REMOTE_DATASETS)} "
+            "or pass --data-dir FOLDER with <Name>.inter.json and <Name>.index.json"
+        )
     return letter.download(name)

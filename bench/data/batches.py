@@ -1,5 +1,6 @@
 """Evaluation batches: the history of each user as SID tokens, left-padded so that every
 prompt ends at the same position (what batched KV-cache decoding needs)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,16 +12,17 @@ from bench.data.catalog import PAD, Catalog
 
 @dataclass
 class EvalBatch:
-    history: torch.Tensor   # [B, T] SID tokens of the history items, left-padded with PAD
-    mask: torch.Tensor      # [B, T] 1 on real tokens
-    targets: torch.Tensor   # [B] item index of the held-out item
-    users: torch.Tensor     # [B] user index
-    items: torch.Tensor     # [B, H] history item index + 1, left-padded with 0 (item-id models)
+    history: torch.Tensor  # [B, T] SID tokens of the history items, left-padded with PAD
+    mask: torch.Tensor  # [B, T] 1 on real tokens
+    targets: torch.Tensor  # [B] item index of the held-out item
+    users: torch.Tensor  # [B] user index
+    items: torch.Tensor  # [B, H] history item index + 1, left-padded with 0 (item-id models)
     items_mask: torch.Tensor  # [B, H]
 
     def to(self, device) -> "EvalBatch":
-        return EvalBatch(*(t.to(device) for t in (self.history, self.mask, self.targets, self.users, self.items,
-                                                   self.items_mask)))
+        return EvalBatch(
+            *(t.to(device) for t in (self.history, self.mask, self.targets, self.users, self.items, self.items_mask))
+        )
 
     def __len__(self) -> int:
         return self.history.shape[0]
@@ -50,4 +52,4 @@ def pad_rows(rows: list[torch.Tensor], left: bool = False) -> tuple[torch.Tensor
 def eval_batches(examples, catalog: Catalog, batch_size: int) -> list[EvalBatch]:
     """Fixed batches in user order, built once so every decoder sees the same ones."""
     rows = examples.to_list() if hasattr(examples, "to_list") else list(examples)
-    return [collate_eval(rows[i: i + batch_size], catalog) for i in range(0, len(rows), batch_size)]
+    return [collate_eval(rows[i : i + batch_size], catalog) for i in range(0, len(rows), batch_size)]

@@ -5,6 +5,7 @@ Vocabulary layout (shared by every backbone and objective):
     offsets[l] + t         code t of level l (levels stacked one after another)
     placeholder_tokens[l]  NEZHA's <sp_{l+1}>, one per level
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,10 +24,10 @@ COLLISION_RULES = ("last_code", "extra_level")
 @dataclass
 class Catalog:
     name: str
-    item_ids: list[str]            # external id of each item index
-    sids: torch.Tensor             # [N, L] code per level, unique per item
+    item_ids: list[str]  # external id of each item index
+    sids: torch.Tensor  # [N, L] code per level, unique per item
     codebook_sizes: tuple[int, ...]
-    collisions: int = 0            # items whose SID was changed to make it unique
+    collisions: int = 0  # items whose SID was changed to make it unique
     collision_rule: str = "last_code"
     verifier: Verifier = field(init=False, repr=False)
 
@@ -83,8 +84,13 @@ class Catalog:
         }
 
 
-def build_catalog(name: str, item_ids: list[str], codes: list[list[int]], rule: str = "last_code",
-                  codebook_sizes: tuple[int, ...] | None = None) -> Catalog:
+def build_catalog(
+    name: str,
+    item_ids: list[str],
+    codes: list[list[int]],
+    rule: str = "last_code",
+    codebook_sizes: tuple[int, ...] | None = None,
+) -> Catalog:
     """Make SIDs unique with `rule` and wrap them in a Catalog.
 
     last_code:   the first item (in catalogue order) of a group sharing a SID keeps it,
@@ -118,9 +124,16 @@ def build_catalog(name: str, item_ids: list[str], codes: list[list[int]], rule: 
                 if free is None:
                     raise BenchError(
                         f"{name}: SID {list(sid)} is shared by {len(members)} items and its prefix has no free "
-                        "last-level code; use the collision rule 'extra_level'")
+                        "last-level code; use the collision rule 'extra_level'"
+                    )
                 taken.add(free)
                 resolved[item][-1] = free
                 changed += 1
-    return Catalog(name=name, item_ids=list(item_ids), sids=torch.tensor(resolved, dtype=torch.long),
-                   codebook_sizes=tuple(sizes), collisions=changed, collision_rule=rule)
+    return Catalog(
+        name=name,
+        item_ids=list(item_ids),
+        sids=torch.tensor(resolved, dtype=torch.long),
+        codebook_sizes=tuple(sizes),
+        collisions=changed,
+        collision_rule=rule,
+    )

@@ -1,6 +1,7 @@
 """LETTER-format datasets: ``<Name>.inter.json`` (user -> item ids in time order) and
 ``<Name>.index.json`` (item -> SID tokens like ``<a_183>``), from a folder or downloaded
 by name with a sha256 check."""
+
 from __future__ import annotations
 
 import hashlib
@@ -15,15 +16,18 @@ from bench.errors import BenchError
 
 LETTER_COMMIT = "8d0154e28de37dbb6e24871c508ad8ddb1921cda"
 DEFAULT_URL = f"https://raw.githubusercontent.com/HonghuiBao2000/LETTER/{LETTER_COMMIT}/data/{{Name}}/{{file}}"
-URL_ENV = "BENCH_DATA_URL"      # template with {name}, {Name} and {file}
-CACHE_ENV = "BENCH_DATA_HOME"   # where downloads go; default ~/.cache/nezha-bench/data
+URL_ENV = "BENCH_DATA_URL"  # template with {name}, {Name} and {file}
+CACHE_ENV = "BENCH_DATA_HOME"  # where downloads go; default ~/.cache/nezha-bench/data
 
 # name -> (file stem, sha256 of each file or None where the suite has not pinned it)
 REMOTE_DATASETS = {
-    "beauty": ("Beauty", {
-        "inter": "8809584b8b78fa6561771c88911ed65bd716fc9926fca1e581e6a1ab578ccfd5",
-        "index": "be3fb890e59b5443824cdebc560ef349191b97f20d3aecad4727de2d6b212c82",
-    }),
+    "beauty": (
+        "Beauty",
+        {
+            "inter": "8809584b8b78fa6561771c88911ed65bd716fc9926fca1e581e6a1ab578ccfd5",
+            "index": "be3fb890e59b5443824cdebc560ef349191b97f20d3aecad4727de2d6b212c82",
+        },
+    ),
     "instruments": ("Instruments", None),
     "yelp": ("Yelp", None),
 }
@@ -59,9 +63,13 @@ def find_files(folder: Path) -> tuple[Path, Path]:
         raise BenchError(f"data folder {folder} does not exist")
     inters = sorted(folder.glob("*.inter.json"))
     if not inters:
-        raise BenchError(f"no *.inter.json file in {folder}; a LETTER dataset needs <Name>.inter.json and <Name>.index.json")
+        raise BenchError(
+            f"no *.inter.json file in {folder}; a LETTER dataset needs <Name>.inter.json and <Name>.index.json"
+        )
     if len(inters) > 1:
-        raise BenchError(f"several *.inter.json files in {folder} ({', '.join(p.name for p in inters)}); keep one dataset per folder")
+        raise BenchError(
+            f"several *.inter.json files in {folder} ({', '.join(p.name for p in inters)}); keep one dataset per folder"
+        )
     index = inters[0].with_name(inters[0].name.replace(".inter.json", ".index.json"))
     if not index.exists():
         raise BenchError(f"missing {index.name} in {folder}: the SIDs of the items in {inters[0].name}")
@@ -71,7 +79,9 @@ def find_files(folder: Path) -> tuple[Path, Path]:
 def download(name: str) -> Path:
     """Fetch a named LETTER dataset into the cache (once) and check its sha256."""
     if name not in REMOTE_DATASETS:
-        raise BenchError(f"unknown dataset '{name}'; choose synthetic, {', '.join(REMOTE_DATASETS)} or pass --data-dir FOLDER")
+        raise BenchError(
+            f"unknown dataset '{name}'; choose synthetic, {', '.join(REMOTE_DATASETS)} or pass --data-dir FOLDER"
+        )
     stem, pinned = REMOTE_DATASETS[name]
     target = cache_dir(name)
     target.mkdir(parents=True, exist_ok=True)
@@ -92,13 +102,16 @@ def download(name: str) -> Path:
                 reason = getattr(exc, "reason", exc)
                 raise BenchError(
                     f"could not download {url} ({reason}); put {stem}.inter.json and {stem}.index.json "
-                    f"in {target} or pass --data-dir FOLDER") from None
+                    f"in {target} or pass --data-dir FOLDER"
+                ) from None
             partial.rename(path)
         digest = sha256_of(path)
         if kind in known and known[kind] != digest:
             path.unlink()
-            raise BenchError(f"{path.name} from {template.format(name=name, Name=stem, file=path.name)} has sha256 "
-                             f"{digest}, expected {known[kind]}; the file was removed, try again or check {URL_ENV}")
+            raise BenchError(
+                f"{path.name} from {template.format(name=name, Name=stem, file=path.name)} has sha256 "
+                f"{digest}, expected {known[kind]}; the file was removed, try again or check {URL_ENV}"
+            )
         known = {**known, kind: digest}
     if not pinned and not sums_file.exists():
         sums_file.write_text(json.dumps(known, indent=1))
@@ -126,19 +139,23 @@ def parse_index(path: Path) -> tuple[list[str], list[list[int]]]:
     first_item, levels = None, None
     for item, tokens in raw.items():
         if not isinstance(tokens, list) or not tokens:
-            raise BenchError(f"{path}: item '{item}' has no SID tokens (expected a list like [\"<a_1>\", \"<b_2>\"])")
+            raise BenchError(f'{path}: item \'{item}\' has no SID tokens (expected a list like ["<a_1>", "<b_2>"])')
         if levels is None:
             first_item, levels = item, len(tokens)
         elif len(tokens) != levels:
-            raise BenchError(f"{path}: item '{item}' has {len(tokens)} SID tokens but item '{first_item}' has "
-                             f"{levels}; all SIDs must have the same number of levels")
+            raise BenchError(
+                f"{path}: item '{item}' has {len(tokens)} SID tokens but item '{first_item}' has "
+                f"{levels}; all SIDs must have the same number of levels"
+            )
         sid = []
         for level, token in enumerate(tokens):
             match = TOKEN.fullmatch(token) if isinstance(token, str) else None
             letter = chr(ord("a") + level)
             if not match or match.group(1) != letter:
-                raise BenchError(f"{path}: item '{item}' has token {token!r} at level {level + 1}; "
-                                 f"expected '<{letter}_N>' with N a code number")
+                raise BenchError(
+                    f"{path}: item '{item}' has token {token!r} at level {level + 1}; "
+                    f"expected '<{letter}_N>' with N a code number"
+                )
             sid.append(int(match.group(2)))
         items.append(str(item))
         codes.append(sid)

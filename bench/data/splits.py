@@ -8,6 +8,7 @@ that one forward pass scores every target in the window; a window's first item i
 context only, and windows of a long user overlap by exactly that one item, so every
 training prefix is a target exactly once.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,10 +27,10 @@ class RecData:
     name: str
     catalog: Catalog
     user_ids: list[str]
-    sequences: list[list[int]]           # item indices per user, time order
-    source: str                          # folder, download cache, or generator settings
+    sequences: list[list[int]]  # item indices per user, time order
+    source: str  # folder, download cache, or generator settings
     checksums: dict = field(default_factory=dict)
-    dropped_users: int = 0               # users with fewer than 3 items (no train/valid/test)
+    dropped_users: int = 0  # users with fewer than 3 items (no train/valid/test)
 
     def describe(self) -> dict:
         lengths = np.array([len(s) for s in self.sequences])
@@ -39,7 +40,11 @@ class RecData:
             "users": len(self.sequences),
             "dropped_users_under_3_items": self.dropped_users,
             "interactions": int(lengths.sum()),
-            "history_length": {"min": int(lengths.min()), "median": float(np.median(lengths)), "max": int(lengths.max())},
+            "history_length": {
+                "min": int(lengths.min()),
+                "median": float(np.median(lengths)),
+                "max": int(lengths.max()),
+            },
             "training_prefixes": int(np.clip(lengths - 3, 0, None).sum()),
             **self.catalog.describe(),
         }
@@ -54,11 +59,11 @@ def train_windows(data: RecData, max_history: int = 20, per_target: bool = False
     for seq in data.sequences:
         train = seq[:-2]
         if per_target:
-            windows += [train[max(0, end - max_history - 1): end] for end in range(2, len(train) + 1)]
+            windows += [train[max(0, end - max_history - 1) : end] for end in range(2, len(train) + 1)]
             continue
         end = len(train)
         while end >= 2:
-            windows.append(train[max(0, end - max_history - 1): end])
+            windows.append(train[max(0, end - max_history - 1) : end])
             end -= max_history
     return datasets.Dataset.from_dict({"items": windows})
 

@@ -9,6 +9,7 @@ three fixed successors of the last item (same category), otherwise a popular ite
 the favourite category. A model that reads the history can learn both rules;
 popularity alone cannot, which is what makes the dataset a fair smoke test.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,16 @@ def item_vectors(rng: np.random.Generator, category: np.ndarray, subcategory: np
     return centres[category] + offsets[category, subcategory] + rng.normal(0, 1, (len(category), dim))
 
 
-def generate(seed: int = 0, users: int = 3000, categories: int = 10, subcategories: int = 6,
-             items: int = 600, min_len: int = 5, max_len: int = 20, follow: float = 0.75):
+def generate(
+    seed: int = 0,
+    users: int = 3000,
+    categories: int = 10,
+    subcategories: int = 6,
+    items: int = 600,
+    min_len: int = 5,
+    max_len: int = 20,
+    follow: float = 0.75,
+):
     """-> (item ids, SID codes [items][3], user ids, sequences of item ids)."""
     rng = np.random.default_rng(seed)
     category = rng.integers(0, categories, size=items)

@@ -8,6 +8,7 @@ without text, from the interactions: a PPMI co-occurrence matrix of items within
 steps of each other in users' TRAINING parts only (no valid/test leakage), factorised
 by a truncated SVD, rows scaled to unit length.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,7 @@ def lloyd(x: torch.Tensor, k: int, seed: int, iters: int, balanced: bool):
     gen = torch.Generator().manual_seed(seed)
     k = min(k, x.shape[0])
     centroids = x[torch.randint(0, x.shape[0], (1,), generator=gen)]
-    while centroids.shape[0] < k:                     # k-means++: far points are likelier seeds
+    while centroids.shape[0] < k:  # k-means++: far points are likelier seeds
         nearest = torch.cdist(x, centroids).min(1).values ** 2
         weights = nearest / nearest.sum() if nearest.sum() > 0 else torch.ones_like(nearest)
         centroids = torch.cat([centroids, x[torch.multinomial(weights, 1, generator=gen)]])
@@ -51,7 +52,7 @@ def lloyd(x: torch.Tensor, k: int, seed: int, iters: int, balanced: bool):
             members = assign == c
             if members.any():
                 centroids[c] = x[members].mean(0)
-            else:                                     # an empty cluster takes the worst-served point
+            else:  # an empty cluster takes the worst-served point
                 centroids[c] = x[distance.min(1).values.argmax()]
     return centroids, assign
 
@@ -86,8 +87,9 @@ def rq_kmeans(vectors: np.ndarray, codebook_sizes: list[int], seed: int = 0, bal
     return torch.stack(codes, 1).numpy()
 
 
-def cooccurrence_vectors(sequences: list[list[int]], num_items: int, dim: int = 64, window: int = 3,
-                         seed: int = 0) -> np.ndarray:
+def cooccurrence_vectors(
+    sequences: list[list[int]], num_items: int, dim: int = 64, window: int = 3, seed: int = 0
+) -> np.ndarray:
     """Item vectors from interactions alone: truncated SVD of the PPMI matrix of items
     that follow each other within `window` steps in the training parts (items[:-2])."""
     pairs = []
@@ -132,15 +134,22 @@ def codebook_report(codes: np.ndarray, codebook_sizes: list[int]) -> dict:
     for level, size in enumerate(codebook_sizes):
         counts = np.bincount(codes[:, level], minlength=size)
         p = counts[counts > 0] / counts.sum()
-        levels.append({"codes": size, "used": int((counts > 0).sum()),
-                       "perplexity": float(np.exp(-(p * np.log(p)).sum()))})
+        levels.append(
+            {"codes": size, "used": int((counts > 0).sum()), "perplexity": float(np.exp(-(p * np.log(p)).sum()))}
+        )
     _, inverse, group_sizes = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
     shared = group_sizes[inverse.ravel()] > 1
-    return {"levels": levels, "items": int(len(codes)), "collision_rate": float(shared.mean()),
-            "distinct_sids": int(len(group_sizes))}
+    return {
+        "levels": levels,
+        "items": int(len(codes)),
+        "collision_rate": float(shared.mean()),
+        "distinct_sids": int(len(group_sizes)),
+    }
 
 
 def write_letter_index(path: Path, item_ids: list[str], codes: np.ndarray) -> None:
-    index = {item: [f"<{chr(ord('a') + level)}_{int(code)}>" for level, code in enumerate(row)]
-             for item, row in zip(item_ids, codes)}
+    index = {
+        item: [f"<{chr(ord('a') + level)}_{int(code)}>" for level, code in enumerate(row)]
+        for item, row in zip(item_ids, codes)
+    }
     path.write_text(json.dumps(index))
