@@ -58,22 +58,31 @@ def lloyd(x: torch.Tensor, k: int, seed: int, iters: int, balanced: bool):
 
 
 def balanced_assign(distance: torch.Tensor, capacity: int) -> torch.Tensor:
-    """distance [N, k] -> assignment [N] with at most `capacity` items per cluster,
-    filling the closest (item, cluster) pairs first."""
+    """distance [N, k] -> assignment [N] with at most `capacity` items per cluster.
+
+    In rounds: every unassigned item proposes to its nearest cluster not yet tried; a
+    cluster keeps its closest proposers up to its free capacity and turns the rest
+    away. Items that run out of clusters stay -1 (only when capacity * k < N)."""
     n, k = distance.shape
-    order = distance.flatten().argsort()
+    preference = distance.argsort(dim=1)                                   # [N, k] clusters, nearest first
+    tried = torch.zeros(n, dtype=torch.long)
     assign = torch.full((n,), -1, dtype=torch.long)
-    load = [0] * k
-    left = n
-    for flat in order.tolist():
-        item, cluster = divmod(flat, k)
-        if assign[item] < 0 and load[cluster] < capacity:
-            assign[item] = cluster
-            load[cluster] += 1
-            left -= 1
-            if left == 0:
-                break
-    return assign
+    load = torch.zeros(k, dtype=torch.long)
+    while True:
+        waiting = ((assign < 0) & (tried < k)).nonzero().flatten()
+        if len(waiting) == 0:
+            return assign
+        choice = preference[waiting, tried[waiting]]
+        by_distance = distance[waiting, choice].argsort()
+        by_cluster = choice[by_distance].argsort(stable=True)
+        order = by_distance[by_cluster]                                    # proposals grouped by cluster, closest first
+        sorted_choice = choice[order]
+        first = torch.searchsorted(sorted_choice, sorted_choice, right=False)
+        rank = torch.arange(len(order)) - first                            # position among the cluster's proposers
+        accepted = rank < (capacity - load[sorted_choice])
+        assign[waiting[order[accepted]]] = sorted_choice[accepted]
+        load += torch.bincount(sorted_choice[accepted], minlength=k)
+        tried[waiting[order[~accepted]]] += 1
 
 
 def rq_kmeans(vectors: np.ndarray, codebook_sizes: list[int], seed: int = 0, balanced: bool = False) -> np.ndarray:
