@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from bench.errors import BenchError
+
 from decoders.base import (
     DecodeResult,
     NtpDecoder,
@@ -36,13 +38,18 @@ class Speculative(NtpDecoder):
         "its verification pass reads the prompt and the draft tree in one pass with tree attention, "
         "which only a decoder-only backbone takes"
     )
+    options = {"constrained": bool, "draft_beam": int}
     description = (
         "draft model beam-searches K beams, the backbone verifies the draft tree in one pass and keeps "
-        "exactly beam's top-K, falling back to its own steps where drafts miss"
+        "exactly beam's top-K, falling back to its own steps where drafts miss; :draft_beam=N drafts N >= K beams"
     )
 
-    def __init__(self, catalog, k, models, constrained: bool = False):
+    def __init__(self, catalog, k, models, constrained: bool = False, draft_beam: int = 0):
+        if draft_beam and draft_beam < k:
+            raise BenchError(f"speculative: draft_beam={draft_beam} is below K={k}; it must be at least K")
         super().__init__(catalog, k, models, constrained=constrained)
+        self.draft_beam = draft_beam or k
+        self.settings["draft_beam"] = self.draft_beam
         self.draft = models["draft"].lm
 
     @property
@@ -51,8 +58,8 @@ class Speculative(NtpDecoder):
 
     def draft_tree(self, batch):
         """-> node tokens [B, N], tree mask [B, N, N], node prefix codes [B, N] (-1 where
-        the draft had no candidate), node depth of each block of K nodes."""
-        catalog, k = self.catalog, self.k
+        the draft had no candidate); nodes come in blocks of draft_beam, one per depth."""
+        catalog, k = self.catalog, self.draft_beam
         trail = []
         beam_search(self.draft, catalog, batch.history, batch.mask, k, self.constrained, trail)
         size, levels = len(batch), catalog.levels
@@ -77,6 +84,7 @@ class Speculative(NtpDecoder):
     @torch.no_grad()
     def decode(self, batch) -> DecodeResult:
         catalog, k, levels, size = self.catalog, self.k, self.catalog.levels, len(batch)
+        width = self.draft_beam
         tokens, tree_mask, node_codes = self.draft_tree(batch)
         logits, node_logits, state = self.lm.tree_forward(batch.history, batch.mask, tokens, tree_mask)  # 1 call
 
@@ -88,13 +96,13 @@ class Speculative(NtpDecoder):
             if level == 0:
                 log_probs = level_log_probs(logits, catalog, 0).unsqueeze(1)
             else:
-                block = node_codes[:, (level - 1) * k : level * k]  # drafted prefixes of this length
+                block = node_codes[:, (level - 1) * width : level * width]  # drafted prefixes of this length
                 wanted = catalog.verifier.encode(prefixes)  # [B, K]
                 match = (wanted.unsqueeze(-1) == block.unsqueeze(1)) & (block.unsqueeze(1) >= 0)
                 needed = ~torch.isinf(scores)
                 missing = (needed & ~match.any(-1)).any(-1) & (accepted == levels)
                 accepted[missing] = level
-                node = (level - 1) * k + match.float().argmax(-1)  # [B, K]
+                node = (level - 1) * width + match.float().argmax(-1)  # [B, K]
                 picked = node_logits.gather(1, node.unsqueeze(-1).expand(-1, -1, node_logits.shape[-1]))
                 log_probs = level_log_probs(picked, catalog, level)
             candidates = scores.unsqueeze(-1) + log_probs

@@ -97,6 +97,21 @@ def test_sometimes_accepted_equals_beam(catalog, ntp):
     assert 0 < result.stats["fallback_requests"] < 12
 
 
+def test_a_wider_draft_beam_is_accepted_more_often_and_stays_lossless(catalog, ntp):
+    draft = random_model("ntp", catalog, seed=10)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    batch = random_batch(catalog, users=12, seed=3)
+    narrow, _ = speculate(catalog, 3, ntp, draft, batch)
+    wide, _ = speculate(catalog, 3, ntp, draft, batch, "speculative:draft_beam=12")
+    assert_same(wide, beam(catalog, 3, ntp, batch))
+    assert wide.stats["accepted_levels"] > narrow.stats["accepted_levels"]
+    with pytest.raises(BenchError, match="draft_beam=2 is below K=3"):
+        speculate(catalog, 3, ntp, draft, batch, "speculative:draft_beam=2")
+
+
 def test_constrained_speculative_equals_constrained_beam(catalog, ntp):
     draft = random_model("ntp", catalog, seed=3, backbone="qwen-micro")
     batch = random_batch(catalog, users=6, seed=4)
