@@ -27,7 +27,9 @@ def first_run(tmp_path_factory):
         "--batch-size",
         "50",
         "--max-epochs",
-        "8",
+        "4",
+        "--val-users",
+        "300",
         "--out",
         str(out),
     ]

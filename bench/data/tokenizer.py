@@ -37,10 +37,12 @@ def lloyd(x: torch.Tensor, k: int, seed: int, iters: int, balanced: bool):
     gen = torch.Generator().manual_seed(seed)
     k = min(k, x.shape[0])
     centroids = x[torch.randint(0, x.shape[0], (1,), generator=gen)]
+    nearest = torch.cdist(x, centroids).squeeze(1) ** 2
     while centroids.shape[0] < k:  # k-means++: far points are likelier seeds
-        nearest = torch.cdist(x, centroids).min(1).values ** 2
         weights = nearest / nearest.sum() if nearest.sum() > 0 else torch.ones_like(nearest)
-        centroids = torch.cat([centroids, x[torch.multinomial(weights, 1, generator=gen)]])
+        pick = x[torch.multinomial(weights, 1, generator=gen)]
+        centroids = torch.cat([centroids, pick])
+        nearest = torch.minimum(nearest, torch.cdist(x, pick).squeeze(1) ** 2)
     assign = None
     for _ in range(iters):
         distance = torch.cdist(x, centroids)
@@ -48,12 +50,10 @@ def lloyd(x: torch.Tensor, k: int, seed: int, iters: int, balanced: bool):
         if assign is not None and torch.equal(new, assign):
             break
         assign = new
-        for c in range(k):
-            members = assign == c
-            if members.any():
-                centroids[c] = x[members].mean(0)
-            else:  # an empty cluster takes the worst-served point
-                centroids[c] = x[distance.min(1).values.argmax()]
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        empty = counts == 0  # an empty cluster takes the worst-served point
+        centroids = torch.where(empty[:, None], x[distance.min(1).values.argmax()], sums / counts.clamp(min=1)[:, None])
     return centroids, assign
 
 
