@@ -88,26 +88,26 @@ def load_models(
     for path in checkpoints:
         model = load_checkpoint(path, data.catalog)
         objective = model.hparams.objective
-        if objective not in requests:
+        served = [key for key, (wanted, _) in requests.items() if wanted == objective and key != "draft"]
+        if not served:
             wanted = ", ".join(sorted({o for o, _ in requests.values() if o != "popularity"})) or "none"
             raise BenchError(
                 f"checkpoint {path} was trained with objective '{objective}', but the chosen decoders "
                 f"need: {wanted}; train one with: python -m bench train --objective "
                 f"{wanted.split(', ')[0]}"
             )
-        models[objective], sources[objective] = model, str(path)
-    if any(o == "medusa" for o, _ in requests.values()) and "ntp" not in requests:
-        requests = {**requests, "ntp": ("ntp", settings)}
-    for key in sorted(set(requests) - set(models), key=lambda k: requests[k][0] == "medusa"):
+        for key in served:  # the decoder checks that the model's options match its spec
+            models[key], sources[key] = model, str(path)
+    missing = set(requests) - set(models)
+    if any(requests[key][0] == "medusa" for key in missing) and "ntp" not in models:
+        requests = {**requests, "ntp": ("ntp", settings)}  # Medusa heads sit on the NTP backbone
+        missing.add("ntp")
+    for key in sorted(missing, key=lambda k: requests[k][0] == "medusa"):
         objective, wanted = requests[key]
         if objective == "popularity":
             models[key], sources[key] = item_popularity(data), "training split counts"
             continue
-        init = (
-            (getattr(models["ntp"], "cache_key", sources.get("ntp", "")), models["ntp"])
-            if objective == "medusa"
-            else None
-        )
+        init = (getattr(models["ntp"], "cache_key", sources["ntp"]), models["ntp"]) if objective == "medusa" else None
         models[key] = ensure_model(data, objective, wanted, progress, init_from=init)
         sources[key] = f"trained by bench run ({wanted.backbone}, runs cache {models[key].cache_key})"
     for key, model in models.items():
