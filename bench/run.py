@@ -16,7 +16,7 @@ from bench.errors import BenchError
 from bench.latency import benchmark, summarize
 from bench.metrics import ranking_metrics, target_ranks
 from bench.records import PROTOCOL, device_name, git_sha
-from bench.train import TrainSettings, ensure_model
+from bench.train import TrainSettings, build_model, ensure_model
 from decoders import REGISTRY, build_decoder, parse_spec
 from models.backbones import ITEM, backbone_kind, parameter_count
 from models.module import load_checkpoint
@@ -80,6 +80,7 @@ def load_models(
     settings: TrainSettings,
     device: torch.device,
     progress: bool,
+    untrained: bool = False,
 ) -> tuple[dict, dict]:
     """model key -> model (or popularity counts), and where each came from. A checkpoint
     given with --ckpt serves the plain role of its objective; the rest are trained (or
@@ -107,6 +108,9 @@ def load_models(
         if objective == "popularity":
             models[key], sources[key] = item_popularity(data), "training split counts"
             continue
+        if untrained:
+            models[key], sources[key] = build_model(data, objective, wanted), "random weights (--untrained)"
+            continue
         init = (getattr(models["ntp"], "cache_key", sources["ntp"]), models["ntp"]) if objective == "medusa" else None
         models[key] = ensure_model(data, objective, wanted, progress, init_from=init)
         sources[key] = f"trained by bench run ({wanted.backbone}, runs cache {models[key].cache_key})"
@@ -128,6 +132,7 @@ def run(
     limit_users: int | None = None,
     warmup: int = 2,
     progress: bool = True,
+    untrained: bool = False,
 ) -> list[dict]:
     """Evaluate the decoders on the same batches and return their records."""
     commit = git_sha()  # the code that runs, before anything can change it
@@ -138,7 +143,7 @@ def run(
     device = resolve_device(device_arg)
     per_decoder = [model_requests(name, options, settings) for name, options in parsed]  # refusals before training
     requests = {key: (objective, wanted) for request in per_decoder for key, objective, wanted in request.values()}
-    models, sources = load_models(requests, data, checkpoints, settings, device, progress)
+    models, sources = load_models(requests, data, checkpoints, settings, device, progress, untrained)
     decoders = {
         spec: build_decoder(spec, data.catalog, k, {role: models[key] for role, (key, _, _) in request.items()})
         for spec, request in zip(specs, per_decoder)
@@ -209,7 +214,8 @@ def run(
                     if "draft" in request
                     else None
                 ),
-                "candidates_per_user": int(sids.shape[1]),
+                "weights": "random: latency only, metrics meaningless" if untrained else "trained",
+            "candidates_per_user": int(sids.shape[1]),
                 "metrics": ranking_metrics(target_ranks(items, targets), k_max=k),
                 "invalid_rate": float((present & (items < 0)).float().mean()),
                 "empty_rate": float((~present).float().mean()),

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Sampler
 from bench.data import RecData, eval_examples, train_windows
 from bench.data.batches import collate_eval
 from models.backbones import ENCODER_DECODER
+from bench.errors import BenchError
 from models.module import SidRecommender, load_checkpoint
 
 RUNS_ENV = "BENCH_RUNS_DIR"
@@ -94,6 +95,35 @@ def runs_dir() -> Path:
     return Path(os.environ.get(RUNS_ENV, "runs"))
 
 
+def build_model(data: RecData, objective: str, settings: TrainSettings) -> SidRecommender:
+    """A model with random (seeded) weights for these settings."""
+    L.seed_everything(settings.seed, workers=True, verbose=False)
+    return SidRecommender.for_catalog(
+        objective,
+        settings.backbone,
+        data.catalog,
+        max_history=settings.max_history,
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
+        warmup_steps=settings.warmup_steps,
+        dropout=settings.dropout,
+        transition=settings.transition,
+        placeholders=settings.placeholders,
+        medusa_mode=settings.medusa_mode,
+    )
+
+
+def check_resumable(path: str, model: SidRecommender, data: RecData) -> None:
+    """A resumed checkpoint must hold the model these settings build, on this catalogue."""
+    saved = load_checkpoint(path, data.catalog).hparams
+    for name in ("objective", "backbone", "transition", "placeholders", "medusa_mode", "max_history"):
+        if saved.get(name) != model.hparams[name]:
+            raise BenchError(
+                f"--resume {path}: the checkpoint has {name}={saved.get(name)}, these settings give "
+                f"{model.hparams[name]}; pass the settings it was trained with"
+            )
+
+
 def train_model(
     data: RecData,
     objective: str,
@@ -108,20 +138,9 @@ def train_model(
 
     init_from: a trained NTP model whose backbone weights the new model starts from
     (Medusa heads are trained on top of the NTP backbone)."""
-    L.seed_everything(settings.seed, workers=True, verbose=False)
-    model = SidRecommender.for_catalog(
-        objective,
-        settings.backbone,
-        data.catalog,
-        max_history=settings.max_history,
-        lr=settings.lr,
-        weight_decay=settings.weight_decay,
-        warmup_steps=settings.warmup_steps,
-        dropout=settings.dropout,
-        transition=settings.transition,
-        placeholders=settings.placeholders,
-        medusa_mode=settings.medusa_mode,
-    )
+    model = build_model(data, objective, settings)
+    if resume:
+        check_resumable(resume, model, data)
     if init_from is not None:
         model.lm.load_state_dict(init_from.lm.state_dict())
     windows = train_windows(data, settings.max_history, per_target=model.lm.kind == ENCODER_DECODER)

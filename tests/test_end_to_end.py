@@ -4,6 +4,7 @@ models once (cached), evaluates several decoders on the same batches."""
 import json
 
 import pytest
+import torch
 
 from bench.__main__ import main
 
@@ -80,3 +81,55 @@ def test_checkpoint_of_the_wrong_objective_is_refused(first_run, capsys):
     assert code == 2
     assert "objective 'ntp'" in err and "need: nezha" in err and len(err.strip().splitlines()) == 1
     assert out.read_text() == before
+
+
+def test_training_resumes_from_its_last_checkpoint(first_run, tmp_path):
+    root, _, _ = first_run
+    last = next((root / "runs" / "synthetic").glob("ntp-*/last.ckpt"))
+    assert torch.load(last, weights_only=False)["epoch"] == 3  # --max-epochs 4 in the first run
+    run_dir = tmp_path / "resumed"
+    args = ["train", "--objective", "ntp", "--resume", str(last), "--val-users", "300", "--run-dir", str(run_dir)]
+    assert main(args + ["--max-epochs", "5"]) == 0
+    assert torch.load(run_dir / "last.ckpt", weights_only=False)["epoch"] == 4  # one more epoch, not five
+
+
+def test_resuming_with_other_settings_is_refused(first_run, tmp_path, capsys):
+    root, _, _ = first_run
+    last = next((root / "runs" / "synthetic").glob("ntp-*/last.ckpt"))
+    code = main(
+        [
+            "train",
+            "--objective",
+            "ntp",
+            "--backbone",
+            "llama-tiny",
+            "--resume",
+            str(last),
+            "--run-dir",
+            str(tmp_path / "x"),
+        ]
+    )
+    assert code == 2
+    assert "the checkpoint has backbone=qwen-tiny, these settings give llama-tiny" in capsys.readouterr().err
+
+
+def test_untrained_runs_measure_latency_without_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BENCH_RUNS_DIR", str(tmp_path / "runs"))
+    out = tmp_path / "latency.json"
+    args = [
+        "run",
+        "--decoder",
+        "beam,nezha",
+        "--untrained",
+        "--backbone",
+        "llama-micro",
+        "--limit-users",
+        "64",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    assert "training a" not in capsys.readouterr().out and not (tmp_path / "runs").exists()
+    records = json.loads(out.read_text())
+    assert [r["weights"] for r in records] == ["random: latency only, metrics meaningless"] * 2
+    assert records[0]["backbone"]["name"] == "llama-micro"
