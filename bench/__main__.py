@@ -269,8 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--limit-users", type=int, help="evaluate the first N users of the split")
         p.add_argument("--device", default="auto", help="auto, cpu or cuda")
         p.add_argument("--warmup", type=int, default=2, help="untimed passes over the first batch")
-        p.add_argument("--untrained", action="store_true", help="random weights, no training: latency only "
-                       "(e.g. --backbone qwen3-0.6b on a GPU); metrics are meaningless and the record says so")
+        p.add_argument(
+            "--untrained",
+            action="store_true",
+            help="random weights, no training: latency only "
+            "(e.g. --backbone qwen3-0.6b on a GPU); metrics are meaningless and the record says so",
+        )
         p.add_argument("--out", default=str(DEFAULT_OUT), help="results file (JSON list; records are appended)")
         add_data_args(p)
         add_train_args(p)

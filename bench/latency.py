@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from decoders.base import DecodeResult, Decoder
+from decoders.base import Decoder, DecodeResult
 
 
 @dataclass

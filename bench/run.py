@@ -215,7 +215,7 @@ def run(
                     else None
                 ),
                 "weights": "random: latency only, metrics meaningless" if untrained else "trained",
-            "candidates_per_user": int(sids.shape[1]),
+                "candidates_per_user": int(sids.shape[1]),
                 "metrics": ranking_metrics(target_ranks(items, targets), k_max=k),
                 "invalid_rate": float((present & (items < 0)).float().mean()),
                 "empty_rate": float((~present).float().mean()),

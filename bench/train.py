@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from bench.data import RecData, eval_examples, train_windows
 from bench.data.batches import collate_eval
-from models.backbones import ENCODER_DECODER
 from bench.errors import BenchError
+from models.backbones import ENCODER_DECODER
 from models.module import SidRecommender, load_checkpoint
 
 RUNS_ENV = "BENCH_RUNS_DIR"

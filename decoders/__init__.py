@@ -1,7 +1,7 @@
 """Decoders: one module each, one registry (`REGISTRY`, filled on import)."""
 
 from decoders import beam, full_rank, greedy, hf_beam, medusa, nezha, popularity, speculative  # noqa: F401  (each registers itself)
-from decoders.base import REGISTRY, DecodeResult, Decoder, parse_spec
+from decoders.base import REGISTRY, Decoder, DecodeResult, parse_spec
 
 __all__ = ["REGISTRY", "DecodeResult", "Decoder", "parse_spec", "build_decoder"]
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from bench.errors import BenchError
-
 from decoders.base import (
     DecodeResult,
     NtpDecoder,

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from bench.data.catalog import build_catalog
 from bench.data.batches import collate_eval
+from bench.data.catalog import build_catalog
 from models.module import SidRecommender
 
 

@@ -3,12 +3,12 @@ with the documented line."""
 
 import pytest
 import torch
+from conftest import random_batch, random_model, training_losses
 
 from bench.errors import BenchError
 from bench.latency import count_calls
 from bench.run import model_requests
 from bench.train import TrainSettings
-from conftest import random_batch, random_model, training_losses
 from decoders import REGISTRY, build_decoder
 from models.backbones import BACKBONES, backbone_kind, build_backbone, parameter_count
 

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.data import RecData, eval_examples, load_dataset, synthetic, train_windows
-from bench.data import letter
+from bench.data import RecData, eval_examples, letter, load_dataset, synthetic, train_windows
 from bench.data.batches import collate_eval
 from bench.data.catalog import build_catalog
 from bench.errors import BenchError

@@ -3,10 +3,10 @@ only real items where the verifier is on."""
 
 import pytest
 import torch
+from conftest import random_batch, random_model
 
 from bench.errors import BenchError
 from bench.latency import count_calls
-from conftest import random_batch, random_model
 from decoders import build_decoder, parse_spec
 
 

@@ -3,9 +3,9 @@ sees, losses fall, checkpoints refuse the wrong catalogue."""
 
 import pytest
 import torch
+from conftest import random_catalog, random_model
 
 from bench.errors import BenchError
-from conftest import random_catalog, random_model
 from models import objectives
 from models.module import load_checkpoint
 

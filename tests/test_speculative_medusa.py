@@ -5,10 +5,10 @@ import copy
 
 import pytest
 import torch
+from conftest import random_batch, random_model, training_losses
 
 from bench.errors import BenchError
 from bench.latency import count_calls
-from conftest import random_batch, random_model, training_losses
 from decoders import build_decoder
 from decoders.beam import beam_search
 

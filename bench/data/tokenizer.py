@@ -64,7 +64,7 @@ def balanced_assign(distance: torch.Tensor, capacity: int) -> torch.Tensor:
     cluster keeps its closest proposers up to its free capacity and turns the rest
     away. Items that run out of clusters stay -1 (only when capacity * k < N)."""
     n, k = distance.shape
-    preference = distance.argsort(dim=1)                                   # [N, k] clusters, nearest first
+    preference = distance.argsort(dim=1)  # [N, k] clusters, nearest first
     tried = torch.zeros(n, dtype=torch.long)
     assign = torch.full((n,), -1, dtype=torch.long)
     load = torch.zeros(k, dtype=torch.long)
@@ -75,10 +75,10 @@ def balanced_assign(distance: torch.Tensor, capacity: int) -> torch.Tensor:
         choice = preference[waiting, tried[waiting]]
         by_distance = distance[waiting, choice].argsort()
         by_cluster = choice[by_distance].argsort(stable=True)
-        order = by_distance[by_cluster]                                    # proposals grouped by cluster, closest first
+        order = by_distance[by_cluster]  # proposals grouped by cluster, closest first
         sorted_choice = choice[order]
         first = torch.searchsorted(sorted_choice, sorted_choice, right=False)
-        rank = torch.arange(len(order)) - first                            # position among the cluster's proposers
+        rank = torch.arange(len(order)) - first  # position among the cluster's proposers
         accepted = rank < (capacity - load[sorted_choice])
         assign[waiting[order[accepted]]] = sorted_choice[accepted]
         load += torch.bincount(sorted_choice[accepted], minlength=k)
