@@ -57,7 +57,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         choices=["frozen", "joint"],
         help="Medusa heads on a frozen backbone (Medusa-1) or trained with it (Medusa-2)",
     )
-    p.add_argument("--draft-backbone", default="qwen-micro", help="the separate draft model of speculative")
+    p.add_argument(
+        "--draft-backbone",
+        help="the separate draft model of speculative (default: the micro size of the backbone's family)",
+    )
     p.add_argument("--item-backbone", default="sasrec-small", help="the item-embedding model of full_rank")
 
 
@@ -67,8 +70,9 @@ def train_settings(args):
     small = args.dataset == "synthetic" and not args.data_dir
     if args.max_epochs < 1 or args.patience < 0 or args.max_history < 1:
         raise BenchError("--max-epochs and --max-history must be at least 1, --patience at least 0")
+    backbone = args.backbone or ("qwen-tiny" if small else "qwen-small")
     return TrainSettings(
-        backbone=args.backbone or ("qwen-tiny" if small else "qwen-small"),
+        backbone=backbone,
         max_epochs=args.max_epochs,
         patience=args.patience,
         batch_size=args.train_batch_size or (64 if small else 256),
@@ -80,7 +84,7 @@ def train_settings(args):
         transition=args.transition,
         placeholders=not args.no_placeholders,
         medusa_mode=args.medusa_mode,
-        draft_backbone=args.draft_backbone,
+        draft_backbone=args.draft_backbone or ("llama-micro" if backbone.startswith("llama") else "qwen-micro"),
         item_backbone=args.item_backbone,
         seed=args.seed,
     )
