@@ -1,4 +1,6 @@
-"""`bench leaderboard`: result files -> one Markdown table per dataset, split and device."""
+"""`bench leaderboard`: result files -> one Markdown table per run (dataset, split,
+device, command). Speedups are against the beam search of the same run only: speeds
+measured in different runs are not compared."""
 
 from __future__ import annotations
 
@@ -16,12 +18,13 @@ def leaderboard(paths: list[Path]) -> str:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for path in paths:
         for record in read_records(path):
-            groups[(record["dataset"], record["split"], record["device"])].append(record)
+            run = (record["dataset"], record["split"], record["device"], record["timestamp"], record["command"])
+            groups[run].append(record)
     out = []
-    for (dataset, split, device), records in sorted(groups.items()):
+    for (dataset, split, device, timestamp, command), records in sorted(groups.items()):
         beam = [r for r in records if r["decoder"] == "beam" and r.get("latency_ms")]
         base = beam[-1]["latency_ms"]["mean"] if beam else None
-        out.append(f"### {dataset} / {split} / {device}\n")
+        out.append(f"### {dataset} / {split} / {device} / {timestamp}\n")
         out.append(
             "| decoder | backbone | users | K | batch | R@1 | R@10 | N@10 | R@20 | N@20 | invalid | "
             "mean ms/batch | p99 ms | x bare forward | speedup vs beam | backbone calls | commit |"
@@ -29,7 +32,7 @@ def leaderboard(paths: list[Path]) -> str:
         out.append("|" + "---|" * 17)
         for r in records:
             m, lat = r["metrics"], r.get("latency_ms") or {}
-            speedup = base / lat["mean"] if base and lat else None
+            speedup = base / lat["mean"] if base and lat and r.get("backbone") else None
             backbone = r["backbone"]["name"] if r.get("backbone") else "-"
             out.append(
                 f"| {r['decoder']} | {backbone} | {r['users']} | {r['k']} | {r['batch_size']} | "
@@ -39,6 +42,5 @@ def leaderboard(paths: list[Path]) -> str:
                 f"{_fmt(r.get('latency_over_prefill'), '.2f')} | {_fmt(speedup, '.2f')} | "
                 f"{r['backbone_calls_per_batch']:.1f} | {r['git_sha'][:10]} |"
             )
-        commands = sorted({r["command"] for r in records})
-        out.append("\nCommand(s): " + "; ".join(f"`{c}`" for c in commands) + "\n")
+        out.append(f"\nCommand: `{command}`\n")
     return "\n".join(out)

@@ -133,7 +133,8 @@ def record(decoder: str, mean_ms: float, recall10: float, **extra) -> dict:
         "latency_over_prefill": 1.5,
         "backbone_calls_per_batch": 4.0,
         "git_sha": "0123456789abcdef",
-        "command": f"python -m bench run --decoder {decoder}",
+        "command": "python -m bench run --decoder beam,nezha,greedy",
+        "timestamp": "2026-11-22T20:00:00+0000",
         **extra,
     }
 
@@ -151,7 +152,7 @@ def test_leaderboard_shows_speedup_against_beam(cli, tmp_path):
     results.write_text(json.dumps([record("beam", 50.0, 0.4), record("nezha", 10.0, 0.375)]))
     code, out, _ = cli("leaderboard", str(results))
     assert code == 0
-    assert "### synthetic / test / cpu (test)" in out
+    assert "### synthetic / test / cpu (test) / 2026-11-22T20:00:00+0000" in out
     rows = table_rows(out)
     assert set(rows) == {"beam", "nezha"}
     assert rows["beam"]["speedup vs beam"] == "1.00"
@@ -169,6 +170,22 @@ def test_leaderboard_writes_its_out_file(cli, tmp_path):
     code, out, _ = cli("leaderboard", str(results), "--out", str(table))
     assert code == 0 and out.strip() == f"written to {table}"
     assert table_rows(table.read_text())["greedy"]["speedup vs beam"] == "2.00"
+
+
+def test_leaderboard_compares_speeds_only_within_a_run(cli, tmp_path):
+    later = {"timestamp": "2026-11-23T09:00:00+0000"}
+    results = tmp_path / "results.json"
+    runs = [
+        record("beam", 50.0, 0.4),
+        record("nezha", 10.0, 0.4),
+        record("beam", 100.0, 0.4, **later),
+        record("nezha", 50.0, 0.4, **later),
+    ]
+    results.write_text(json.dumps(runs))
+    code, out, _ = cli("leaderboard", str(results))
+    first, second = out.split("### synthetic")[1:]
+    assert table_rows(first)["nezha"]["speedup vs beam"] == "5.00"
+    assert table_rows(second)["nezha"]["speedup vs beam"] == "2.00"
 
 
 # ---------------------------------------------------------------- result records
