@@ -42,7 +42,7 @@ class Decoder:
     lm = None  # the backbone wrapper (models.backbones) it decodes with
 
     def __init__(self, catalog: Catalog, k: int, models: dict, **options):
-        self.catalog, self.k, self.models = catalog, k, models
+        self.catalog, self.k = catalog, k
         self.settings = options
 
     @property
