@@ -2,7 +2,7 @@
 
 run          decoders on the same batches -> metrics, latency, one JSON record each
 ablate       the NEZHA ablations (verifier, placeholders, transition, head beam) beside beam
-train        train a model for an objective (ntp: greedy/beam/hf_beam/speculative; nezha; medusa)
+train        train a model for an objective (ntp: greedy/beam/hf_beam/speculative; nezha; medusa; next_item: full_rank)
 tokenize     SIDs for a catalogue by residual k-means, written in the LETTER format
 data         load a dataset and print what it holds (users, catalogue, collisions)
 leaderboard  result files -> Markdown tables
@@ -20,19 +20,20 @@ from bench.errors import BenchError
 DEFAULT_OUT = Path("runs") / "results.json"
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
+def add_data_args(p: argparse.ArgumentParser, collisions: bool = True) -> None:
     p.add_argument(
         "--dataset",
         default="synthetic",
         help="synthetic (default, generated), beauty, instruments, yelp, or any name with --data-dir",
     )
     p.add_argument("--data-dir", help="folder with <Name>.inter.json and <Name>.index.json")
-    p.add_argument(
-        "--collisions",
-        default="last_code",
-        choices=["last_code", "extra_level"],
-        help="how SIDs shared by several items are made unique",
-    )
+    if collisions:
+        p.add_argument(
+            "--collisions",
+            default="last_code",
+            choices=["last_code", "extra_level"],
+            help="how SIDs shared by several items are made unique",
+        )
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -151,7 +152,7 @@ def cmd_run(args) -> None:
     if args.constrained:
         specs = [
             s + ":constrained"
-            if s.split(":")[0] in ("beam", "hf_beam", "speculative") and "constrained" not in s
+            if s.split(":")[0] in ("beam", "hf_beam", "medusa", "speculative") and "constrained" not in s
             else s
             for s in specs
         ]
@@ -242,8 +243,15 @@ def cmd_leaderboard(args) -> None:
         print(table)
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """Bad arguments get the same one error line as every other bad input, not a usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -260,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                 help="comma-separated decoder specs, e.g. greedy,beam,nezha "
                 "or beam:constrained,nezha:verifier=off (see README for every decoder and option)",
             )
-        p.add_argument("--constrained", action="store_true", help="beam, hf_beam and speculative mask invalid prefixes")
+        p.add_argument(
+            "--constrained", action="store_true", help="beam, hf_beam, medusa and speculative mask invalid prefixes"
+        )
         p.add_argument("--k", type=int, default=20, help="recommendations per user (beam width)")
         p.add_argument("--batch-size", type=int, default=32, help="users per decoding batch")
         p.add_argument("--split", default="test", choices=["test", "valid"])
@@ -304,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codes", type=int, default=256, help="codes per level")
     p.add_argument("--balanced", action="store_true", help="cap every cluster at ceil(items / codes)")
     p.add_argument("--dim", type=int, default=64, help="size of co-occurrence vectors")
-    p.add_argument("--out-dir", help="default: runs/tokenized/<dataset>-rq<levels>x<codes>")
-    add_data_args(p)
+    p.add_argument("--out-dir", help="default: runs/tokenized/<dataset>-rq<levels>x<codes>[-balanced]")
+    add_data_args(p, collisions=False)
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("data", help="load a dataset and describe it")
@@ -317,10 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write the tables to this file")
     p.set_defaults(func=cmd_leaderboard)
 
-    args = parser.parse_args(argv)
-    if getattr(args, "limit_users", None) is not None and args.limit_users < 1:
-        parser.error("--limit-users must be at least 1")
     try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad argument already reported in one line
+        return exc.code
+    try:
+        if getattr(args, "limit_users", None) is not None and args.limit_users < 1:
+            raise BenchError(f"--limit-users {args.limit_users}: must be at least 1")
         args.func(args)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)

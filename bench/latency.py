@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -93,7 +94,7 @@ def benchmark(
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             with count_calls(decoder.backbone_core) as calls, count_calls(decoder.draft_core) as draft_calls:
-                result, ms = timed(lambda: decoder.decode(batch), device)
+                result, ms = timed(partial(decoder.decode, batch), device)
             if device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(device) / 2**20
                 record.peak_memory_mb = max(record.peak_memory_mb or 0.0, peak)
@@ -102,5 +103,5 @@ def benchmark(
             record.backbone_calls.append(calls[0])
             record.draft_calls.append(draft_calls[0])
             if decoder.backbone_core is not None:
-                record.prefill_ms.append(timed(lambda: decoder.bare_forward(batch), device)[1])
+                record.prefill_ms.append(timed(partial(decoder.bare_forward, batch), device)[1])
     return measured

@@ -84,7 +84,7 @@ def register(cls: type[Decoder]) -> type[Decoder]:
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
-    """'beam:constrained:k_head=40' -> ('beam', {'constrained': True, 'k_head': 40})."""
+    """'nezha:verifier=last:head_beam=40' -> ('nezha', {'verifier': 'last', 'head_beam': 40})."""
     name, *parts = spec.strip().split(":")
     if name not in REGISTRY:
         raise BenchError(f"unknown decoder '{name}'; choose from {', '.join(sorted(REGISTRY))}")

@@ -1,4 +1,4 @@
-"""The LightningModule shared by both objectives, and checkpoint loading with checks."""
+"""The LightningModule shared by every objective, and checkpoint loading with checks."""
 
 from __future__ import annotations
 
@@ -93,6 +93,8 @@ class SidRecommender(L.LightningModule):
             from decoders import build_decoder
 
             spec = VALIDATION_DECODER[self.hparams.objective]
+            if self.hparams.objective == "medusa":
+                spec += f":mode={self.hparams.medusa_mode}"
             self._val_decoder = build_decoder(spec, self.catalog, self.hparams.val_k, {self.hparams.objective: self})
         result = self._val_decoder.decode(batch)
         ranks = target_ranks(self.catalog.items_of(result.sids), batch.targets)

@@ -50,6 +50,20 @@ def bench_run_error(cli, tmp_path):
     return run
 
 
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("--k", "x"), "error: argument --k: invalid int value: 'x'; see python -m bench run --help"),
+        (("--split", "train"), "error: argument --split: invalid choice: 'train'"),
+        (("--limit-users", "0"), "error: --limit-users 0: must be at least 1"),
+    ],
+)
+def test_bad_arguments_are_one_error_line(cli, args, expected):
+    code, _, err = cli("run", *args)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith(expected), err
+
+
 def test_unknown_decoder(bench_run_error):
     line = bench_run_error("--decoder", "greedy,nosuch")
     assert "unknown decoder 'nosuch'" in line

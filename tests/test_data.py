@@ -464,5 +464,4 @@ def test_collate_eval_left_pads_sid_tokens():
     assert batch.history.tolist() == [[1, 3, 2, 4], [0, 0, 1, 4]]
     assert batch.mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
     assert batch.targets.tolist() == [6, 0]
-    assert batch.users.tolist() == [0, 4]
     assert len(batch) == 2

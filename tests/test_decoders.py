@@ -85,7 +85,6 @@ def test_left_padding_does_not_change_results(catalog, ntp, nezha):
                 batch.history[user][keep][None],
                 batch.mask[user][keep][None],
                 batch.targets[user : user + 1],
-                batch.users[user : user + 1],
                 batch.items[user][keep_items][None],
                 batch.items_mask[user][keep_items][None],
             )

@@ -9,13 +9,11 @@ from bench.data.catalog import Catalog, build_catalog
 from bench.data.splits import RecData, eval_examples, item_popularity, train_windows
 from bench.errors import BenchError
 
-DEFAULT_DATASET = "synthetic"
-
-__all__ = ["Catalog", "RecData", "load_dataset", "eval_examples", "train_windows", "item_popularity", "DEFAULT_DATASET"]
+__all__ = ["Catalog", "RecData", "load_dataset", "eval_examples", "train_windows", "item_popularity"]
 
 
 def load_dataset(
-    name: str = DEFAULT_DATASET, data_dir: str | Path | None = None, collisions: str = "last_code", seed: int = 0
+    name: str = "synthetic", data_dir: str | Path | None = None, collisions: str = "last_code", seed: int = 0
 ) -> RecData:
     """Load by name: `synthetic` is generated; a LETTER dataset comes from --data-dir,
     else ../shared/data/<name>, else the download cache (downloading it once)."""

@@ -15,14 +15,11 @@ class EvalBatch:
     history: torch.Tensor  # [B, T] SID tokens of the history items, left-padded with PAD
     mask: torch.Tensor  # [B, T] 1 on real tokens
     targets: torch.Tensor  # [B] item index of the held-out item
-    users: torch.Tensor  # [B] user index
     items: torch.Tensor  # [B, H] history item index + 1, left-padded with 0 (item-id models)
     items_mask: torch.Tensor  # [B, H]
 
     def to(self, device) -> "EvalBatch":
-        return EvalBatch(
-            *(t.to(device) for t in (self.history, self.mask, self.targets, self.users, self.items, self.items_mask))
-        )
+        return EvalBatch(*(t.to(device) for t in (self.history, self.mask, self.targets, self.items, self.items_mask)))
 
     def __len__(self) -> int:
         return self.history.shape[0]
@@ -34,8 +31,7 @@ def collate_eval(examples: list[dict], catalog: Catalog) -> EvalBatch:
     history, mask = pad_rows([catalog.item_tokens(h).flatten() for h in histories], left=True)
     items, items_mask = pad_rows([h + 1 for h in histories], left=True)
     targets = torch.tensor([ex["target"] for ex in examples], dtype=torch.long)
-    users = torch.tensor([ex["user"] for ex in examples], dtype=torch.long)
-    return EvalBatch(history, mask, targets, users, items, items_mask)
+    return EvalBatch(history, mask, targets, items, items_mask)
 
 
 def pad_rows(rows: list[torch.Tensor], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
