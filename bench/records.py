@@ -66,9 +66,14 @@ def read_records(path: Path) -> list[dict]:
 
 
 def append_records(path: Path, new: list[dict]) -> None:
+    """Write to a temporary file and rename it over the old one, so an interrupted
+    write never leaves a half-written results file."""
     records = read_records(path) + new
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(handle, "w") as f:
         json.dump(records, f, indent=1)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a results file is to be shared
     os.replace(tmp, path)

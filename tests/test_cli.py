@@ -2,6 +2,8 @@
 any training; `data` and `leaderboard`; appending result records."""
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -211,6 +213,15 @@ def test_append_records_appends_to_an_existing_list(tmp_path):
     append_records(path, [{"decoder": "nezha"}, {"decoder": "greedy"}])
     assert read_records(path) == [{"decoder": "beam"}, {"decoder": "nezha"}, {"decoder": "greedy"}]
     assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]
+
+
+def test_results_file_gets_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        append_records(tmp_path / "results.json", [{"decoder": "beam"}])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == 0o644
 
 
 @pytest.mark.parametrize(
