@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -173,7 +174,10 @@ def train_model(
         num_sanity_val_steps=0,
         log_every_n_steps=10,
     )
-    trainer.fit(model, train_loader, valid_loader, ckpt_path=resume)
+    with warnings.catch_warnings():
+        # the CSV logger's folder sits inside the run folder, which Lightning takes for leftovers
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        trainer.fit(model, train_loader, valid_loader, ckpt_path=resume)
     (run_dir / "settings.json").write_text(
         json.dumps({"objective": objective, "dataset": data.name, **settings.relevant(objective)}, indent=1)
     )
