@@ -20,17 +20,16 @@ class SidLevelProcessor(LogitsProcessor):
     """Keeps only the codes of the level being generated (and, constrained, those that
     extend a valid prefix)."""
 
-    def __init__(self, catalog, prompt_length: int, constrained: bool):
+    def __init__(self, catalog, prompt_length: int, constrained: bool, device: torch.device):
         self.catalog, self.prompt_length, self.constrained = catalog, prompt_length, constrained
+        self.offsets = torch.tensor(catalog.offsets, device=device)  # [L], once per generate call
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         level = input_ids.shape[1] - self.prompt_length
         start, size = self.catalog.offsets[level], self.catalog.codebook_sizes[level]
         allowed = torch.zeros_like(scores, dtype=torch.bool)
         if self.constrained:
-            generated = input_ids[:, self.prompt_length :] - torch.tensor(
-                self.catalog.offsets[:level], device=scores.device
-            )
+            generated = input_ids[:, self.prompt_length :] - self.offsets[:level]
             prefix_codes = self.catalog.verifier.encode(generated)
             allowed[:, start : start + size] = self.catalog.verifier.child_mask(prefix_codes, level)
         else:
@@ -46,7 +45,9 @@ class HFBeam(NtpDecoder):
     @torch.no_grad()
     def decode(self, batch) -> DecodeResult:
         levels, size = self.catalog.levels, len(batch)
-        processor = SidLevelProcessor(self.catalog, self.lm.generation_prompt_length(batch.history), self.constrained)
+        processor = SidLevelProcessor(
+            self.catalog, self.lm.generation_prompt_length(batch.history), self.constrained, batch.history.device
+        )
         # with one beam generate runs greedy search, which takes no beam settings and reports raw logits
         beam_settings = dict(length_penalty=0.0, early_stopping=True) if self.k > 1 else dict(output_logits=True)
         out = self.lm.lm.generate(
@@ -71,7 +72,6 @@ class HFBeam(NtpDecoder):
         else:
             log_probs = torch.stack([torch.log_softmax(step.float(), -1) for step in out.logits], 1)  # [B, L, V]
             scores = log_probs.gather(2, generated.unsqueeze(-1)).sum((1, 2))
-        offsets = torch.tensor(self.catalog.offsets, device=generated.device)
-        sids = (generated - offsets).view(size, self.k, levels)
+        sids = (generated - processor.offsets).view(size, self.k, levels)
         scores = scores.view(size, self.k)
         return finish(sids.clamp(min=0), scores.masked_fill(scores < -1e30, NEG_INF))

@@ -54,11 +54,16 @@ class Nezha(Decoder):
         if head_beam and head_beam < k:
             raise BenchError(f"nezha: head_beam={head_beam} is below K={k}; it must be at least K")
         self.lm, self.head = model.lm, model.head
-        self.placeholders = model.hparams.placeholders
         self.verifier, self.head_beam = verifier, head_beam or k
+        # built once, not per batch inside the timed decode: [L] token ids, None without placeholders
+        device = next(model.parameters()).device
+        self._placeholder_ids = (
+            torch.tensor(catalog.placeholder_tokens, device=device) if model.hparams.placeholders else None
+        )
 
     def placeholder_tokens(self, device) -> torch.Tensor | None:
-        return torch.tensor(self.catalog.placeholder_tokens, device=device) if self.placeholders else None
+        """The placeholder token ids on `device` (a no-op move when the model lives there)."""
+        return None if self._placeholder_ids is None else self._placeholder_ids.to(device)
 
     def bare_forward(self, batch):
         self.lm.nezha_states(batch.history, batch.mask, self.placeholder_tokens(batch.history.device))

@@ -80,7 +80,7 @@ class DecodeState:
     cache: object  # the model's KV cache
     mask: torch.Tensor  # [N, T_seen] attention mask over the cached prompt (and steps)
     next_position: torch.Tensor  # [N] position id of the next token
-    last_hidden: torch.Tensor | None = None  # [N, d] hidden state that predicted the first level
+    last_hidden: torch.Tensor | None = None  # [N, d] after the decoder-only prefill: what Medusa's heads read
     memory: torch.Tensor | None = None  # [N, T, d] encoder output (encoder-decoder only)
 
 

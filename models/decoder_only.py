@@ -146,10 +146,10 @@ class DecoderOnlyLM(nn.Module):
 
     @staticmethod
     def select(state: DecodeState, rows: torch.Tensor) -> DecodeState:
-        """Gather rows [N'] of the cache: repeats rows to copy a prompt to beams, or reorders beams."""
+        """Gather rows [N'] of the cache: repeats rows to copy a prompt to beams, or reorders beams.
+        last_hidden is left behind: only Medusa reads it, right after the prefill."""
         state.cache.reorder_cache(rows)
-        last = state.last_hidden[rows] if state.last_hidden is not None else None
-        return DecodeState(state.cache, state.mask[rows], state.next_position[rows], last)
+        return DecodeState(state.cache, state.mask[rows], state.next_position[rows])
 
     @staticmethod
     def crop(state: DecodeState, length: int) -> DecodeState:

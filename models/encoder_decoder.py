@@ -80,14 +80,12 @@ class EncoderDecoderLM(nn.Module):
             attention_mask=mask,
             decoder_input_ids=self._start(history),
             use_cache=True,
-            output_hidden_states=True,
         )
         state = DecodeState(
             out.past_key_values,
             mask,
             torch.ones(history.shape[0], dtype=torch.long, device=history.device),
-            out.decoder_hidden_states[-1][:, -1],
-            encoded,
+            memory=encoded,
         )
         return out.logits[:, -1], state
 
@@ -100,11 +98,10 @@ class EncoderDecoderLM(nn.Module):
             use_cache=True,
         )
         return out.logits, DecodeState(
-            out.past_key_values, state.mask, state.next_position + tokens.shape[1], None, state.memory
+            out.past_key_values, state.mask, state.next_position + tokens.shape[1], memory=state.memory
         )
 
     @staticmethod
     def select(state: DecodeState, rows: torch.Tensor) -> DecodeState:
         state.cache.reorder_cache(rows)
-        last = state.last_hidden[rows] if state.last_hidden is not None else None
-        return DecodeState(state.cache, state.mask[rows], state.next_position[rows], last, state.memory[rows])
+        return DecodeState(state.cache, state.mask[rows], state.next_position[rows], memory=state.memory[rows])

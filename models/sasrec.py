@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2Model
 
-from models.backbones import ITEM, generic_size
+from models.backbones import ITEM, generic_size, positions_from_mask
 
 
 class ItemSequenceModel(nn.Module):
@@ -41,11 +41,16 @@ class ItemSequenceModel(nn.Module):
 
     def item_scores(self, items: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """items [B, T] (item index + 1, 0 = PAD) -> scores over all items [B, T, N] (or [B, N])."""
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = self.model(input_ids=items, attention_mask=mask, position_ids=positions).last_hidden_state
+        hidden = self.hidden(items, mask)
         if last_only:
             hidden = hidden[:, -1]
         return hidden @ self.model.wte.weight[1:].T
 
+    def hidden(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, T] item ids -> [B, T, d]: one pass of the item transformer."""
+        return self.model(
+            input_ids=items, attention_mask=mask, position_ids=positions_from_mask(mask)
+        ).last_hidden_state
+
     def bare_forward(self, items, mask) -> None:
-        self.model(input_ids=items, attention_mask=mask, position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0))
+        self.hidden(items, mask)
