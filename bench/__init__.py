@@ -1,1 +1,1 @@
-"""The harness a user runs: ``python -m bench {run,train,data,leaderboard}``."""
+"""The harness a user runs: ``python -m bench {run,ablate,train,tokenize,data,leaderboard}``."""

@@ -136,6 +136,16 @@ def ablation_specs(k: int) -> list[str]:
     ]
 
 
+def with_constraint(spec: str) -> str:
+    """--constrained: add ':constrained' to every decoder that takes the option and lacks it."""
+    from decoders import REGISTRY
+
+    name, *parts = spec.split(":")
+    takes = name in REGISTRY and "constrained" in REGISTRY[name].options
+    has = any(part.partition("=")[0] == "constrained" for part in parts)
+    return spec + ":constrained" if takes and not has else spec
+
+
 def cmd_run(args) -> None:
     from bench.data import load_dataset
     from bench.records import append_records, read_records
@@ -150,12 +160,7 @@ def cmd_run(args) -> None:
     if not specs:
         raise BenchError("--decoder names no decoder; give e.g. --decoder greedy,beam,nezha")
     if args.constrained:
-        specs = [
-            s + ":constrained"
-            if s.split(":")[0] in ("beam", "hf_beam", "medusa", "speculative") and "constrained" not in s
-            else s
-            for s in specs
-        ]
+        specs = [with_constraint(s) for s in specs]
     settings = train_settings(args)
     data = load_dataset(args.dataset, args.data_dir, args.collisions, args.seed)
     records = run(

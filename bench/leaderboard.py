@@ -7,11 +7,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from bench.records import read_records
-
-
-def _fmt(value, spec: str) -> str:
-    return format(value, spec) if value is not None else "-"
+from bench.records import cell, read_records
 
 
 def leaderboard(paths: list[Path]) -> str:
@@ -36,10 +32,10 @@ def leaderboard(paths: list[Path]) -> str:
             backbone = r["backbone"]["name"] if r.get("backbone") else "-"
             out.append(
                 f"| {r['decoder']} | {backbone} | {r['users']} | {r['k']} | {r['batch_size']} | "
-                f"{_fmt(m['recall@1'], '.4f')} | {_fmt(m['recall@10'], '.4f')} | {_fmt(m['ndcg@10'], '.4f')} | "
-                f"{_fmt(m['recall@20'], '.4f')} | {_fmt(m['ndcg@20'], '.4f')} | {r['invalid_rate']:.3f} | "
-                f"{_fmt(lat.get('mean'), '.1f')} | {_fmt(lat.get('p99'), '.1f')} | "
-                f"{_fmt(r.get('latency_over_prefill'), '.2f')} | {_fmt(speedup, '.2f')} | "
+                f"{cell(m['recall@1'], '.4f')} | {cell(m['recall@10'], '.4f')} | {cell(m['ndcg@10'], '.4f')} | "
+                f"{cell(m['recall@20'], '.4f')} | {cell(m['ndcg@20'], '.4f')} | {r['invalid_rate']:.3f} | "
+                f"{cell(lat.get('mean'), '.1f')} | {cell(lat.get('p99'), '.1f')} | "
+                f"{cell(r.get('latency_over_prefill'), '.2f')} | {cell(speedup, '.2f')} | "
                 f"{r['backbone_calls_per_batch']:.1f} | {r['git_sha'][:10]} |"
             )
         out.append(f"\nCommand: `{command}`\n")

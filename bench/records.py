@@ -19,8 +19,8 @@ PROTOCOL = (
     "leave-one-out per user: test target = last item, valid target = second to last, history = up to "
     "{max_history} earlier items; candidates = every item of the catalogue (a generated SID that is no item "
     "counts as a miss); Recall@k = share of users whose target is in the top k; NDCG@k = mean of "
-    "1/log2(rank+1) for ranks <= k; latency = wall time per batch after {warmup} warm-up batches, decoders "
-    "taking turns on the same batches"
+    "1/log2(rank+1) for ranks <= k; latency = wall time per batch after {warmup} warm-up passes over the "
+    "first batch, decoders taking turns on the same batches"
 )
 
 
@@ -63,6 +63,11 @@ def read_records(path: Path) -> list[dict]:
     if not isinstance(records, list):
         raise BenchError(f"{path} is not a results file (expected a JSON list of records); it was left untouched")
     return records
+
+
+def cell(value, spec: str) -> str:
+    """A table cell: the formatted number, or '-' where a record has none."""
+    return format(value, spec) if value is not None else "-"
 
 
 def append_records(path: Path, new: list[dict]) -> None:

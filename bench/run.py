@@ -15,7 +15,7 @@ from bench.data.batches import eval_batches
 from bench.errors import BenchError
 from bench.latency import benchmark, summarize
 from bench.metrics import ranking_metrics, target_ranks
-from bench.records import PROTOCOL, device_name, git_sha
+from bench.records import PROTOCOL, cell, device_name, git_sha
 from bench.train import TrainSettings, build_model, ensure_model
 from decoders import REGISTRY, build_decoder, parse_spec
 from models.backbones import ITEM, backbone_kind, parameter_count
@@ -220,7 +220,7 @@ def run(
                 "invalid_rate": float((present & (items < 0)).float().mean()),
                 "empty_rate": float((~present).float().mean()),
                 "latency_ms": latency,
-                "latency_ms_per_user": latency["mean"] / batch_size if latency else None,
+                "latency_ms_per_user": total_s * 1000.0 / len(targets),  # a smaller last batch counts right
                 "prefill_latency_ms": prefill,
                 "latency_over_prefill": latency["mean"] / prefill["mean"] if prefill else None,
                 "throughput_users_per_s": len(targets) / total_s if total_s > 0 else None,
@@ -240,15 +240,11 @@ def format_table(records: list[dict]) -> str:
     )
     lines = [head, "-" * len(head)]
     for r in records:
-
-        def fmt(v, spec):
-            return format(v, spec) if v is not None else "-"
-
         lat = r["latency_ms"] or {}
         lines.append(
-            f"{r['decoder']:<26} {fmt(r['metrics']['recall@10'], '6.4f')} {fmt(r['metrics']['ndcg@10'], '6.4f')} "
-            f"{fmt(r['metrics']['recall@20'], '6.4f')} {r['invalid_rate']:7.3f} {fmt(lat.get('p50'), '8.1f')} "
-            f"{fmt(lat.get('mean'), '8.1f')} {fmt(r['latency_over_prefill'], '9.2f')} "
-            f"{r['backbone_calls_per_batch']:5.1f} {fmt(r['throughput_users_per_s'], '8.0f')}"
+            f"{r['decoder']:<26} {cell(r['metrics']['recall@10'], '6.4f')} {cell(r['metrics']['ndcg@10'], '6.4f')} "
+            f"{cell(r['metrics']['recall@20'], '6.4f')} {r['invalid_rate']:7.3f} {cell(lat.get('p50'), '8.1f')} "
+            f"{cell(lat.get('mean'), '8.1f')} {cell(r['latency_over_prefill'], '9.2f')} "
+            f"{r['backbone_calls_per_batch']:5.1f} {cell(r['throughput_users_per_s'], '8.0f')}"
         )
     return "\n".join(lines)

@@ -132,7 +132,6 @@ def train_model(
     run_dir: Path,
     resume: str | None = None,
     progress: bool = True,
-    accelerator: str = "auto",
     init_from: SidRecommender | None = None,
 ) -> Path:
     """Train and return the path of the best checkpoint (by val/recall@10).
@@ -165,7 +164,7 @@ def train_model(
         max_epochs=settings.max_epochs,
         callbacks=[best, stop],
         default_root_dir=run_dir,
-        accelerator=accelerator,
+        accelerator="auto",
         devices=1,
         logger=L.pytorch.loggers.CSVLogger(run_dir, name="logs"),
         enable_progress_bar=progress,

@@ -236,3 +236,14 @@ def test_append_records_leaves_an_unreadable_file_untouched(tmp_path, content):
         append_records(path, [{"decoder": "nezha"}])
     assert path.read_bytes() == content
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_constrained_flag_reaches_every_decoder_that_takes_it():
+    from bench.__main__ import with_constraint
+
+    takes = sorted(name for name, cls in REGISTRY.items() if "constrained" in cls.options)
+    assert takes == ["beam", "hf_beam", "medusa", "speculative"]
+    assert with_constraint("medusa:tree=20x3x3x0") == "medusa:tree=20x3x3x0:constrained"
+    assert with_constraint("beam:constrained=off") == "beam:constrained=off"  # an explicit choice stays
+    assert with_constraint("nezha") == "nezha"
+    assert with_constraint("nosuch") == "nosuch"  # left for parse_spec's error line

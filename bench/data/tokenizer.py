@@ -3,7 +3,7 @@
 Level 1 clusters the item vectors into C codes; each next level clusters what is left
 (the residual: vector minus its centroids so far). `balanced` caps every cluster at
 ceil(N / C) items (greedy assignment by distance), which spreads items over the
-codebook. Vectors come from a .npy file (row i = item id str(i)) or, for a catalogue
+codebook. Vectors come from a .npy file (row n = the catalogue's n-th item) or, for a catalogue
 without text, from the interactions: a PPMI co-occurrence matrix of items within a few
 steps of each other in users' TRAINING parts only (no valid/test leakage), factorised
 by a truncated SVD, rows scaled to unit length.
