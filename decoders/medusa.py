@@ -76,7 +76,7 @@ class Medusa(Decoder):
     needs = ("medusa",)
     options = {"tree": str, "constrained": bool, "mode": str}
     model_options = {"mode": "medusa_mode"}
-    choices = {"mode": ("frozen", "joint")}
+    choices = {"mode": ("frozen", "joint")}  # models.objectives.MEDUSA_MODES; importing it here would be circular
     backbone_kinds = ("decoder-only",)
     kind_reason = (
         "its verification pass feeds a token tree with tree attention and its own position ids, "

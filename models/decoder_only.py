@@ -51,7 +51,6 @@ class DecoderOnlyLM(nn.Module):
             attention_dropout=dropout,
             **shape,
         )
-        self.name = name
         self.lm = model_cls(config)
         self.hidden_size = config.hidden_size
         # the Qwen/Llama blocks have no residual dropout; small recommendation data needs some,
@@ -62,9 +61,9 @@ class DecoderOnlyLM(nn.Module):
     def core(self) -> nn.Module:
         return self.lm.model
 
-    def logits(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+    def logits(self, input_ids, attention_mask) -> torch.Tensor:
         """Training pass: [B, T] -> [B, T, V]."""
-        return self.lm.lm_head(self.hidden(input_ids, attention_mask, position_ids))
+        return self.lm.lm_head(self.hidden(input_ids, attention_mask))
 
     def hidden(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
         """[B, T] -> [B, T, d] last-layer hidden states (after the final norm). A 4D

@@ -33,7 +33,6 @@ class EncoderDecoderLM(nn.Module):
             bos_token_id=None,
             tie_word_embeddings=True,
         )
-        self.name = name
         self.lm = T5ForConditionalGeneration(config)
         self.hidden_size = hidden
 

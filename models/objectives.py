@@ -36,10 +36,11 @@ IGNORE = -100
 def collate_seq2seq(windows: list[list[int]], catalog: Catalog, objective: str, placeholders: bool) -> dict:
     """One target per window: encoder = history tokens, decoder = start + (SID or placeholders)."""
     history, mask = pad_rows([catalog.item_tokens(torch.tensor(w[:-1])).flatten() for w in windows])
-    target = catalog.sids[torch.tensor([w[-1] for w in windows])]  # [B, L]
+    items = torch.tensor([w[-1] for w in windows])
+    target = catalog.sids[items]  # [B, L]
     start = torch.full((len(windows), 1), PAD, dtype=torch.long)
     if objective == "ntp":
-        tokens = target + torch.tensor(catalog.offsets)
+        tokens = catalog.item_tokens(items)
         decoder = torch.cat([start, tokens[:, :-1]], 1)
         return {"history": history, "mask": mask, "decoder": decoder, "labels": tokens}
     if placeholders:

@@ -31,7 +31,6 @@ class ItemSequenceModel(nn.Module):
             eos_token_id=None,
             pad_token_id=0,
         )
-        self.name = name
         self.model = GPT2Model(config)
         self.hidden_size = hidden
 
