@@ -78,16 +78,17 @@ def timed(fn, device: torch.device):
 
 @torch.no_grad()
 def benchmark(
-    decoders: dict[str, Decoder], batches: list, device: torch.device, warmup: int = 2, progress: bool = True
+    decoders: dict[str, Decoder], prompts: list, device: torch.device, warmup: int = 2, progress: bool = True
 ) -> dict[str, Measurement]:
+    """Every decoder on every prompt (batch), taking turns; decoders see prompts only."""
     labels = list(decoders)
     for _ in range(warmup):
         for label in labels:
-            decoders[label].decode(batches[0])
+            decoders[label].decode(prompts[0])
             if decoders[label].backbone_core is not None:
-                decoders[label].bare_forward(batches[0])
+                decoders[label].bare_forward(prompts[0])
     measured = {label: Measurement() for label in labels}
-    for index, batch in enumerate(tqdm(batches, desc="decoding", unit="batch", disable=not progress)):
+    for index, batch in enumerate(tqdm(prompts, desc="decoding", unit="batch", disable=not progress)):
         shift = index % len(labels)
         for label in labels[shift:] + labels[:shift]:
             decoder, record = decoders[label], measured[label]

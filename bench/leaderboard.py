@@ -1,19 +1,29 @@
 """`bench leaderboard`: result files -> one Markdown table per run (dataset, split,
 device, command). Speedups are against the beam search of the same run only: speeds
-measured in different runs are not compared."""
+measured in different runs are not compared. Input files it cannot read are refused,
+never skipped, and an empty table never replaces a written one."""
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from pathlib import Path
 
-from bench.records import cell, read_records
+from bench.errors import BenchError
+from bench.records import cell, read_records, write_atomically
+
+# the fields a table row reads
+REQUIRED = (
+    "dataset split device timestamp command decoder users k batch_size metrics invalid_rate "
+    "backbone_calls_per_batch git_sha"
+).split()
+METRICS = ("recall@1", "recall@10", "ndcg@10", "recall@20", "ndcg@20")
 
 
 def leaderboard(paths: list[Path]) -> str:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for path in paths:
-        for record in read_records(path):
+        for record in board_records(path):
             run = (record["dataset"], record["split"], record["device"], record["timestamp"], record["command"])
             groups[run].append(record)
     out = []
@@ -40,3 +50,44 @@ def leaderboard(paths: list[Path]) -> str:
             )
         out.append(f"\nCommand: `{command}`\n")
     return "\n".join(out)
+
+
+def board_records(path: Path) -> list[dict]:
+    """The records of one input file, each with every field a table row reads."""
+    if not path.exists():
+        raise BenchError(f"{path}: no such results file; pass files that `bench run` wrote (--out)")
+    if path.is_dir():
+        raise BenchError(f"{path} is a folder; pass results files such as {path / 'results.json'}")
+    records = read_records(path)
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, dict):
+            raise BenchError(f"{path}: record {number} is not a JSON object; is it a results file of `bench run`?")
+        missing = [key for key in REQUIRED if key not in record]
+        if not missing:
+            metrics = record["metrics"]
+            missing = [f"metrics {key}" for key in METRICS if not isinstance(metrics, dict) or key not in metrics]
+        if missing:
+            raise BenchError(
+                f"{path}: record {number} lacks {', '.join(missing)}; is it a results file of `bench run`?"
+            )
+    return records
+
+
+def write_leaderboard(paths: list[Path], out: Path | None = None) -> str:
+    """The tables of `paths` -> the Markdown text, also written atomically to `out` when
+    given. An empty table never replaces a non-empty file: a wrong glob must not wipe a
+    leaderboard."""
+    table = leaderboard(paths)
+    if out is None:
+        return table
+    out = Path(os.path.realpath(out))  # a symlink is written through to its target
+    if out.is_dir():
+        raise BenchError(f"{out} is a folder; --out takes a file such as {out / 'LEADERBOARD.md'}")
+    if not table and out.exists() and out.stat().st_size:
+        raise BenchError(f"the input files hold no records; {out} was left as it is")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(out, table + "\n")
+    except OSError as exc:
+        raise BenchError(f"could not write {out} ({exc.strerror or exc})") from None
+    return table

@@ -1,19 +1,29 @@
 """Result records: what one decoder scored on one dataset and device, how fast, and
-how to reproduce it. Files hold a JSON list of records; new ones are appended with an
-atomic write, and a file that cannot be read is never overwritten."""
+how to reproduce it. Files hold a JSON list of records; new ones are appended under a
+lock with an atomic write, a file that cannot be read is never overwritten, and records
+that cannot be appended are saved elsewhere rather than lost."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import transformers
+from filelock import FileLock
 
 from bench.errors import BenchError
+from bench.latency import summarize
+from bench.metrics import ranking_metrics, target_ranks
+from models.backbones import parameter_count
 
 PROTOCOL = (
     "leave-one-out per user: test target = last item, valid target = second to last, history = up to "
@@ -70,15 +80,147 @@ def cell(value, spec: str) -> str:
     return format(value, spec) if value is not None else "-"
 
 
+def check_writable(path: Path) -> None:
+    """Refuse, before any work, a results file that could not be written: records are
+    written only when a run has finished. Creates nothing."""
+    path = Path(os.path.realpath(path))
+    if path.exists() and not os.access(path, os.W_OK):
+        raise BenchError(f"{path} is read-only; make it writable (chmod u+w) or pass another --out")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise BenchError(f"cannot create the folder of {path}: {folder} is a file; pass another --out")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BenchError(f"cannot write in {folder} (permission denied); pass another --out")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write a temporary file beside `path` and rename it over `path`: readers see the old
+    file or the new one, never half of one. The temporary file does not outlive a failure."""
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a results file is to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def append_records(path: Path, new: list[dict]) -> None:
-    """Write to a temporary file and rename it over the old one, so an interrupted
-    write never leaves a half-written results file."""
-    records = read_records(path) + new
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(handle, "w") as f:
-        json.dump(records, f, indent=1)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a results file is to be shared
-    os.replace(tmp, path)
+    """Read, append and replace under a lock file beside the results file, so runs
+    writing the same file keep each other's records. A symlink is written through to its
+    target. If the write fails, the new records are saved elsewhere: a run is never lost."""
+    path = Path(os.path.realpath(path))
+    try:
+        check_writable(path)
+        read_records(path)  # a file that is no results file gets no lock file beside it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(path.with_name(path.name + ".lock")):
+            remove_stale_temp_files(path)
+            write_atomically(path, json.dumps(read_records(path) + new, indent=1))
+    except (BenchError, OSError) as exc:
+        problem = str(exc) if isinstance(exc, BenchError) else f"could not write {path} ({exc.strerror or exc})"
+        raise BenchError(f"{problem}; {save_elsewhere(new)}") from None
+
+
+def remove_stale_temp_files(path: Path) -> None:
+    """Temporary files of `path` left by a killed writer: called under the lock, when no
+    writer is half-way through. The pattern is write_atomically's, 8 random characters."""
+    for stale in path.parent.glob(glob.escape(path.name) + ".????????.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def save_elsewhere(records: list[dict]) -> str:
+    """Save records that could not be appended in the system's temporary folder, else in
+    the working folder -> where they went, in words."""
+    for folder in (tempfile.gettempdir(), os.getcwd()):
+        try:
+            handle, saved = tempfile.mkstemp(dir=folder, prefix="nezha-bench-records-", suffix=".json")
+        except OSError:
+            continue
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as f:
+                json.dump(records, f, indent=1)
+            return f"the {len(records)} new record(s) were saved to {saved}; add them to a results file from there"
+        except OSError:
+            Path(saved).unlink(missing_ok=True)
+    return f"the {len(records)} new record(s) could not be saved anywhere else either and are lost"
+
+
+def model_entry(resolved) -> dict | None:
+    """What a record says of one model: its backbone, size, objective, origin and settings."""
+    model = resolved.model
+    if not isinstance(model, torch.nn.Module):
+        return {"objective": "fitted on the training split", "source": resolved.source}
+    return {
+        "name": model.settings.backbone,
+        "params": parameter_count(model),
+        "objective": model.objective,
+        "source": resolved.source,
+        "attention": model.lm.core.config._attn_implementation,
+        "settings": asdict(model.settings),
+    }
+
+
+def build_record(spec, decoder, measured, models: dict, targets, data, settings: dict, device, commit: str) -> dict:
+    """One decoder's record: quality, latency, calls, the models it used (by role) and the
+    full effective settings, with what it takes to reproduce it."""
+    sids = torch.cat([r.sids for r in measured.results])  # [N, K', L]
+    items = data.catalog.items_of(sids)
+    present = (sids >= 0).all(-1)
+    stats: dict[str, float] = {}
+    for result in measured.results:
+        for key, value in result.stats.items():
+            stats[key] = stats.get(key, 0.0) + float(value)
+    entries = {role: model_entry(resolved) for role, resolved in models.items()}
+    main = next((entry for entry in entries.values() if "params" in entry), None)
+    latency, prefill = summarize(measured.latency_ms), summarize(measured.prefill_ms)
+    total_s = sum(measured.latency_ms) / 1000.0
+    run = settings["run"]
+    k, users = run.k, len(targets)
+    return {
+        "decoder": spec,
+        "decoder_name": decoder.name,
+        "decoder_options": asdict(decoder.options),
+        "description": decoder.description,
+        "dataset": data.name,
+        "split": run.split,
+        "users": users,
+        "k": k,
+        "batch_size": run.batch_size,
+        "device": device_name(device),
+        "git_sha": commit,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "seed": settings["data"].seed,
+        "command": " ".join(["python -m bench"] + sys.argv[1:]),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": {section: asdict(value) for section, value in settings.items()},
+        "data_source": data.source,
+        "data_sha256": data.checksums,
+        "catalog": data.catalog.describe(),
+        "protocol": PROTOCOL.format(max_history=settings["model"].max_history, warmup=run.warmup),
+        "backbone": main,
+        "models": entries,
+        "weights": "random: latency only, metrics meaningless" if run.untrained else "trained",
+        "candidates_per_user": int(sids.shape[1]),
+        "metrics": ranking_metrics(target_ranks(items, targets), k_max=k),
+        "invalid_rate": float((present & (items < 0)).float().mean()),
+        "empty_rate": float((~present).float().mean()),
+        "latency_ms": latency,
+        "latency_ms_per_user": total_s * 1000.0 / users,  # a smaller last batch counts right
+        "prefill_latency_ms": prefill,
+        "latency_over_prefill": latency["mean"] / prefill["mean"] if prefill else None,
+        "throughput_users_per_s": users / total_s if total_s > 0 else None,
+        "backbone_calls_per_batch": sum(measured.backbone_calls) / len(measured.backbone_calls),
+        "draft_calls_per_batch": sum(measured.draft_calls) / len(measured.draft_calls),
+        "decoder_stats_per_request": {key: value / users for key, value in stats.items()},
+        "peak_memory_mb": measured.peak_memory_mb,
+    }

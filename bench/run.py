@@ -1,25 +1,19 @@
-"""`bench run`: data -> models (trained or loaded) -> decoders on the same batches ->
-metrics and latency -> one record per decoder."""
+"""`bench run`: data -> the models each decoder requests (given, cached, trained or
+random) -> decoders on the same batches -> metrics and latency -> one record per
+decoder. Nothing here knows any decoder by name."""
 
 from __future__ import annotations
 
-import sys
-import time
-from dataclasses import replace
-
 import torch
-import transformers
 
-from bench.data import RecData, eval_examples, item_popularity
+from bench.data import RecData, eval_examples
 from bench.data.batches import eval_batches
 from bench.errors import BenchError
-from bench.latency import benchmark, summarize
-from bench.metrics import ranking_metrics, target_ranks
-from bench.records import PROTOCOL, cell, device_name, git_sha
-from bench.train import TrainSettings, build_model, ensure_model
-from decoders import REGISTRY, build_decoder, parse_spec
-from models.backbones import ITEM, backbone_kind, parameter_count
-from models.module import load_checkpoint
+from bench.latency import benchmark
+from bench.records import build_record, cell, git_sha
+from bench.settings import DataSettings, ModelSettings, RunSettings
+from bench.train import resolve_models
+from decoders import REGISTRY, plan, with_constraint
 
 
 def resolve_device(name: str) -> torch.device:
@@ -28,9 +22,12 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise BenchError(f"--device {name} asked for, but torch sees no CUDA device; use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise BenchError(f"unknown device '{name}'; use auto, cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise BenchError(f"--device {name}: decoding runs on cpu or cuda, not on {device.type}")
+    return device
 
 
 def check_k(k: int, data: RecData) -> None:
@@ -43,194 +40,57 @@ def check_k(k: int, data: RecData) -> None:
         )
 
 
-def model_requests(name: str, options: dict, settings: TrainSettings) -> dict[str, tuple[str, str, TrainSettings]]:
-    """role -> (model key, objective, settings) for one decoder spec. Options that pick a
-    model (e.g. nezha's transition) change the settings of the decoder's own model."""
-    cls = REGISTRY[name]
-    picked = {cls.model_options[o]: options[o] for o in cls.model_options if o in options}
-    requests = {}
-    for role in cls.needs:
-        if role == "draft":
-            requests[role] = ("draft", "ntp", replace(settings, backbone=settings.draft_backbone))
-        elif role == "next_item":
-            item_backbone = settings.backbone if backbone_kind(settings.backbone) == ITEM else settings.item_backbone
-            requests[role] = ("next_item", "next_item", replace(settings, backbone=item_backbone))
-        elif role == cls.needs[0] and picked:
-            tag = ",".join(f"{k}={v}" for k, v in sorted(picked.items()))
-            requests[role] = (f"{role}[{tag}]", role, replace(settings, **picked))
-        else:
-            requests[role] = (role, role, settings)
-    for role, (_, objective, wanted) in requests.items():
-        if objective == "popularity":
-            continue
-        kind = backbone_kind(wanted.backbone)
-        if kind not in cls.backbone_kinds:
-            needed = " or ".join(cls.backbone_kinds)
-            raise BenchError(
-                f"decoder '{name}' cannot run on {wanted.backbone} ({kind}): it needs a {needed} backbone; "
-                f"{cls.kind_reason or 'it decodes SID tokens with a generative backbone'}"
-            )
-    return requests
-
-
-def load_models(
-    requests: dict[str, tuple[str, TrainSettings]],
-    data: RecData,
-    checkpoints: list[str],
-    settings: TrainSettings,
-    device: torch.device,
-    progress: bool,
-    untrained: bool = False,
-) -> tuple[dict, dict]:
-    """model key -> model (or popularity counts), and where each came from. A checkpoint
-    given with --ckpt serves the plain role of its objective; the rest are trained (or
-    taken from the runs cache); Medusa models are built on the NTP model."""
-    models, sources = {}, {}
-    for path in checkpoints:
-        model = load_checkpoint(path, data.catalog)
-        objective = model.hparams.objective
-        served = [key for key, (wanted, _) in requests.items() if wanted == objective and key != "draft"]
-        if not served:
-            wanted = ", ".join(sorted({o for o, _ in requests.values() if o != "popularity"})) or "none"
-            raise BenchError(
-                f"checkpoint {path} was trained with objective '{objective}', but the chosen decoders "
-                f"need: {wanted}; train one with: python -m bench train --objective "
-                f"{wanted.split(', ')[0]}"
-            )
-        for key in served:  # the decoder checks that the model's options match its spec
-            models[key], sources[key] = model, str(path)
-    missing = set(requests) - set(models)
-    if any(requests[key][0] == "medusa" for key in missing) and "ntp" not in models:
-        requests = {**requests, "ntp": ("ntp", settings)}  # Medusa heads sit on the NTP backbone
-        missing.add("ntp")
-    for key in sorted(missing, key=lambda k: requests[k][0] == "medusa"):
-        objective, wanted = requests[key]
-        if objective == "popularity":
-            models[key], sources[key] = item_popularity(data), "training split counts"
-            continue
-        if untrained:
-            models[key], sources[key] = build_model(data, objective, wanted), "random weights (--untrained)"
-            continue
-        init = (getattr(models["ntp"], "cache_key", sources["ntp"]), models["ntp"]) if objective == "medusa" else None
-        models[key] = ensure_model(data, objective, wanted, progress, init_from=init)
-        sources[key] = f"trained by bench run ({wanted.backbone}, runs cache {models[key].cache_key})"
-    for key, model in models.items():
-        if isinstance(model, torch.nn.Module):
-            models[key] = model.to(device).eval()
-    return models, sources
+def decoder_specs(settings: RunSettings) -> list[str]:
+    specs = [s.strip() for s in settings.decoder.split(",") if s.strip()]
+    if not specs:
+        raise BenchError(f"--decoder names no decoder; give comma-separated specs of: {', '.join(sorted(REGISTRY))}")
+    return [with_constraint(s) for s in specs] if settings.constrained else specs
 
 
 def run(
     data: RecData,
-    specs: list[str],
-    k: int,
-    batch_size: int,
-    split: str,
-    checkpoints: list[str],
-    settings: TrainSettings,
-    device_arg: str = "auto",
-    limit_users: int | None = None,
-    warmup: int = 2,
+    data_settings: DataSettings,
+    model_settings: ModelSettings,
+    settings: RunSettings,
+    specs: list[str] | None = None,
     progress: bool = True,
-    untrained: bool = False,
 ) -> list[dict]:
-    """Evaluate the decoders on the same batches and return their records."""
+    """Evaluate the decoders (settings.decoder, or `specs`) on the same batches and
+    return their records."""
     commit = git_sha()  # the code that runs, before anything can change it
-    parsed = [parse_spec(s) for s in specs]  # unknown decoders fail before any training
-    check_k(k, data)
-    if batch_size < 1:
-        raise BenchError(f"--batch-size {batch_size}: must be at least 1")
-    device = resolve_device(device_arg)
-    per_decoder = [model_requests(name, options, settings) for name, options in parsed]  # refusals before training
-    requests = {key: (objective, wanted) for request in per_decoder for key, objective, wanted in request.values()}
-    models, sources = load_models(requests, data, checkpoints, settings, device, progress, untrained)
+    specs = specs or decoder_specs(settings)
+    plans = [plan(spec, model_settings) for spec in specs]  # unknown decoders and refusals before training
+    check_k(settings.k, data)
+    device = resolve_device(settings.device)
+    models = resolve_models(
+        [requests for _, _, requests in plans], data, data_settings, settings.ckpt, settings.untrained, progress
+    )
+    for resolved in models:
+        for entry in resolved.values():
+            if isinstance(entry.model, torch.nn.Module):
+                entry.model = entry.model.to(device).eval()
     decoders = {
-        spec: build_decoder(spec, data.catalog, k, {role: models[key] for role, (key, _, _) in request.items()})
-        for spec, request in zip(specs, per_decoder)
+        spec: REGISTRY[name](data.catalog, settings.k, {role: m.model for role, m in resolved.items()}, options)
+        for spec, (name, options, _), resolved in zip(specs, plans, models)
     }
-
-    examples = eval_examples(data, split, settings.max_history, limit_users)
-    batches = [b.to(device) for b in eval_batches(examples, data.catalog, batch_size)]
-    measured = benchmark(decoders, batches, device, warmup=warmup, progress=progress)
-
+    examples = eval_examples(data, settings.split, model_settings.max_history, settings.limit_users)
+    batches = [b.to(device) for b in eval_batches(examples, data.catalog, settings.batch_size)]
+    measured = benchmark(decoders, [b.prompt for b in batches], device, warmup=settings.warmup, progress=progress)
     targets = torch.cat([b.targets.cpu() for b in batches])
-    common = {
-        "dataset": data.name,
-        "split": split,
-        "users": len(targets),
-        "k": k,
-        "batch_size": batch_size,
-        "device": device_name(device),
-        "git_sha": commit,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "seed": settings.seed,
-        "command": " ".join(["python -m bench"] + sys.argv[1:]),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "data_source": data.source,
-        "data_sha256": data.checksums,
-        "catalog": data.catalog.describe(),
-        "protocol": PROTOCOL.format(max_history=settings.max_history, warmup=warmup),
-    }
-    records = []
-    for (name, options), spec, request in zip(parsed, specs, per_decoder):
-        m, decoder = measured[spec], decoders[spec]
-        sids = torch.cat([r.sids for r in m.results])  # [N, K', L]
-        items = data.catalog.items_of(sids)
-        present = (sids >= 0).all(-1)
-        stats: dict[str, float] = {}
-        for r in m.results:
-            for key, value in r.stats.items():
-                stats[key] = stats.get(key, 0.0) + float(value)
-        main_key = next((key for key, objective, _ in request.values() if objective != "popularity"), None)
-        main_model = models[main_key] if main_key else None
-        latency, prefill = summarize(m.latency_ms), summarize(m.prefill_ms)
-        total_s = sum(m.latency_ms) / 1000.0
-        records.append(
-            {
-                "decoder": spec,
-                "decoder_name": name,
-                "decoder_options": decoder.settings,
-                "description": REGISTRY[name].description,
-                **common,
-                "backbone": (
-                    {
-                        "name": main_model.hparams.backbone,
-                        "params": parameter_count(main_model),
-                        "objective": main_model.hparams.objective,
-                        "source": sources[main_key],
-                        "settings": {k: v for k, v in dict(main_model.hparams).items() if k != "catalog_fingerprint"},
-                    }
-                    if main_model is not None
-                    else None
-                ),
-                "draft": (
-                    {
-                        "name": models[request["draft"][0]].hparams.backbone,
-                        "params": parameter_count(models[request["draft"][0]]),
-                        "training": "NTP on the same training split (not distilled)",
-                        "source": sources[request["draft"][0]],
-                    }
-                    if "draft" in request
-                    else None
-                ),
-                "weights": "random: latency only, metrics meaningless" if untrained else "trained",
-                "candidates_per_user": int(sids.shape[1]),
-                "metrics": ranking_metrics(target_ranks(items, targets), k_max=k),
-                "invalid_rate": float((present & (items < 0)).float().mean()),
-                "empty_rate": float((~present).float().mean()),
-                "latency_ms": latency,
-                "latency_ms_per_user": total_s * 1000.0 / len(targets),  # a smaller last batch counts right
-                "prefill_latency_ms": prefill,
-                "latency_over_prefill": latency["mean"] / prefill["mean"] if prefill else None,
-                "throughput_users_per_s": len(targets) / total_s if total_s > 0 else None,
-                "backbone_calls_per_batch": sum(m.backbone_calls) / len(m.backbone_calls),
-                "draft_calls_per_batch": sum(m.draft_calls) / len(m.draft_calls),
-                "decoder_stats_per_request": {key: value / len(targets) for key, value in stats.items()},
-                "peak_memory_mb": m.peak_memory_mb,
-            }
+    return [
+        build_record(
+            spec,
+            decoders[spec],
+            measured[spec],
+            resolved,
+            targets,
+            data,
+            {"data": data_settings, "model": model_settings, "run": settings},
+            device,
+            commit,
         )
-    return records
+        for spec, resolved in zip(specs, models)
+    ]
 
 
 def format_table(records: list[dict]) -> str:

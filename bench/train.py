@@ -1,6 +1,8 @@
-"""Training with Lightning: progress bar, best-checkpoint saving and early stopping on
-val/recall@10, resume from a checkpoint. `ensure_model` caches the models that
-`bench run` trains itself under runs/ (ignored by git), keyed by their settings."""
+"""Models for decoders: training with Lightning (progress bar, best-checkpoint saving
+and early stopping on val/recall@10, resume), and the one resolver that gives every
+decoder the models it requests: a given checkpoint, else the runs cache (runs/, ignored
+by git, keyed by the settings), else training (the models it starts from first), else
+random weights with --untrained."""
 
 from __future__ import annotations
 
@@ -18,52 +20,13 @@ from torch.utils.data import DataLoader, Sampler
 from bench.data import RecData, eval_examples, train_windows
 from bench.data.batches import collate_eval
 from bench.errors import BenchError
+from bench.settings import DataSettings, ModelSettings
+from decoders import ModelRequest
+from models import objectives
 from models.backbones import ENCODER_DECODER
 from models.module import SidRecommender, load_checkpoint
 
 RUNS_ENV = "BENCH_RUNS_DIR"
-
-
-@dataclass
-class TrainSettings:
-    backbone: str = "qwen-small"
-    max_epochs: int = 30
-    patience: int = 3
-    batch_size: int = 256
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    dropout: float = 0.1
-    max_history: int = 20
-    val_users: int = 3000  # valid users decoded each epoch (first N; 0 = all)
-    transition: str = "rnn"  # nezha only
-    placeholders: bool = True  # nezha only
-    medusa_mode: str = "frozen"  # medusa only: frozen backbone (Medusa-1) or joint (Medusa-2)
-    draft_backbone: str = "qwen-micro"  # the separate draft model of `speculative`
-    item_backbone: str = "sasrec-small"  # the item-embedding model of `full_rank`
-    seed: int = 0
-
-    def relevant(self, objective: str) -> dict:
-        """The settings that shape a model of this objective (and so name its cache)."""
-        skip = {"draft_backbone", "item_backbone"}
-        if objective != "nezha":
-            skip |= {"transition", "placeholders"}
-        if objective != "medusa":
-            skip.add("medusa_mode")
-        return {k: v for k, v in asdict(self).items() if k not in skip}
-
-    def key(self, objective: str, data: RecData, init_from: str = "") -> str:
-        """Names the cached run: same data, objective and settings -> same folder."""
-        blob = json.dumps(
-            {
-                "objective": objective,
-                "catalog": data.catalog.fingerprint,
-                "init": init_from,
-                **self.relevant(objective),
-            },
-            sort_keys=True,
-        )
-        return f"{objective}-{self.backbone}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
 class LengthBucketSampler(Sampler):
@@ -96,39 +59,48 @@ def runs_dir() -> Path:
     return Path(os.environ.get(RUNS_ENV, "runs"))
 
 
-def build_model(data: RecData, objective: str, settings: TrainSettings) -> SidRecommender:
-    """A model with random (seeded) weights for these settings."""
-    L.seed_everything(settings.seed, workers=True, verbose=False)
-    return SidRecommender.for_catalog(
-        objective,
-        settings.backbone,
-        data.catalog,
-        max_history=settings.max_history,
-        lr=settings.lr,
-        weight_decay=settings.weight_decay,
-        warmup_steps=settings.warmup_steps,
-        dropout=settings.dropout,
-        transition=settings.transition,
-        placeholders=settings.placeholders,
-        medusa_mode=settings.medusa_mode,
+def cache_key(objective: str, settings: ModelSettings, data: RecData, seed: int, init_key: str = "") -> str:
+    """Names the cached run: same catalogue, seed, objective, shaping settings and
+    starting model -> same folder."""
+    blob = json.dumps(
+        {
+            "objective": objective,
+            "catalog": data.catalog.fingerprint,
+            "seed": seed,
+            "init": init_key,
+            **objectives.shaping_settings(objective, asdict(settings)),
+        },
+        sort_keys=True,
     )
+    return f"{objective}-{settings.backbone}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def build_model(data: RecData, objective: str, settings: ModelSettings, data_settings: DataSettings):
+    """A model with random (seeded) weights for these settings."""
+    L.seed_everything(data_settings.seed, workers=True, verbose=False)
+    return SidRecommender.for_catalog(objective, settings, data.catalog, data_settings)
 
 
 def check_resumable(path: str, model: SidRecommender, data: RecData) -> None:
     """A resumed checkpoint must hold the model these settings build, on this catalogue."""
-    saved = load_checkpoint(path, data.catalog).hparams
-    for name in ("objective", "backbone", "transition", "placeholders", "medusa_mode", "max_history"):
-        if saved.get(name) != model.hparams[name]:
+    saved = load_checkpoint(path, data.catalog)
+    if saved.objective != model.objective:
+        raise BenchError(f"--resume {path}: the checkpoint is a {saved.objective} model, not {model.objective}")
+    theirs = objectives.shaping_settings(model.objective, asdict(saved.settings))
+    ours = objectives.shaping_settings(model.objective, asdict(model.settings))
+    for name in ("backbone", "transition", "placeholders", "medusa_mode", "max_history", "attention"):
+        if name in ours and theirs[name] != ours[name]:
             raise BenchError(
-                f"--resume {path}: the checkpoint has {name}={saved.get(name)}, these settings give "
-                f"{model.hparams[name]}; pass the settings it was trained with"
+                f"--resume {path}: the checkpoint has {name}={theirs[name]}, these settings give "
+                f"{ours[name]}; pass the settings it was trained with"
             )
 
 
 def train_model(
     data: RecData,
     objective: str,
-    settings: TrainSettings,
+    settings: ModelSettings,
+    data_settings: DataSettings,
     run_dir: Path,
     resume: str | None = None,
     progress: bool = True,
@@ -138,7 +110,7 @@ def train_model(
 
     init_from: a trained NTP model whose backbone weights the new model starts from
     (Medusa heads are trained on top of the NTP backbone)."""
-    model = build_model(data, objective, settings)
+    model = build_model(data, objective, settings, data_settings)
     if resume:
         check_resumable(resume, model, data)
     if init_from is not None:
@@ -147,7 +119,7 @@ def train_model(
     train_loader = DataLoader(
         windows,
         collate_fn=model.collate,
-        batch_sampler=LengthBucketSampler([len(w) for w in windows["items"]], settings.batch_size, settings.seed),
+        batch_sampler=LengthBucketSampler([len(w) for w in windows], settings.train_batch_size, data_settings.seed),
     )
     valid = eval_examples(data, "valid", settings.max_history, settings.val_users or None)
     valid_loader = DataLoader(valid, batch_size=256, collate_fn=lambda rows: collate_eval(rows, data.catalog))
@@ -178,28 +150,93 @@ def train_model(
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         trainer.fit(model, train_loader, valid_loader, ckpt_path=resume)
     (run_dir / "settings.json").write_text(
-        json.dumps({"objective": objective, "dataset": data.name, **settings.relevant(objective)}, indent=1)
+        json.dumps({"objective": objective, "data": asdict(data_settings), "model": asdict(settings)}, indent=1)
     )
     return Path(best.best_model_path)
 
 
+def cached_checkpoint(run_dir: Path) -> Path | None:
+    """The best checkpoint of a finished run (settings.json is written last), else None."""
+    best = run_dir / "best.ckpt"
+    return best if best.exists() and (run_dir / "settings.json").exists() else None
+
+
+@dataclass
+class ResolvedModel:
+    model: object  # a SidRecommender, or what a fitted objective computes (item counts)
+    source: str  # where it came from, for the record
+    key: str  # names it in the runs cache (or the checkpoint's path)
+
+
+def resolve_models(
+    requests: list[dict[str, ModelRequest]],
+    data: RecData,
+    data_settings: DataSettings,
+    checkpoints: list[str],
+    untrained: bool = False,
+    progress: bool = True,
+) -> list[dict[str, ResolvedModel]]:
+    """For each decoder's requests (role -> ModelRequest), role -> the model that plays it.
+
+    A checkpoint given with --ckpt plays every role named like its objective (the models
+    a request starts from are looked up by their objective); a decoder checks that the
+    model fits its options. Every checkpoint must play some role: that is checked before
+    anything is trained."""
+    given = [(str(path), load_checkpoint(path, data.catalog)) for path in checkpoints]
+    wanted = set()
+    for per_decoder in requests:
+        for role, request in per_decoder.items():
+            wanted.add(role)
+            start = request.init_from
+            while start is not None:
+                wanted.add(start.objective)
+                start = start.init_from
+    for path, model in given:
+        if model.objective not in wanted:
+            roles = ", ".join(sorted(r for r in wanted if r not in objectives.FITTED)) or "none"
+            raise BenchError(
+                f"checkpoint {path} was trained with objective '{model.objective}', but the chosen decoders "
+                f"need: {roles}; train one with: python -m bench train --objective {roles.split(', ')[0]}"
+            )
+    built: dict[str, ResolvedModel] = {}
+
+    def provide(role: str, request: ModelRequest) -> ResolvedModel:
+        for path, model in given:
+            if model.objective == role:
+                return ResolvedModel(model, path, path)
+        if request.objective in objectives.FITTED:
+            return ResolvedModel(objectives.FITTED[request.objective](data), "training split counts", "")
+        init = None
+        if request.init_from is not None and not untrained:
+            init = provide(request.init_from.objective, request.init_from)
+        key = cache_key(request.objective, request.settings, data, data_settings.seed, init.key if init else "")
+        if key not in built:
+            if untrained:
+                model = build_model(data, request.objective, request.settings, data_settings)
+                built[key] = ResolvedModel(model, "random weights (--untrained)", key)
+            else:
+                model = ensure_model(data, request, data_settings, key, progress, init.model if init else None)
+                source = f"trained by bench run ({request.settings.backbone}, runs cache {key})"
+                built[key] = ResolvedModel(model, source, key)
+        return built[key]
+
+    return [{role: provide(role, request) for role, request in per_decoder.items()} for per_decoder in requests]
+
+
 def ensure_model(
     data: RecData,
-    objective: str,
-    settings: TrainSettings,
+    request: ModelRequest,
+    data_settings: DataSettings,
+    key: str,
     progress: bool = True,
-    init_from: tuple[str, SidRecommender] | None = None,
+    init_from: SidRecommender | None = None,
 ) -> SidRecommender:
-    """The cached model for these settings, training it first when there is none.
-
-    init_from: (cache key, model) of the NTP model a Medusa model is built on."""
-    run_dir = runs_dir() / data.name / settings.key(objective, data, init_from[0] if init_from else "")
-    best = run_dir / "best.ckpt"
-    if not best.exists() or not (run_dir / "settings.json").exists():
-        print(f"training a {objective} model ({settings.backbone}) on {data.name}; cached in {run_dir}")
+    """The cached model under this key, training it first when there is none."""
+    run_dir = runs_dir() / data.name / key
+    best = cached_checkpoint(run_dir)
+    if best is None:
+        print(f"training a {request.objective} model ({request.settings.backbone}) on {data.name}; cached in {run_dir}")
         best = train_model(
-            data, objective, settings, run_dir, progress=progress, init_from=init_from[1] if init_from else None
+            data, request.objective, request.settings, data_settings, run_dir, progress=progress, init_from=init_from
         )
-    model = load_checkpoint(best, data.catalog)
-    model.cache_key = run_dir.name
-    return model
+    return load_checkpoint(best, data.catalog)

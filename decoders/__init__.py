@@ -1,12 +1,49 @@
 """Decoders: one module each, one registry (`REGISTRY`, filled on import)."""
 
+from bench.errors import BenchError
 from decoders import beam, full_rank, greedy, hf_beam, medusa, nezha, popularity, speculative  # noqa: F401  (each registers itself)
-from decoders.base import REGISTRY, Decoder, DecodeResult, parse_spec
+from decoders.base import REGISTRY, Decoder, DecodeResult, ModelRequest, option_names, parse_spec, register
+from models.backbones import backbone_kind
 
-__all__ = ["REGISTRY", "DecodeResult", "Decoder", "parse_spec", "build_decoder"]
+__all__ = [
+    "REGISTRY",
+    "DecodeResult",
+    "Decoder",
+    "ModelRequest",
+    "parse_spec",
+    "register",
+    "build_decoder",
+    "plan",
+    "with_constraint",
+]
+
+
+def plan(spec: str, settings) -> tuple[str, object, dict[str, ModelRequest]]:
+    """A decoder spec -> (name, options, the models it requests by role), refusing a
+    backbone the decoder cannot use before anything is trained."""
+    name, options = parse_spec(spec)
+    cls = REGISTRY[name]
+    requests = cls.requests(options, settings)
+    for request in requests.values() if cls.backbone_kinds else ():
+        kind = backbone_kind(request.settings.backbone)
+        if kind not in cls.backbone_kinds:
+            raise BenchError(
+                f"decoder '{name}' cannot run on {request.settings.backbone} ({kind}): it needs a "
+                f"{' or '.join(cls.backbone_kinds)} backbone; "
+                f"{cls.kind_reason or 'it decodes SID tokens with a generative backbone'}"
+            )
+    return name, options, requests
+
+
+def with_constraint(spec: str) -> str:
+    """--constrained: add ':constrained' to every decoder that takes the option and lacks it."""
+    name, *parts = spec.split(":")
+    takes = name in REGISTRY and "constrained" in option_names(name)
+    has = any(part.partition("=")[0] == "constrained" for part in parts)
+    return spec + ":constrained" if takes and not has else spec
 
 
 def build_decoder(spec: str, catalog, k: int, models: dict) -> Decoder:
-    """models: the trained models by role (see each decoder's `needs`)."""
+    """models: the trained models by role (see each decoder's `requests`)."""
     name, options = parse_spec(spec)
-    return REGISTRY[name](catalog, k, {role: models[role] for role in REGISTRY[name].needs}, **options)
+    return REGISTRY[name](catalog, k, models, options)

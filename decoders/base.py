@@ -1,23 +1,26 @@
 """The contract every decoder keeps, the registry, and the pieces of beam search they share.
 
-A decoder is built for one catalogue, one K and the trained models it needs, then
-called on EvalBatches. It returns the top-K SIDs per user [B, K, L] with their scores;
-backbone calls are counted by the harness through a hook on `backbone_core`, never
-declared by the decoder.
+A decoder declares its options (a dataclass) and the models it needs (`requests`, by
+role); it is built for one catalogue, one K and those models, then called on prompts
+(never on targets: the Spec-Bench contract). It returns the top-K SIDs per user
+[B, K, L] with their scores; backbone calls are counted by the harness through a hook
+on `backbone_core`, never declared by the decoder.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from bench.errors import BenchError
+from bench.settings import ModelSettings, check_value, from_text, setting, unwrap_optional
 
 if TYPE_CHECKING:
-    from bench.data.batches import EvalBatch
+    from bench.data.batches import Prompt
     from bench.data.catalog import Catalog
 
 NEG_INF = float("-inf")
@@ -30,20 +33,39 @@ class DecodeResult:
     stats: dict[str, float] = field(default_factory=dict)  # what only the decoder sees, summed over the batch
 
 
+@dataclass
+class ModelRequest:
+    """A model a decoder needs: the objective it is trained with, the settings that shape
+    it, and the model it starts from (Medusa heads sit on a trained NTP backbone)."""
+
+    objective: str
+    settings: ModelSettings
+    init_from: ModelRequest | None = None
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
 class Decoder:
+    """Subclasses set `name`, `Options` (a dataclass of their spec options: `name:option=value`)
+    and `requests` (the models they need, by role), and implement `decode`."""
+
     name: ClassVar[str]
-    needs: ClassVar[tuple[str, ...]] = ()  # roles of the trained models it needs: "ntp", "nezha"
-    options: ClassVar[dict[str, type]] = {}  # option name -> type, settable as name:option=value
-    model_options: ClassVar[dict[str, str]] = {}  # options that pick the trained model -> its setting name
-    choices: ClassVar[dict[str, tuple]] = {}  # allowed values of string options
+    Options: ClassVar[type] = NoOptions
     backbone_kinds: ClassVar[tuple[str, ...]] = ("decoder-only", "encoder-decoder")  # generative backbones
     kind_reason: ClassVar[str] = ""  # why other kinds cannot work, for the error line
     description: ClassVar[str] = ""
     lm = None  # the backbone wrapper (models.backbones) it decodes with
 
-    def __init__(self, catalog: Catalog, k: int, models: dict, **options):
-        self.catalog, self.k = catalog, k
-        self.settings = options
+    def __init__(self, catalog: Catalog, k: int, models: dict, options):
+        self.catalog, self.k, self.options = catalog, k, options
+
+    @classmethod
+    def requests(cls, options, settings: ModelSettings) -> dict[str, ModelRequest]:
+        """role -> the model that plays it (a `--ckpt` of objective X plays role X)."""
+        return {}
 
     @property
     def backbone_core(self) -> nn.Module | None:
@@ -55,24 +77,33 @@ class Decoder:
         """The separate draft model's module, when the decoder has one (its calls are counted too)."""
         return None
 
-    def bare_forward(self, batch: EvalBatch) -> None:
+    def bare_forward(self, prompt: Prompt) -> None:
         """One backbone forward pass over the history: the floor for this decoder's latency."""
-        self.lm.bare_forward(batch.history, batch.mask)
+        self.lm.bare_forward(prompt.history, prompt.mask)
 
-    def decode(self, batch: EvalBatch) -> DecodeResult:
+    def decode(self, prompt: Prompt) -> DecodeResult:
+        """The top-K SIDs for each user of the prompt; a decoder never sees the targets."""
         raise NotImplementedError
+
+
+@dataclass
+class ConstrainedOption:
+    constrained: bool = setting(False, "mask prefixes that belong to no real item")
 
 
 class NtpDecoder(Decoder):
     """A decoder on the NTP backbone that can mask invalid prefixes (':constrained')."""
 
-    needs = ("ntp",)
-    options = {"constrained": bool}
+    Options = ConstrainedOption
 
-    def __init__(self, catalog: Catalog, k: int, models: dict, constrained: bool = False):
-        super().__init__(catalog, k, models, constrained=constrained)
+    def __init__(self, catalog: Catalog, k: int, models: dict, options):
+        super().__init__(catalog, k, models, options)
         self.lm = models["ntp"].lm
-        self.constrained = constrained
+        self.constrained = getattr(options, "constrained", False)
+
+    @classmethod
+    def requests(cls, options, settings: ModelSettings) -> dict[str, ModelRequest]:
+        return {"ntp": ModelRequest("ntp", settings)}
 
 
 REGISTRY: dict[str, type[Decoder]] = {}
@@ -83,32 +114,34 @@ def register(cls: type[Decoder]) -> type[Decoder]:
     return cls
 
 
-def parse_spec(spec: str) -> tuple[str, dict]:
-    """'nezha:verifier=last:head_beam=40' -> ('nezha', {'verifier': 'last', 'head_beam': 40})."""
+def parse_spec(spec: str):
+    """'nezha:verifier=last:head_beam=40' -> ('nezha', NezhaOptions(verifier='last', head_beam=40, ...)).
+
+    The options are the fields of the decoder's Options dataclass, typed and bounded there."""
     name, *parts = spec.strip().split(":")
     if name not in REGISTRY:
         raise BenchError(f"unknown decoder '{name}'; choose from {', '.join(sorted(REGISTRY))}")
-    allowed = REGISTRY[name].options
-    options = {}
+    options_cls = REGISTRY[name].Options
+    hints = typing.get_type_hints(options_cls)
+    values = {}
     for part in parts:
-        key, has_value, value = part.partition("=")
-        if key not in allowed:
-            hint = f"options of {name}: {', '.join(allowed)}" if allowed else f"{name} takes no options"
+        key, has_value, text = part.partition("=")
+        if key not in hints:
+            hint = f"options of {name}: {', '.join(hints)}" if hints else f"{name} takes no options"
             raise BenchError(f"unknown option '{key}' in decoder spec '{spec}'; {hint}")
-        kind = allowed[key]
-        if kind is bool:
-            if has_value and value.lower() not in ("1", "0", "true", "false", "on", "off", "yes", "no"):
-                raise BenchError(f"option '{key}' in '{spec}' is a flag: write '{name}:{key}' or '{key}=off'")
-            options[key] = (not has_value) or value.lower() in ("1", "true", "on", "yes")
-        else:
-            try:
-                options[key] = kind(value)
-            except ValueError:
-                raise BenchError(f"option '{key}' in '{spec}' needs a {kind.__name__}, got '{value}'") from None
-        allowed_values = REGISTRY[name].choices.get(key)
-        if allowed_values and options[key] not in allowed_values:
-            raise BenchError(f"option '{key}' in '{spec}' must be one of {', '.join(allowed_values)}, got '{value}'")
-    return name, options
+        if not has_value:
+            if unwrap_optional(hints[key])[0] is not bool:
+                raise BenchError(f"option '{key}' in '{spec}' needs a value: {name}:{key}=VALUE")
+            text = "true"
+        try:
+            values[key] = check_value(options_cls, key, from_text(text, hints[key]), f"decoder spec '{spec}'")
+        except ValueError as exc:
+            raise BenchError(f"option '{key}' in '{spec}': {exc}") from None
+    return name, options_cls(**values)
+
+
+def option_names(name: str) -> set[str]:
+    return {f.name for f in fields(REGISTRY[name].Options)}
 
 
 def level_log_probs(logits: torch.Tensor, catalog: Catalog, level: int) -> torch.Tensor:

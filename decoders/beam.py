@@ -56,5 +56,5 @@ class BeamSearch(NtpDecoder):
     description = "one prefill, KV cache copied to K beams, L-1 decode steps; :constrained masks invalid prefixes"
 
     @torch.no_grad()
-    def decode(self, batch) -> DecodeResult:
-        return finish(*beam_search(self.lm, self.catalog, batch.history, batch.mask, self.k, self.constrained))
+    def decode(self, prompt) -> DecodeResult:
+        return finish(*beam_search(self.lm, self.catalog, prompt.history, prompt.mask, self.k, self.constrained))

@@ -4,28 +4,36 @@ retrieval; reported beside the generative decoders in quality and latency."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from decoders.base import Decoder, DecodeResult, register
+from decoders.base import Decoder, DecodeResult, ModelRequest, register
+from models.backbones import ITEM, backbone_kind
 
 
 @register
 class FullRank(Decoder):
     name = "full_rank"
-    needs = ("next_item",)
-    backbone_kinds = ("item",)
+    backbone_kinds = (ITEM,)
     kind_reason = "it scores item ids against item embeddings; SID backbones generate codes instead"
     description = "SASRec-style item model: one pass, all items scored, top-K (non-generative reference)"
 
-    def __init__(self, catalog, k, models):
-        super().__init__(catalog, k, models)
+    @classmethod
+    def requests(cls, options, settings):
+        """The item model: --backbone when it is one, else --item-backbone."""
+        backbone = settings.backbone if backbone_kind(settings.backbone) == ITEM else settings.item_backbone
+        return {"next_item": ModelRequest("next_item", replace(settings, backbone=backbone))}
+
+    def __init__(self, catalog, k, models, options):
+        super().__init__(catalog, k, models, options)
         self.lm = models["next_item"].lm
 
-    def bare_forward(self, batch):
-        self.lm.bare_forward(batch.items, batch.items_mask)
+    def bare_forward(self, prompt):
+        self.lm.bare_forward(prompt.items, prompt.items_mask)
 
     @torch.no_grad()
-    def decode(self, batch) -> DecodeResult:
-        scores = torch.log_softmax(self.lm.item_scores(batch.items, batch.items_mask, last_only=True).float(), -1)
+    def decode(self, prompt) -> DecodeResult:
+        scores = torch.log_softmax(self.lm.item_scores(prompt.items, prompt.items_mask, last_only=True).float(), -1)
         top = scores.topk(min(self.k, scores.shape[-1]), dim=-1)  # [B, K]
-        return DecodeResult(sids=self.catalog.sids.to(top.indices.device)[top.indices], scores=top.values)
+        return DecodeResult(sids=self.catalog.on(top.indices.device).sids[top.indices], scores=top.values)

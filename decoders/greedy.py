@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from decoders.base import Decoder, DecodeResult, level_log_probs, register
+from decoders.base import DecodeResult, NoOptions, NtpDecoder, level_log_probs, register
 
 
 @register
-class Greedy(Decoder):
+class Greedy(NtpDecoder):
     name = "greedy"
-    needs = ("ntp",)
+    Options = NoOptions
     description = "argmax per level; returns one candidate whatever K is"
 
-    def __init__(self, catalog, k, models):
-        super().__init__(catalog, k, models)
-        self.lm = models["ntp"].lm
-
     @torch.no_grad()
-    def decode(self, batch) -> DecodeResult:
-        logits, state = self.lm.prefill(batch.history, batch.mask)
-        codes, score = [], logits.new_zeros(len(batch))
+    def decode(self, prompt) -> DecodeResult:
+        logits, state = self.lm.prefill(prompt.history, prompt.mask)
+        codes, score = [], logits.new_zeros(len(prompt))
         for level in range(self.catalog.levels):
             best, code = level_log_probs(logits, self.catalog, level).max(dim=-1)
             score, codes = score + best, codes + [code]

@@ -22,7 +22,7 @@ class SidLevelProcessor(LogitsProcessor):
 
     def __init__(self, catalog, prompt_length: int, constrained: bool, device: torch.device):
         self.catalog, self.prompt_length, self.constrained = catalog, prompt_length, constrained
-        self.offsets = torch.tensor(catalog.offsets, device=device)  # [L], once per generate call
+        self.offsets = catalog.on(device).offsets  # [L]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         level = input_ids.shape[1] - self.prompt_length
@@ -43,16 +43,16 @@ class HFBeam(NtpDecoder):
     description = "transformers generate(num_beams=K): prompt prefilled once per beam, cache reordered each step"
 
     @torch.no_grad()
-    def decode(self, batch) -> DecodeResult:
-        levels, size = self.catalog.levels, len(batch)
+    def decode(self, prompt) -> DecodeResult:
+        levels, size = self.catalog.levels, len(prompt)
         processor = SidLevelProcessor(
-            self.catalog, self.lm.generation_prompt_length(batch.history), self.constrained, batch.history.device
+            self.catalog, self.lm.generation_prompt_length(prompt.history), self.constrained, prompt.history.device
         )
         # with one beam generate runs greedy search, which takes no beam settings and reports raw logits
         beam_settings = dict(length_penalty=0.0, early_stopping=True) if self.k > 1 else dict(output_logits=True)
         out = self.lm.lm.generate(
-            input_ids=batch.history,
-            attention_mask=batch.mask,
+            input_ids=prompt.history,
+            attention_mask=prompt.mask,
             num_beams=self.k,
             num_return_sequences=self.k,
             max_new_tokens=levels,

@@ -15,14 +15,18 @@ code of the last level (the verification pass gives that distribution for free).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 
 from bench.errors import BenchError
+from bench.settings import setting
 from decoders.base import (
     NEG_INF,
     Decoder,
     DecodeResult,
+    ModelRequest,
     extend_prefixes,
     finish,
     level_log_probs,
@@ -30,6 +34,7 @@ from decoders.base import (
     prune,
     register,
 )
+from models.backbones import DECODER_ONLY
 
 
 def parse_tree(spec: str, k: int, codebook_sizes: tuple[int, ...]) -> list[int]:
@@ -70,14 +75,18 @@ def product_tree(widths: list[int], device) -> tuple[torch.Tensor, list[int]]:
     return mask, starts
 
 
+@dataclass
+class MedusaOptions:
+    tree: str = setting("", "codes per level, e.g. 20x3x3x0 (level 1 from the backbone, the rest from the heads)")
+    constrained: bool = setting(False, "mask prefixes that belong to no real item")
+    mode: Literal["frozen", "joint"] | None = setting(None, "heads on a frozen backbone (Medusa-1) or joint (Medusa-2)")
+
+
 @register
 class Medusa(Decoder):
     name = "medusa"
-    needs = ("medusa",)
-    options = {"tree": str, "constrained": bool, "mode": str}
-    model_options = {"mode": "medusa_mode"}
-    choices = {"mode": ("frozen", "joint")}  # models.objectives.MEDUSA_MODES; importing it here would be circular
-    backbone_kinds = ("decoder-only",)
+    Options = MedusaOptions
+    backbone_kinds = (DECODER_ONLY,)
     kind_reason = (
         "its verification pass feeds a token tree with tree attention and its own position ids, "
         "which only a decoder-only backbone takes"
@@ -87,14 +96,21 @@ class Medusa(Decoder):
         ":tree=20x3x3x0 codes per level, :mode=frozen|joint (Medusa-1/-2)"
     )
 
-    def __init__(self, catalog, k, models, tree: str = "", constrained: bool = False, mode: str = "frozen"):
-        widths = parse_tree(tree, k, catalog.codebook_sizes)
-        super().__init__(catalog, k, models, tree="x".join(map(str, widths)), constrained=constrained, mode=mode)
+    @classmethod
+    def requests(cls, options, settings):
+        """Heads trained on a trained NTP model of the same settings."""
+        mode = options.mode or settings.medusa_mode
+        return {"medusa": ModelRequest("medusa", replace(settings, medusa_mode=mode), ModelRequest("ntp", settings))}
+
+    def __init__(self, catalog, k, models, options):
+        widths = parse_tree(options.tree, k, catalog.codebook_sizes)
         model = models["medusa"]
-        if model.hparams.medusa_mode != mode:
-            raise BenchError(f"medusa: the model was trained with mode '{model.hparams.medusa_mode}', not '{mode}'")
+        trained = model.settings.medusa_mode
+        if options.mode is not None and trained != options.mode:
+            raise BenchError(f"medusa: the model was trained with mode '{trained}', not '{options.mode}'")
+        super().__init__(catalog, k, models, replace(options, tree="x".join(map(str, widths)), mode=trained))
         self.lm, self.heads = model.lm, model.medusa
-        self.widths, self.constrained = widths, constrained
+        self.widths, self.constrained = widths, options.constrained
         self._tree = None
 
     def tree(self, device):
@@ -103,9 +119,9 @@ class Medusa(Decoder):
         return self._tree
 
     @torch.no_grad()
-    def decode(self, batch) -> DecodeResult:
-        catalog, levels, size = self.catalog, self.catalog.levels, len(batch)
-        logits, state = self.lm.prefill(batch.history, batch.mask)  # call 1
+    def decode(self, prompt) -> DecodeResult:
+        catalog, levels, size = self.catalog, self.catalog.levels, len(prompt)
+        logits, state = self.lm.prefill(prompt.history, prompt.mask)  # call 1
         guesses = [level_log_probs(logits, catalog, 0)] + [g.float() for g in self.heads(state.last_hidden)]
         top_codes, allowed, rank = [], [], []
         for level, guess in enumerate(guesses):

@@ -3,76 +3,78 @@ the self-draft head, with the hash-set verifier pruning invalid prefixes."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import Literal
+
 import torch
 
 from bench.errors import BenchError
-from decoders.base import Decoder, DecodeResult, extend_prefixes, finish, mask_invalid, prune, register
-from models.heads import TRANSITIONS
+from bench.settings import setting
+from decoders.base import Decoder, DecodeResult, ModelRequest, extend_prefixes, finish, mask_invalid, prune, register
 
-VERIFIER_MODES = ("every", "last", "off")
+
+@dataclass
+class NezhaOptions:
+    verifier: Literal["every", "last", "off"] = setting("every", "levels at which invalid prefixes are masked")
+    head_beam: int = setting(0, "beams inside the head (0: K)", low=0)
+    transition: Literal["rnn", "gru", "none"] | None = setting(None, "model ablation: the head's transition cell")
+    placeholders: bool | None = setting(None, "model ablation: placeholders=off reads only the last history state")
 
 
 @register
 class Nezha(Decoder):
     name = "nezha"
-    needs = ("nezha",)
-    options = {"verifier": str, "head_beam": int, "transition": str, "placeholders": bool}
-    model_options = {"transition": "transition", "placeholders": "placeholders"}
-    choices = {"verifier": VERIFIER_MODES, "transition": TRANSITIONS}
+    Options = NezhaOptions
     description = (
         "one backbone pass, beam search in the draft head; :verifier=every|last|off, "
         ":head_beam=N beams inside the head (default K); model ablations :transition=rnn|gru|none, "
         ":placeholders=off"
     )
 
-    def __init__(
-        self,
-        catalog,
-        k,
-        models,
-        verifier: str = "every",
-        head_beam: int = 0,
-        transition: str | None = None,
-        placeholders: bool | None = None,
-    ):
+    @classmethod
+    def requests(cls, options, settings):
+        """The NEZHA model; the ablation options pick the model's own settings."""
+        picked = {name: getattr(options, name) for name in ("transition", "placeholders")}
+        return {"nezha": ModelRequest("nezha", replace(settings, **{k: v for k, v in picked.items() if v is not None}))}
+
+    def __init__(self, catalog, k, models, options):
         model = models["nezha"]
-        for option, wanted in (("transition", transition), ("placeholders", placeholders)):
-            if wanted is not None and model.hparams[option] != wanted:
+        for option in ("transition", "placeholders"):
+            wanted, trained = getattr(options, option), getattr(model.settings, option)
+            if wanted is not None and trained != wanted:
                 raise BenchError(
                     f"nezha: {option}={wanted} asked for, but the model was trained with "
-                    f"{option}={model.hparams[option]}; drop --ckpt to train a matching one"
+                    f"{option}={trained}; drop --ckpt to train a matching one"
                 )
-        super().__init__(
-            catalog,
-            k,
-            models,
-            verifier=verifier,
-            head_beam=head_beam or k,
-            transition=model.hparams.transition,
-            placeholders=model.hparams.placeholders,
+        if options.head_beam and options.head_beam < k:
+            raise BenchError(f"nezha: head_beam={options.head_beam} is below K={k}; it must be at least K")
+        if options.head_beam > catalog.code_space:
+            raise BenchError(
+                f"nezha: head_beam={options.head_beam} is above the {catalog.code_space} SIDs of the code space; "
+                "more beams cannot find more"
+            )
+        options = replace(
+            options,
+            head_beam=options.head_beam or k,
+            transition=model.settings.transition,
+            placeholders=model.settings.placeholders,
         )
-        if head_beam and head_beam < k:
-            raise BenchError(f"nezha: head_beam={head_beam} is below K={k}; it must be at least K")
+        super().__init__(catalog, k, models, options)
         self.lm, self.head = model.lm, model.head
-        self.verifier, self.head_beam = verifier, head_beam or k
-        # built once, not per batch inside the timed decode: [L] token ids, None without placeholders
-        device = next(model.parameters()).device
-        self._placeholder_ids = (
-            torch.tensor(catalog.placeholder_tokens, device=device) if model.hparams.placeholders else None
-        )
+        self.verifier, self.head_beam, self.placeholders = options.verifier, options.head_beam, options.placeholders
 
     def placeholder_tokens(self, device) -> torch.Tensor | None:
-        """The placeholder token ids on `device` (a no-op move when the model lives there)."""
-        return None if self._placeholder_ids is None else self._placeholder_ids.to(device)
+        """The placeholder token ids on `device` [L], None without placeholders."""
+        return self.catalog.on(device).placeholder_tokens if self.placeholders else None
 
-    def bare_forward(self, batch):
-        self.lm.nezha_states(batch.history, batch.mask, self.placeholder_tokens(batch.history.device))
+    def bare_forward(self, prompt):
+        self.lm.nezha_states(prompt.history, prompt.mask, self.placeholder_tokens(prompt.history.device))
 
     @torch.no_grad()
-    def decode(self, batch) -> DecodeResult:
-        catalog, levels, size = self.catalog, self.catalog.levels, len(batch)
+    def decode(self, prompt) -> DecodeResult:
+        catalog, levels, size = self.catalog, self.catalog.levels, len(prompt)
         h0, placeholder_states = self.lm.nezha_states(
-            batch.history, batch.mask, self.placeholder_tokens(batch.history.device)
+            prompt.history, prompt.mask, self.placeholder_tokens(prompt.history.device)
         )  # [B, d], [B, L, d]
         if placeholder_states is None:
             placeholder_states = h0.new_zeros(size, levels, h0.shape[-1])

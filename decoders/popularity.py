@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import torch
 
-from decoders.base import Decoder, DecodeResult, register
+from decoders.base import Decoder, DecodeResult, ModelRequest, register
 
 
 @register
 class Popularity(Decoder):
     name = "popularity"
-    needs = ("popularity",)
     backbone_kinds = ()
     description = "the K most frequent items of the training split; no model"
 
-    def __init__(self, catalog, k, models):
-        super().__init__(catalog, k, models)
+    @classmethod
+    def requests(cls, options, settings):
+        return {"popularity": ModelRequest("popularity", settings)}
+
+    def __init__(self, catalog, k, models, options):
+        super().__init__(catalog, k, models, options)
         counts = torch.as_tensor(models["popularity"], dtype=torch.float)
         top = counts.topk(min(k, catalog.num_items))
         self.sids, self.scores = catalog.sids[top.indices], torch.log(top.values / counts.sum())
 
-    def decode(self, batch) -> DecodeResult:
-        size = len(batch)
-        return DecodeResult(
-            sids=self.sids.to(batch.history.device).expand(size, -1, -1),
-            scores=self.scores.to(batch.history.device).expand(size, -1),
-        )
+    def decode(self, prompt) -> DecodeResult:
+        size = len(prompt)
+        if self.sids.device != prompt.history.device:  # once: moved where the prompts live
+            self.sids, self.scores = self.sids.to(prompt.history.device), self.scores.to(prompt.history.device)
+        return DecodeResult(sids=self.sids.expand(size, -1, -1), scores=self.scores.expand(size, -1))

@@ -12,11 +12,15 @@ is therefore exactly `beam`'s top-K (lossless), only the number of backbone call
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 
 from bench.errors import BenchError
+from bench.settings import setting
 from decoders.base import (
     DecodeResult,
+    ModelRequest,
     NtpDecoder,
     extend_prefixes,
     finish,
@@ -28,6 +32,12 @@ from decoders.base import (
 from decoders.beam import beam_search, continue_beam
 
 
+@dataclass
+class SpeculativeOptions:
+    constrained: bool = setting(False, "mask prefixes that belong to no real item")
+    draft_beam: int = setting(0, "beams the draft keeps (0: K)", low=0)
+
+
 @register
 class Speculative(NtpDecoder):
     name = "speculative"
@@ -37,33 +47,43 @@ class Speculative(NtpDecoder):
         "its verification pass reads the prompt and the draft tree in one pass with tree attention, "
         "which only a decoder-only backbone takes"
     )
-    options = {"constrained": bool, "draft_beam": int}
+    Options = SpeculativeOptions
     description = (
         "draft model beam-searches K beams, the backbone verifies the draft tree in one pass and keeps "
         "exactly beam's top-K, falling back to its own steps where drafts miss; :draft_beam=N drafts N >= K beams"
     )
 
-    def __init__(self, catalog, k, models, constrained: bool = False, draft_beam: int = 0):
-        if draft_beam and draft_beam < k:
-            raise BenchError(f"speculative: draft_beam={draft_beam} is below K={k}; it must be at least K")
-        super().__init__(catalog, k, models, constrained=constrained)
-        self.draft_beam = draft_beam or k
-        self.settings["draft_beam"] = self.draft_beam
+    @classmethod
+    def requests(cls, options, settings):
+        """The NTP backbone, and a smaller NTP model (--draft-backbone) trained on the same data."""
+        draft = ModelRequest("ntp", replace(settings, backbone=settings.draft_backbone))
+        return {"ntp": ModelRequest("ntp", settings), "draft": draft}
+
+    def __init__(self, catalog, k, models, options):
+        if options.draft_beam and options.draft_beam < k:
+            raise BenchError(f"speculative: draft_beam={options.draft_beam} is below K={k}; it must be at least K")
+        if options.draft_beam > catalog.code_space:
+            raise BenchError(
+                f"speculative: draft_beam={options.draft_beam} is above the {catalog.code_space} SIDs of the code "
+                "space; more beams cannot find more"
+            )
+        super().__init__(catalog, k, models, replace(options, draft_beam=options.draft_beam or k))
+        self.draft_beam = self.options.draft_beam
         self.draft = models["draft"].lm
 
     @property
     def draft_core(self):
         return self.draft.core
 
-    def draft_tree(self, batch):
+    def draft_tree(self, prompt):
         """-> node tokens [B, N], tree mask [B, N, N], node prefix codes [B, N] (-1 where
         the draft had no candidate); nodes come in blocks of draft_beam, one per depth."""
         catalog, k = self.catalog, self.draft_beam
         trail = []
-        beam_search(self.draft, catalog, batch.history, batch.mask, k, self.constrained, trail)
-        size, levels = len(batch), catalog.levels
+        beam_search(self.draft, catalog, prompt.history, prompt.mask, k, self.constrained, trail)
+        size, levels = len(prompt), catalog.levels
         tokens, codes, masks = [], [], []
-        eye = torch.eye(k, dtype=torch.bool, device=batch.history.device).expand(size, k, k)
+        eye = torch.eye(k, dtype=torch.bool, device=prompt.history.device).expand(size, k, k)
         for depth in range(1, levels):
             prefixes, scores, parent = trail[depth - 1]  # [B, K, depth], [B, K], [B, K]
             tokens.append(prefixes[:, :, -1] + catalog.offsets[depth - 1])
@@ -75,17 +95,17 @@ class Speculative(NtpDecoder):
                 above = masks[-1].gather(1, parent.unsqueeze(-1).expand(-1, -1, masks[-1].shape[-1]))
                 masks.append(torch.cat([above, eye], dim=-1))
         nodes = k * (levels - 1)
-        tree_mask = torch.zeros(size, nodes, nodes, dtype=torch.bool, device=batch.history.device)
+        tree_mask = torch.zeros(size, nodes, nodes, dtype=torch.bool, device=prompt.history.device)
         for depth, block in enumerate(masks):
             tree_mask[:, depth * k : (depth + 1) * k, : block.shape[-1]] = block
         return torch.cat(tokens, 1), tree_mask, torch.cat(codes, 1)
 
     @torch.no_grad()
-    def decode(self, batch) -> DecodeResult:
-        catalog, k, levels, size = self.catalog, self.k, self.catalog.levels, len(batch)
+    def decode(self, prompt) -> DecodeResult:
+        catalog, k, levels, size = self.catalog, self.k, self.catalog.levels, len(prompt)
         width = self.draft_beam
-        tokens, tree_mask, node_codes = self.draft_tree(batch)
-        logits, node_logits, state = self.lm.tree_forward(batch.history, batch.mask, tokens, tree_mask)  # 1 call
+        tokens, tree_mask, node_codes = self.draft_tree(prompt)
+        logits, node_logits, state = self.lm.tree_forward(prompt.history, prompt.mask, tokens, tree_mask)  # 1 call
 
         scores = logits.new_zeros(size, 1)
         prefixes = torch.zeros(size, 1, 0, dtype=torch.long, device=logits.device)
@@ -116,8 +136,8 @@ class Speculative(NtpDecoder):
             start = int(accepted[fallback].min())  # first level to recompute
             base_scores, base_prefixes = kept[start - 1]
             rows = fallback.repeat_interleave(k)
-            state = self.lm.select(self.lm.crop(state, batch.history.shape[1]), rows)
-            fed = (base_prefixes[fallback] + torch.tensor(catalog.offsets[:start], device=rows.device)).flatten(0, 1)
+            state = self.lm.select(self.lm.crop(state, prompt.history.shape[1]), rows)
+            fed = (base_prefixes[fallback] + catalog.on(rows.device).offsets[:start]).flatten(0, 1)
             step_logits, state = self.lm.extend(state, fed)  # the kept prefixes, one call
             redo_prefixes, redo_scores = continue_beam(
                 self.lm,

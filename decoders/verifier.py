@@ -24,14 +24,15 @@ class Verifier:
         self.levels = len(self.codebook_sizes)
         self.place_values = [math.prod(self.codebook_sizes[:level]) for level in range(self.levels)]
         sids = sids.long().cpu()
+        self._on_device: dict[torch.device, list[torch.Tensor]] = {}
+        self._constants_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         # prefix_codes[l]: sorted unique codes of all valid prefixes of length l+1
         self.prefix_codes = [torch.unique(self.encode(sids[:, : level + 1])) for level in range(self.levels)]
         self.valid_sids = set(self.prefix_codes[-1].tolist())
-        self._on_device: dict[torch.device, list[torch.Tensor]] = {}
 
     def encode(self, sids: torch.Tensor) -> torch.Tensor:
         """[..., l] codes of the first l levels -> [...] mixed-radix integers."""
-        place = torch.tensor(self.place_values[: sids.shape[-1]], dtype=torch.long, device=sids.device)
+        place = self._constants(sids.device)[1][: sids.shape[-1]]
         return (sids.long() * place).sum(-1)
 
     def is_valid(self, sid) -> bool:
@@ -43,7 +44,7 @@ class Verifier:
 
     def in_range(self, sids: torch.Tensor) -> torch.Tensor:
         """[..., l] codes -> bool [...]: every code lies inside its level's codebook."""
-        sizes = torch.tensor(self.codebook_sizes[: sids.shape[-1]], device=sids.device)
+        sizes = self._constants(sids.device)[0][: sids.shape[-1]]
         return ((sids >= 0) & (sids < sizes)).all(-1)
 
     def prefix_is_valid(self, codes: torch.Tensor, length: int) -> torch.Tensor:
@@ -63,3 +64,12 @@ class Verifier:
         if device not in self._on_device:
             self._on_device[device] = [t.to(device) for t in self.prefix_codes]
         return self._on_device[device]
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codebook sizes [L], place values [L]) on `device`, built once per device."""
+        if device not in self._constants_on:
+            self._constants_on[device] = (
+                torch.tensor(self.codebook_sizes, device=device),
+                torch.tensor(self.place_values, dtype=torch.long, device=device),
+            )
+        return self._constants_on[device]

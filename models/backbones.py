@@ -84,17 +84,21 @@ class DecodeState:
     memory: torch.Tensor | None = None  # [N, T, d] encoder output (encoder-decoder only)
 
 
-def build_backbone(name: str, vocab_size: int, max_positions: int, dropout: float = 0.0, num_items: int = 0):
+def build_backbone(
+    name: str, vocab_size: int, max_positions: int, dropout: float = 0.0, num_items: int = 0, attention: str = "sdpa"
+):
+    """attention: the Hugging Face attention backend, pinned to sdpa by ModelSettings: the
+    4D boolean masks of NEZHA training and tree verification are masks only there."""
     from models.decoder_only import DecoderOnlyLM
     from models.encoder_decoder import EncoderDecoderLM
     from models.sasrec import ItemSequenceModel
 
     kind = backbone_kind(name)
     if kind == ENCODER_DECODER:
-        return EncoderDecoderLM(name, vocab_size, dropout)
+        return EncoderDecoderLM(name, vocab_size, dropout, attention)
     if kind == ITEM:
-        return ItemSequenceModel(name, num_items, max_positions, dropout)
-    return DecoderOnlyLM(name, vocab_size, max_positions, dropout)
+        return ItemSequenceModel(name, num_items, max_positions, dropout, attention)
+    return DecoderOnlyLM(name, vocab_size, max_positions, dropout, attention)
 
 
 def generic_size(name: str) -> tuple[int, int, int, int, int]:

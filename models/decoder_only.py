@@ -26,7 +26,7 @@ def tree_attention(prefix_mask: torch.Tensor, tree_mask: torch.Tensor) -> torch.
 class DecoderOnlyLM(nn.Module):
     kind = DECODER_ONLY
 
-    def __init__(self, name: str, vocab_size: int, max_positions: int, dropout: float = 0.0):
+    def __init__(self, name: str, vocab_size: int, max_positions: int, dropout: float = 0.0, attention: str = "sdpa"):
         super().__init__()
         if name in SHAPED_LIKE:
             family, shape = SHAPED_LIKE[name]
@@ -49,6 +49,7 @@ class DecoderOnlyLM(nn.Module):
             eos_token_id=None,
             tie_word_embeddings=True,
             attention_dropout=dropout,
+            attn_implementation=attention,
             **shape,
         )
         self.lm = model_cls(config)

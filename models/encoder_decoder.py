@@ -15,7 +15,7 @@ from models.backbones import ENCODER_DECODER, DecodeState, generic_size
 class EncoderDecoderLM(nn.Module):
     kind = ENCODER_DECODER
 
-    def __init__(self, name: str, vocab_size: int, dropout: float = 0.0):
+    def __init__(self, name: str, vocab_size: int, dropout: float = 0.0, attention: str = "sdpa"):
         super().__init__()
         hidden, layers, heads, _, ffn = generic_size(name)
         config = T5Config(
@@ -32,6 +32,7 @@ class EncoderDecoderLM(nn.Module):
             eos_token_id=None,
             bos_token_id=None,
             tie_word_embeddings=True,
+            attn_implementation=attention,
         )
         self.lm = T5ForConditionalGeneration(config)
         self.hidden_size = hidden

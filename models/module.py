@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import pickle
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -11,6 +14,7 @@ from torchmetrics import MeanMetric
 from bench.data.catalog import Catalog
 from bench.errors import BenchError
 from bench.metrics import target_ranks
+from bench.settings import DataSettings, ModelSettings, from_dict
 from models import objectives
 from models.backbones import DECODER_ONLY, ITEM, backbone_kind, build_backbone
 from models.heads import MedusaHeads, NezhaDraftHead
@@ -22,69 +26,73 @@ class SidRecommender(L.LightningModule):
     """A backbone over SID tokens, plus the NEZHA draft head (objective 'nezha') or the
     Medusa heads (objective 'medusa').
 
-    Validation decodes the valid split with the objective's decoder (VALIDATION_DECODER)
-    and logs val/recall@10, the quantity early stopping and checkpointing watch."""
+    Its hyperparameters are plain data (the objective, the full ModelSettings and
+    DataSettings as dicts, the catalogue's fingerprint), so checkpoints load with
+    torch.load(weights_only=True). Validation decodes the valid split with the
+    objective's decoder (VALIDATION_DECODER) and logs val/recall@10, the quantity early
+    stopping and checkpointing watch."""
 
     def __init__(
         self,
         objective: str,
-        backbone: str,
+        settings: dict,
+        data: dict,
         dataset: str,
         catalog_fingerprint: str,
         codebook_sizes: list[int],
-        max_history: int = 20,
-        lr: float = 2e-3,
-        weight_decay: float = 0.01,
-        warmup_steps: int = 100,
-        dropout: float = 0.1,
-        transition: str = "rnn",
-        placeholders: bool = True,
-        medusa_mode: str = "frozen",
+        num_items: int,
         val_k: int = 10,
-        num_items: int = 0,
         catalog: Catalog | None = None,
     ):
         super().__init__()
         if objective not in objectives.OBJECTIVES:
             raise BenchError(f"unknown objective '{objective}'; choose one of {', '.join(objectives.OBJECTIVES)}")
         self.save_hyperparameters(ignore=["catalog"])
-        check_pairing(objective, backbone)
+        self.objective = objective
+        self.settings = from_dict(ModelSettings, settings, "model settings")
+        self.data_settings = from_dict(DataSettings, data, "data settings")
+        check_pairing(objective, self.settings.backbone)
         levels = len(codebook_sizes)
         vocab_size = 1 + sum(codebook_sizes) + levels
+        max_history = self.settings.max_history
         positions = max_history + 2 if objective == "next_item" else (max_history + 2) * levels
-        self.lm = build_backbone(backbone, vocab_size, positions, dropout=dropout, num_items=num_items)
-        self.head = (
-            NezhaDraftHead(self.lm.hidden_size, tuple(codebook_sizes), transition) if objective == "nezha" else None
+        self.lm = build_backbone(
+            self.settings.backbone,
+            vocab_size,
+            positions,
+            dropout=self.settings.dropout,
+            num_items=num_items,
+            attention=self.settings.attention,
         )
-        self.medusa = MedusaHeads(self.lm.hidden_size, tuple(codebook_sizes)) if objective == "medusa" else None
-        if objective == "medusa" and medusa_mode not in objectives.MEDUSA_MODES:
-            raise BenchError(f"unknown Medusa mode '{medusa_mode}'; choose one of {', '.join(objectives.MEDUSA_MODES)}")
-        if objective == "medusa" and medusa_mode == "frozen":
+        hidden, sizes = self.lm.hidden_size, tuple(codebook_sizes)
+        self.head = NezhaDraftHead(hidden, sizes, self.settings.transition) if objective == "nezha" else None
+        self.medusa = MedusaHeads(hidden, sizes) if objective == "medusa" else None
+        if objective == "medusa" and self.settings.medusa_mode == "frozen":
             self.lm.requires_grad_(False)
         self.catalog = catalog
         self.val_recall = MeanMetric()
         self._val_decoder = None
 
     @classmethod
-    def for_catalog(cls, objective: str, backbone: str, catalog: Catalog, **settings) -> "SidRecommender":
+    def for_catalog(
+        cls, objective: str, settings: ModelSettings, catalog: Catalog, data: DataSettings | None = None
+    ) -> "SidRecommender":
         return cls(
             objective=objective,
-            backbone=backbone,
+            settings=asdict(settings),
+            data=asdict(data or DataSettings(dataset=catalog.name)),
             dataset=catalog.name,
             catalog_fingerprint=catalog.fingerprint,
             codebook_sizes=list(catalog.codebook_sizes),
             num_items=catalog.num_items,
             catalog=catalog,
-            **settings,
         )
 
     def collate(self, windows: list[dict]) -> dict:
-        return objectives.collate(
-            self.hparams.objective, [w["items"] for w in windows], self.catalog, self.lm.kind, self.hparams.placeholders
-        )
+        return objectives.collate(self.objective, windows, self.catalog, self.lm.kind, self.settings.placeholders)
 
     def training_step(self, batch, batch_idx):
-        loss = objectives.loss(self.hparams.objective, self, batch)
+        loss = objectives.loss(self.objective, self, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=next(iter(batch.values())).shape[0])
         return loss
 
@@ -92,11 +100,9 @@ class SidRecommender(L.LightningModule):
         if self._val_decoder is None:
             from decoders import build_decoder
 
-            spec = VALIDATION_DECODER[self.hparams.objective]
-            if self.hparams.objective == "medusa":
-                spec += f":mode={self.hparams.medusa_mode}"
-            self._val_decoder = build_decoder(spec, self.catalog, self.hparams.val_k, {self.hparams.objective: self})
-        result = self._val_decoder.decode(batch)
+            spec = VALIDATION_DECODER[self.objective]
+            self._val_decoder = build_decoder(spec, self.catalog, self.hparams.val_k, {self.objective: self})
+        result = self._val_decoder.decode(batch.prompt)
         ranks = target_ranks(self.catalog.items_of(result.sids), batch.targets)
         self.val_recall.update((ranks > 0).float())
         self.log("val/recall@10", self.val_recall, prog_bar=True, batch_size=len(batch))
@@ -106,10 +112,10 @@ class SidRecommender(L.LightningModule):
         decay = [p for p in trained if p.ndim >= 2]
         no_decay = [p for p in trained if p.ndim < 2]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr,
+            [{"params": decay, "weight_decay": self.settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.settings.lr,
         )
-        warmup = max(1, self.hparams.warmup_steps)
+        warmup = max(1, self.settings.warmup_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -131,31 +137,57 @@ def check_pairing(objective: str, backbone: str) -> None:
 
 
 def load_checkpoint(path: str | Path, catalog: Catalog) -> SidRecommender:
-    """Load a checkpoint written by `bench train`, refusing one made for another catalogue."""
+    """Load a checkpoint written by `bench train`, refusing one made for another catalogue.
+
+    weights_only: a checkpoint is data (tensors and plain types); one that asks the
+    unpickler for anything else (code) is refused, not run."""
     path = Path(path)
     if not path.is_file():
         raise BenchError(f"checkpoint {path} does not exist; train one with: python -m bench train")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc):  # not a pickled object the weights-only unpickler refused
+            raise BenchError(
+                f"{path} is not a readable checkpoint (UnpicklingError); pass a .ckpt written by python -m bench train"
+            ) from None
+        raise BenchError(
+            f"{path} holds more than tensors and plain data (loading it could run code), so it was not loaded; "
+            "pass a .ckpt written by python -m bench train"
+        ) from None
     except Exception as exc:  # any unreadable file gets the same one-line answer
         raise BenchError(
             f"{path} is not a readable checkpoint ({type(exc).__name__}); pass a .ckpt written by python -m bench train"
         ) from None
-    settings = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not isinstance(settings, dict) or "objective" not in settings or "catalog_fingerprint" not in settings:
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    expected = set(inspect.signature(SidRecommender.__init__).parameters) - {"self", "catalog"}
+    if not isinstance(hparams, dict) or not {"objective", "settings", "catalog_fingerprint"} <= set(hparams):
         raise BenchError(
-            f"{path} is not a checkpoint of this suite (no objective or catalogue recorded); "
+            f"{path} is not a checkpoint of this suite (no objective, settings or catalogue recorded); "
             "pass a .ckpt written by python -m bench train"
         )
-    if settings["catalog_fingerprint"] != catalog.fingerprint:
+    if set(hparams) - expected:
         raise BenchError(
-            f"checkpoint {path} was trained on dataset '{settings['dataset']}' (catalogue "
-            f"{settings['catalog_fingerprint']}), not on '{catalog.name}' ({catalog.fingerprint}); "
+            f"checkpoint {path} records unknown settings ({', '.join(sorted(set(hparams) - expected))}); "
+            "it was written by another version of the suite: train it again"
+        )
+    if hparams["catalog_fingerprint"] != catalog.fingerprint:
+        raise BenchError(
+            f"checkpoint {path} was trained on dataset '{hparams.get('dataset')}' (catalogue "
+            f"{hparams['catalog_fingerprint']}), not on '{catalog.name}' ({catalog.fingerprint}); "
             f"train one with: python -m bench train --dataset {catalog.name}"
         )
-    model = SidRecommender(**settings, catalog=catalog)
     try:
-        model.load_state_dict(checkpoint["state_dict"])
+        model = SidRecommender(**hparams, catalog=catalog)
+    except BenchError as exc:
+        raise BenchError(f"checkpoint {path}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise BenchError(f"checkpoint {path} has malformed settings ({exc})") from None
+    state = checkpoint.get("state_dict")
+    try:
+        if not isinstance(state, dict):
+            raise KeyError("no state_dict")
+        model.load_state_dict(state)
     except (KeyError, RuntimeError) as exc:
         raise BenchError(f"checkpoint {path} does not match its recorded model ({str(exc).splitlines()[0]})") from None
     return model.eval()

@@ -13,6 +13,7 @@ nezha: the window is laid out as  SID(i_1) P SID(i_2) P ... SID(i_{w-1}) P  wher
        teacher-forced with cross-entropy per level on the next item's codes.
 next_item: the SASRec reference: item ids in one causal pass, cross-entropy over all
        items at every position after the first.
+popularity: no network: item counts of the training split (fitted, not trained).
 
 Encoder-decoder backbones (T5) cannot score all prefixes in one pass (the encoder sees
 the whole history), so their windows hold one target each (history + target): ntp
@@ -26,11 +27,23 @@ import torch.nn.functional as F
 
 from bench.data.batches import pad_rows
 from bench.data.catalog import PAD, Catalog
+from bench.data.splits import item_popularity
 from models.backbones import ENCODER_DECODER
 
 OBJECTIVES = ("ntp", "nezha", "medusa", "next_item")
-MEDUSA_MODES = ("frozen", "joint")
+FITTED = {"popularity": item_popularity}  # objectives with no network: a function of the data
 IGNORE = -100
+# the model settings only one objective reads; every other model setting shapes every model,
+# except those that pick another model's backbone
+OWN_SETTINGS = {"nezha": ("transition", "placeholders"), "medusa": ("medusa_mode",)}
+OTHER_MODELS = ("draft_backbone", "item_backbone")
+
+
+def shaping_settings(objective: str, settings: dict) -> dict:
+    """The settings that shape a model of this objective (what names its cache and what a
+    resumed checkpoint must agree on)."""
+    others = {name for owner, names in OWN_SETTINGS.items() if owner != objective for name in names}
+    return {k: v for k, v in settings.items() if k not in others and k not in OTHER_MODELS}
 
 
 def collate_seq2seq(windows: list[list[int]], catalog: Catalog, objective: str, placeholders: bool) -> dict:
@@ -141,7 +154,7 @@ def collate_medusa(windows: list[list[int]], catalog: Catalog) -> dict:
 
 
 def medusa_loss(model, batch: dict) -> torch.Tensor:
-    joint = model.hparams.medusa_mode == "joint"
+    joint = model.settings.medusa_mode == "joint"
     with torch.set_grad_enabled(joint and torch.is_grad_enabled()):
         hidden = model.lm.hidden(batch["input_ids"], batch["attention_mask"])  # [B, T, d]
     at_item_end = hidden[batch["rows"], batch["item_end"]]  # [N, d]

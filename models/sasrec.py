@@ -14,7 +14,7 @@ from models.backbones import ITEM, generic_size, positions_from_mask
 class ItemSequenceModel(nn.Module):
     kind = ITEM
 
-    def __init__(self, name: str, num_items: int, max_positions: int, dropout: float = 0.0):
+    def __init__(self, name: str, num_items: int, max_positions: int, dropout: float = 0.0, attention: str = "sdpa"):
         super().__init__()
         hidden, layers, heads, _, ffn = generic_size(name)
         config = GPT2Config(
@@ -30,6 +30,7 @@ class ItemSequenceModel(nn.Module):
             bos_token_id=None,
             eos_token_id=None,
             pad_token_id=0,
+            attn_implementation=attention,
         )
         self.model = GPT2Model(config)
         self.hidden_size = hidden

@@ -3,6 +3,7 @@ import torch
 
 from bench.data.batches import collate_eval
 from bench.data.catalog import build_catalog
+from bench.settings import ModelSettings
 from models.module import SidRecommender
 
 
@@ -15,14 +16,19 @@ def random_catalog(seed: int = 0, items: int = 60, sizes=(6, 5, 8)):
 def random_model(objective: str, catalog, seed: int = 0, backbone: str = "qwen-tiny", **settings):
     """A random-init model whose output distributions are peaked (few near-ties)."""
     torch.manual_seed(seed)
-    model = SidRecommender.for_catalog(objective, backbone, catalog, **settings)
+    model = SidRecommender.for_catalog(objective, ModelSettings(backbone=backbone, **settings), catalog)
     with torch.no_grad():
         model.lm.core.get_input_embeddings().weight.normal_(0, 1.0)
     return model.eval()
 
 
 def random_batch(catalog, users: int = 6, seed: int = 0, max_items: int = 5):
-    """Histories of different lengths, so prompts are left-padded."""
+    """A prompt of histories of different lengths (so left-padded), as decoders get it."""
+    return random_eval_batch(catalog, users, seed, max_items).prompt
+
+
+def random_eval_batch(catalog, users: int = 6, seed: int = 0, max_items: int = 5):
+    """The prompt of random_batch with random targets, as validation gets it."""
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for u in range(users):
@@ -43,7 +49,7 @@ def training_losses(model, objective: str, steps: int = 25, seed: int = 0) -> li
     windows = [torch.randint(0, model.catalog.num_items, (4,), generator=gen).tolist() for _ in range(16)]
     if model.lm.kind == "encoder-decoder":
         windows = [w[:end] for w in windows for end in range(2, 5)]
-    batch = model.collate([{"items": w} for w in windows])
+    batch = model.collate(windows)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(steps):

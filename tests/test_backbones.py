@@ -7,9 +7,8 @@ from conftest import random_batch, random_model, training_losses
 
 from bench.errors import BenchError
 from bench.latency import count_calls
-from bench.run import model_requests
-from bench.train import TrainSettings
-from decoders import REGISTRY, build_decoder
+from bench.settings import ModelSettings
+from decoders import REGISTRY, build_decoder, plan
 from models.backbones import BACKBONES, backbone_kind, build_backbone, parameter_count
 
 GENERATIVE = ["qwen-tiny", "llama-tiny", "t5-tiny"]
@@ -56,7 +55,7 @@ def test_every_decoder_runs_on_every_generative_backbone_or_refuses(catalog, bac
             continue
         if cls.backbone_kinds and backbone_kind(backbone) not in cls.backbone_kinds:
             with pytest.raises(BenchError, match=f"decoder '{name}' cannot run on {backbone}.*only a decoder-only"):
-                model_requests(name, {}, TrainSettings(backbone=backbone))
+                plan(name, ModelSettings(backbone=backbone))
             continue
         decoder = build_decoder(name, catalog, 5, models)
         with count_calls(decoder.backbone_core) as calls:
@@ -95,11 +94,11 @@ def test_full_rank_scores_every_item_in_one_call(catalog):
 
 def test_sid_decoders_refuse_the_item_model_and_full_rank_refuses_sid_models():
     with pytest.raises(BenchError, match="decoder 'beam' cannot run on sasrec-small"):
-        model_requests("beam", {}, TrainSettings(backbone="sasrec-small"))
-    request = model_requests("full_rank", {}, TrainSettings(backbone="qwen-small"))
-    assert request["next_item"][2].backbone == "sasrec-small"  # --item-backbone
+        plan("beam", ModelSettings(backbone="sasrec-small"))
+    _, _, requests = plan("full_rank", ModelSettings(backbone="qwen-small"))
+    assert requests["next_item"].settings.backbone == "sasrec-small"  # --item-backbone
     with pytest.raises(BenchError, match="unknown backbone 'gpt-small'"):
-        model_requests("beam", {}, TrainSettings(backbone="gpt-small"))
+        plan("beam", ModelSettings(backbone="gpt-small"))
 
 
 def test_objective_and_backbone_pairings_are_checked(catalog):

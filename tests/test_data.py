@@ -205,7 +205,7 @@ def test_beauty_checksums_are_recorded(beauty):
 
 def test_beauty_training_windows_cover_every_prefix_once(beauty):
     for max_history in (20, 5):
-        windows = train_windows(beauty, max_history=max_history)["items"]
+        windows = train_windows(beauty, max_history=max_history)
         assert sum(len(w) - 1 for w in windows) == 131413
 
 
@@ -391,7 +391,7 @@ def make_data(sequences: list[list[int]]) -> RecData:
 
 
 def examples(data, split, **kwargs):
-    rows = eval_examples(data, split, **kwargs).to_list()
+    rows = eval_examples(data, split, **kwargs)
     return [(r["user"], r["history"], r["target"]) for r in rows]
 
 
@@ -426,7 +426,7 @@ def test_unknown_split_is_refused():
     ],
 )
 def test_train_windows_exact(length, expected):
-    windows = train_windows(make_data([list(range(length))]), max_history=3)["items"]
+    windows = train_windows(make_data([list(range(length))]), max_history=3)
     assert windows == expected
 
 
@@ -437,7 +437,7 @@ def test_train_windows_cover_each_training_prefix_once(max_history):
     starts = [sum(lengths[:u]) for u in range(len(lengths))]
     sequences = [list(range(start, start + n)) for start, n in zip(starts, lengths)]  # items unique per user
     owner = {item: u for u, seq in enumerate(sequences) for item in seq}
-    windows = train_windows(make_data(sequences), max_history=max_history)["items"]
+    windows = train_windows(make_data(sequences), max_history=max_history)
     by_user: dict[int, list[list[int]]] = {}
     for window in windows:
         assert 2 <= len(window) <= max_history + 1
@@ -461,7 +461,7 @@ def test_collate_eval_left_pads_sid_tokens():
     batch = collate_eval(
         [{"user": 0, "history": [0, 5], "target": 6}, {"user": 4, "history": [1], "target": 0}], data.catalog
     )
-    assert batch.history.tolist() == [[1, 3, 2, 4], [0, 0, 1, 4]]
-    assert batch.mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+    assert batch.prompt.history.tolist() == [[1, 3, 2, 4], [0, 0, 1, 4]]
+    assert batch.prompt.mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
     assert batch.targets.tolist() == [6, 0]
     assert len(batch) == 2

@@ -84,7 +84,6 @@ def test_left_padding_does_not_change_results(catalog, ntp, nezha):
             alone = type(batch)(
                 batch.history[user][keep][None],
                 batch.mask[user][keep][None],
-                batch.targets[user : user + 1],
                 batch.items[user][keep_items][None],
                 batch.items_mask[user][keep_items][None],
             )
@@ -137,25 +136,33 @@ def test_k_above_candidates_leaves_empty_slots(catalog, ntp):
 
 
 def test_decoder_specs_are_parsed_and_checked():
-    assert parse_spec("beam:constrained") == ("beam", {"constrained": True})
-    assert parse_spec("nezha:verifier=last:head_beam=40") == ("nezha", {"verifier": "last", "head_beam": 40})
+    name, options = parse_spec("beam:constrained")
+    assert (name, options.constrained) == ("beam", True)
+    name, options = parse_spec("nezha:verifier=last:head_beam=40")
+    assert (name, options.verifier, options.head_beam, options.transition) == ("nezha", "last", 40, None)
     with pytest.raises(BenchError, match="unknown decoder 'bream'"):
         parse_spec("bream")
     with pytest.raises(BenchError, match="unknown option 'width'"):
         parse_spec("beam:width=3")
-    with pytest.raises(BenchError, match="needs a int"):
+    with pytest.raises(BenchError, match="option 'head_beam' in 'nezha:head_beam=wide': 'wide' is not an integer"):
         parse_spec("nezha:head_beam=wide")
+    with pytest.raises(BenchError, match="head_beam -1: must be at least 0"):
+        parse_spec("nezha:head_beam=-1")
+    with pytest.raises(BenchError, match="needs a value: nezha:verifier=VALUE"):
+        parse_spec("nezha:verifier")
 
 
 def test_nezha_options_are_checked(catalog, nezha):
-    with pytest.raises(BenchError, match="must be one of every, last, off"):
+    with pytest.raises(BenchError, match="'sometimes' is not one of every, last, off"):
         build_decoder("nezha:verifier=sometimes", catalog, 4, {"nezha": nezha})
-    with pytest.raises(BenchError, match="must be one of rnn, gru, none"):
+    with pytest.raises(BenchError, match="'lstm' is not one of rnn, gru, none"):
         parse_spec("nezha:transition=lstm")
     with pytest.raises(BenchError, match="trained with transition=rnn"):
         build_decoder("nezha:transition=gru", catalog, 4, {"nezha": nezha})
     with pytest.raises(BenchError, match="below K"):
         build_decoder("nezha:head_beam=2", catalog, 4, {"nezha": nezha})
+    with pytest.raises(BenchError, match="head_beam=241 is above the 240 SIDs of the code space"):
+        build_decoder("nezha:head_beam=241", catalog, 4, {"nezha": nezha})
 
 
 def test_verifier_only_at_the_last_level_returns_no_invalid_sid_but_may_leave_slots_empty(catalog, nezha):

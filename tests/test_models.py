@@ -53,8 +53,8 @@ def test_nezha_without_placeholders_reads_history_only(catalog):
     assert not torch.isin(batch["input_ids"], torch.tensor(catalog.placeholder_tokens)).any()
 
 
-def save(model, path):
-    torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, path)
+def save(model, path, **extra):
+    torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict(), **extra}, path)
 
 
 def test_checkpoint_round_trip_and_refusals(catalog, tmp_path):

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import random_batch, random_model, training_losses
+from conftest import random_batch, random_eval_batch, random_model, training_losses
 
 from bench.errors import BenchError
 from bench.latency import count_calls
@@ -200,5 +200,5 @@ def test_medusa_training_freezes_the_backbone_only_in_frozen_mode(catalog, mode)
     assert losses[-1] < 0.8 * losses[0]
     changed = any(not torch.equal(before[n], p) for n, p in model.lm.named_parameters())
     assert changed == (mode == "joint")
-    model.eval().validation_step(random_batch(catalog, users=4), 0)  # validates with the decoder of its own mode
+    model.eval().validation_step(random_eval_batch(catalog, users=4), 0)  # validates with the decoder of its own mode
     assert 0 <= float(model.val_recall.compute()) <= 1

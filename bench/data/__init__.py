@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from bench.data import letter, synthetic
@@ -11,12 +12,19 @@ from bench.errors import BenchError
 
 __all__ = ["Catalog", "RecData", "load_dataset", "eval_examples", "train_windows", "item_popularity"]
 
+NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # a dataset name also names folders (runs/<name>/): no paths
+
 
 def load_dataset(
     name: str = "synthetic", data_dir: str | Path | None = None, collisions: str = "last_code", seed: int = 0
 ) -> RecData:
     """Load by name: `synthetic` is generated; a LETTER dataset comes from --data-dir,
     else ../shared/data/<name>, else the download cache (downloading it once)."""
+    if not NAME.fullmatch(name):
+        raise BenchError(
+            f"dataset name {name!r} is not a name (letters, digits, '-', '_' and '.', not starting with '.'); "
+            "a folder comes with --data-dir FOLDER beside --dataset NAME"
+        )
     if name == "synthetic" and data_dir is None:
         item_ids, codes, user_ids, sequences = synthetic.generate(seed=seed)
         source = f"synthetic generator (seed={seed})"
@@ -24,10 +32,12 @@ def load_dataset(
     else:
         folder = Path(data_dir) if data_dir else (letter.shared_dir(name) or _cached_or_download(name))
         inter_path, index_path = letter.find_files(folder)
+        sums = {path: letter.sha256_of(path) for path in (inter_path, index_path)}
+        letter.check_pinned(name, sums)
         item_ids, codes = letter.parse_index(index_path)
         user_ids, sequences = letter.parse_interactions(inter_path, set(item_ids), index_path)
         source = str(folder)
-        checksums = {inter_path.name: letter.sha256_of(inter_path), index_path.name: letter.sha256_of(index_path)}
+        checksums = {path.name: digest for path, digest in sums.items()}
     catalog = build_catalog(
         name,
         item_ids,

@@ -11,18 +11,31 @@ from bench.data.catalog import PAD, Catalog
 
 
 @dataclass
-class EvalBatch:
+class Prompt:
+    """What a decoder is given: the users' histories, never their targets."""
+
     history: torch.Tensor  # [B, T] SID tokens of the history items, left-padded with PAD
     mask: torch.Tensor  # [B, T] 1 on real tokens
-    targets: torch.Tensor  # [B] item index of the held-out item
     items: torch.Tensor  # [B, H] history item index + 1, left-padded with 0 (item-id models)
     items_mask: torch.Tensor  # [B, H]
 
-    def to(self, device) -> "EvalBatch":
-        return EvalBatch(*(t.to(device) for t in (self.history, self.mask, self.targets, self.items, self.items_mask)))
+    def to(self, device) -> "Prompt":
+        return Prompt(*(t.to(device) for t in (self.history, self.mask, self.items, self.items_mask)))
 
     def __len__(self) -> int:
         return self.history.shape[0]
+
+
+@dataclass
+class EvalBatch:
+    prompt: Prompt
+    targets: torch.Tensor  # [B] item index of the held-out item; only the metrics read it
+
+    def to(self, device) -> "EvalBatch":
+        return EvalBatch(self.prompt.to(device), self.targets.to(device))
+
+    def __len__(self) -> int:
+        return len(self.prompt)
 
 
 def collate_eval(examples: list[dict], catalog: Catalog) -> EvalBatch:
@@ -31,7 +44,7 @@ def collate_eval(examples: list[dict], catalog: Catalog) -> EvalBatch:
     history, mask = pad_rows([catalog.item_tokens(h).flatten() for h in histories], left=True)
     items, items_mask = pad_rows([h + 1 for h in histories], left=True)
     targets = torch.tensor([ex["target"] for ex in examples], dtype=torch.long)
-    return EvalBatch(history, mask, targets, items, items_mask)
+    return EvalBatch(Prompt(history, mask, items, items_mask), targets)
 
 
 def pad_rows(rows: list[torch.Tensor], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +58,6 @@ def pad_rows(rows: list[torch.Tensor], left: bool = False) -> tuple[torch.Tensor
     return out, mask
 
 
-def eval_batches(examples, catalog: Catalog, batch_size: int) -> list[EvalBatch]:
+def eval_batches(examples: list[dict], catalog: Catalog, batch_size: int) -> list[EvalBatch]:
     """Fixed batches in user order, built once so every decoder sees the same ones."""
-    rows = examples.to_list() if hasattr(examples, "to_list") else list(examples)
-    return [collate_eval(rows[i : i + batch_size], catalog) for i in range(0, len(rows), batch_size)]
+    return [collate_eval(examples[i : i + batch_size], catalog) for i in range(0, len(examples), batch_size)]

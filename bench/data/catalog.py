@@ -9,6 +9,7 @@ Vocabulary layout (shared by every backbone and objective):
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -19,6 +20,17 @@ from decoders.verifier import Verifier
 
 PAD = 0
 COLLISION_RULES = ("last_code", "extra_level")
+MAX_SIDS = 2**62  # the verifier's mixed-radix codes are 64-bit integers
+
+
+@dataclass
+class CatalogTensors:
+    """The catalogue's small lookup tensors on one device, built once: a decode never
+    turns a Python list into a tensor (no host-to-device copy inside the timed call)."""
+
+    offsets: torch.Tensor  # [L] first vocabulary token of each level
+    placeholder_tokens: torch.Tensor  # [L] NEZHA's <sp_1> .. <sp_L>
+    sids: torch.Tensor  # [N, L] code per level of every item
 
 
 @dataclass
@@ -32,6 +44,11 @@ class Catalog:
     verifier: Verifier = field(init=False, repr=False)
 
     def __post_init__(self):
+        if math.prod(self.codebook_sizes) >= MAX_SIDS:
+            raise BenchError(
+                f"{self.name}: the SID code space {' x '.join(map(str, self.codebook_sizes))} (codes per level) "
+                "is too large for 64-bit SID codes (2**62 at most); use fewer levels or smaller codebooks"
+            )
         self.verifier = Verifier(self.sids, self.codebook_sizes)
         codes = self.verifier.encode(self.sids)
         self._sorted_codes, self._item_of_sorted = torch.sort(codes)
@@ -41,10 +58,27 @@ class Catalog:
         self.offsets = tuple(starts[:-1])
         self.placeholder_tokens = tuple(range(starts[-1], starts[-1] + self.levels))
         self.vocab_size = starts[-1] + self.levels
+        self._on_device: dict[torch.device, CatalogTensors] = {}
+
+    def on(self, device) -> CatalogTensors:
+        """The lookup tensors on `device`, built the first time it is asked for."""
+        device = torch.device(device)
+        if device not in self._on_device:
+            self._on_device[device] = CatalogTensors(
+                offsets=torch.tensor(self.offsets, device=device),
+                placeholder_tokens=torch.tensor(self.placeholder_tokens, device=device),
+                sids=self.sids.to(device),
+            )
+        return self._on_device[device]
 
     @property
     def levels(self) -> int:
         return len(self.codebook_sizes)
+
+    @property
+    def code_space(self) -> int:
+        """How many SIDs the codebooks can spell (valid or not)."""
+        return math.prod(self.codebook_sizes)
 
     @property
     def num_items(self) -> int:
@@ -59,8 +93,8 @@ class Catalog:
 
     def item_tokens(self, items: torch.Tensor) -> torch.Tensor:
         """items: [...] item indices -> [..., L] vocabulary tokens of their SIDs."""
-        offsets = torch.tensor(self.offsets, device=items.device)
-        return self.sids.to(items.device)[items] + offsets
+        tensors = self.on(items.device)
+        return tensors.sids[items] + tensors.offsets
 
     def items_of(self, sids: torch.Tensor) -> torch.Tensor:
         """sids: [..., L] generated codes (-1 for no candidate) -> [...] item index, -1 if no real item."""

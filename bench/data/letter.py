@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import string
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,6 +18,7 @@ from bench.errors import BenchError
 LETTER_COMMIT = "8d0154e28de37dbb6e24871c508ad8ddb1921cda"
 DEFAULT_URL = f"https://raw.githubusercontent.com/HonghuiBao2000/LETTER/{LETTER_COMMIT}/data/{{Name}}/{{file}}"
 URL_ENV = "BENCH_DATA_URL"  # template with {name}, {Name} and {file}
+URL_PLACEHOLDERS = ("name", "Name", "file")
 CACHE_ENV = "BENCH_DATA_HOME"  # where downloads go; default ~/.cache/nezha-bench/data
 
 # name -> (file stem, sha256 of each file or None where the suite has not pinned it)
@@ -31,7 +33,8 @@ REMOTE_DATASETS = {
     "instruments": ("Instruments", None),
     "yelp": ("Yelp", None),
 }
-TOKEN = re.compile(r"<([a-z])_(\d+)>")
+TOKEN = re.compile(r"<([a-z])_([0-9]+)>")
+MAX_CODES = 2**20  # per level: more would not fit a vocabulary (nor memory)
 
 
 def cache_dir(name: str) -> Path:
@@ -83,9 +86,9 @@ def download(name: str) -> Path:
             f"unknown dataset '{name}'; choose synthetic, {', '.join(REMOTE_DATASETS)} or pass --data-dir FOLDER"
         )
     stem, pinned = REMOTE_DATASETS[name]
+    template = url_template()
     target = cache_dir(name)
     target.mkdir(parents=True, exist_ok=True)
-    template = os.environ.get(URL_ENV, DEFAULT_URL)
     sums_file = target / "sha256.json"
     known = pinned or (json.loads(sums_file.read_text()) if sums_file.exists() else {})
     for kind in ("inter", "index"):
@@ -118,10 +121,58 @@ def download(name: str) -> Path:
     return target
 
 
+def url_template() -> str:
+    """BENCH_DATA_URL (else LETTER's own), checked before any download: a URL with a
+    placeholder that is not one of ours cannot be filled in."""
+    template = os.environ.get(URL_ENV, DEFAULT_URL)
+    try:
+        fields = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+    except ValueError:  # an unmatched '{' or '}'
+        fields = None
+    if fields is None or not fields <= set(URL_PLACEHOLDERS) or "file" not in fields:
+        raise BenchError(
+            f"{URL_ENV}={template!r} is not a URL template; use the placeholders {{name}}, {{Name}} and {{file}} "
+            "({file} is required), e.g. http://host/data/{Name}/{file}"
+        )
+    return template
+
+
+def check_pinned(name: str, sums: dict[Path, str]) -> None:
+    """Files loaded under a pinned dataset's name must be that dataset, wherever they come
+    from (--data-dir, the shared folder, the cache): results carry the name, not the files."""
+    if name not in REMOTE_DATASETS or not REMOTE_DATASETS[name][1]:
+        return
+    pinned = REMOTE_DATASETS[name][1]
+    for path, digest in sums.items():
+        kind = "inter" if path.name.endswith(".inter.json") else "index"
+        if digest != pinned[kind]:
+            raise BenchError(
+                f"{path} has sha256 {digest}, expected {pinned[kind]} for dataset '{name}'; "
+                f"restore the published file, or load a changed copy with --data-dir under another --dataset name"
+            )
+
+
+class _DuplicateKey(Exception):
+    """A key that appears twice in one JSON object: json would keep only the last."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    found = {}
+    for key, value in pairs:
+        if key in found:
+            raise _DuplicateKey(key)
+        found[key] = value
+    return found
+
+
 def _read_json(path: Path):
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            return json.load(f, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise BenchError(f"{path}: key '{exc.args[0]}' appears more than once; each user and item once") from None
+    except RecursionError:
+        raise BenchError(f"{path}: JSON nested too deeply to read; a LETTER file is one object of lists") from None
     except FileNotFoundError:
         raise BenchError(f"missing file {path}") from None
     except json.JSONDecodeError as exc:
@@ -156,7 +207,14 @@ def parse_index(path: Path) -> tuple[list[str], list[list[int]]]:
                     f"{path}: item '{item}' has token {token!r} at level {level + 1}; "
                     f"expected '<{letter}_N>' with N a code number"
                 )
-            sid.append(int(match.group(2)))
+            digits = match.group(2).lstrip("0") or "0"
+            # the length first: int() refuses strings of over 4300 digits
+            if len(digits) > len(str(MAX_CODES)) or int(digits) >= MAX_CODES:
+                raise BenchError(
+                    f"{path}: item '{item}' has token {token[:20]!r}{'...' if len(token) > 20 else ''} at level "
+                    f"{level + 1}; codes go up to {MAX_CODES - 1}"
+                )
+            sid.append(int(digits))
         items.append(str(item))
         codes.append(sid)
     return items, codes

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import datasets
 import numpy as np
 
 from bench.data.catalog import Catalog
@@ -50,7 +49,7 @@ class RecData:
         }
 
 
-def train_windows(data: RecData, max_history: int = 20, per_target: bool = False) -> datasets.Dataset:
+def train_windows(data: RecData, max_history: int = 20, per_target: bool = False) -> list[list[int]]:
     """Windows of <= max_history + 1 items from each user's training part items[:-2].
 
     per_target: one window per training target instead (its history and itself), for
@@ -65,21 +64,20 @@ def train_windows(data: RecData, max_history: int = 20, per_target: bool = False
         while end >= 2:
             windows.append(train[max(0, end - max_history - 1) : end])
             end -= max_history
-    return datasets.Dataset.from_dict({"items": windows})
+    return windows
 
 
-def eval_examples(data: RecData, split: str, max_history: int = 20, limit_users: int | None = None) -> datasets.Dataset:
+def eval_examples(data: RecData, split: str, max_history: int = 20, limit_users: int | None = None) -> list[dict]:
     """One example per user: the history before the split's target item, and the target."""
     if split not in SPLITS:
         raise BenchError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
     cut = 1 if split == "test" else 2
     users = range(len(data.sequences)) if limit_users is None else range(min(limit_users, len(data.sequences)))
-    histories, targets = [], []
+    examples = []
     for u in users:
         seq = data.sequences[u]
-        histories.append(seq[: len(seq) - cut][-max_history:])
-        targets.append(seq[len(seq) - cut])
-    return datasets.Dataset.from_dict({"user": list(users), "history": histories, "target": targets})
+        examples.append({"user": u, "history": seq[: len(seq) - cut][-max_history:], "target": seq[len(seq) - cut]})
+    return examples
 
 
 def item_popularity(data: RecData) -> np.ndarray:

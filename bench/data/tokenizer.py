@@ -87,6 +87,12 @@ def balanced_assign(distance: torch.Tensor, capacity: int) -> torch.Tensor:
 
 def rq_kmeans(vectors: np.ndarray, codebook_sizes: list[int], seed: int = 0, balanced: bool = False) -> np.ndarray:
     """[N, D] item vectors -> [N, L] codes, one residual k-means per level."""
+    most = max(codebook_sizes)
+    if most > len(vectors):
+        raise BenchError(
+            f"{most} codes per level for {len(vectors)} items: a level cannot use more codes than there are items; "
+            f"choose --codes at most {len(vectors)}"
+        )
     residual = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
     codes = []
     for level, size in enumerate(codebook_sizes):
@@ -154,6 +160,16 @@ def codebook_report(codes: np.ndarray, codebook_sizes: list[int]) -> dict:
         "collision_rate": float(shared.mean()),
         "distinct_sids": int(len(group_sizes)),
     }
+
+
+def check_out_dir(path: Path) -> None:
+    """Refuse an output folder that is a file (or lies below one) before the clustering,
+    not after it."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise BenchError(f"{folder} is a file; --out-dir takes a folder (created if missing)")
+            return
 
 
 def write_letter_index(path: Path, item_ids: list[str], codes: np.ndarray) -> None:

@@ -1,0 +1,337 @@
+"""Every setting of the suite, once: typed dataclasses grouped by what they shape.
+
+The command line and config files are generated from them (`command_parser`, `parse`):
+a flag per field (`max_history` -> `--max-history`, a bool -> `--flag/--no-flag`, a
+Literal -> its choices), `--config FILE` (YAML or JSON, one section per dataclass:
+`data:`, `model:`, `run:`, ...) and `--print-config`. Values come from the defaults,
+then the config file, then the flags; every value is checked against its type and
+bounds, so a wrong one is one error line naming it. Checkpoints and result records
+embed these dataclasses as plain dicts, and the model cache key is derived from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Literal
+
+from bench.errors import BenchError
+
+
+def setting(default, help: str, low=None, high=None, below=None, positional: bool = False):
+    """A field with its help text and bounds (low <= value <= high, value < below)."""
+    meta = {"help": help, "low": low, "high": high, "below": below, "positional": positional}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataSettings:
+    dataset: str = setting(
+        "synthetic", "synthetic (default, generated), beauty, instruments, yelp, or any name with --data-dir"
+    )
+    data_dir: str | None = setting(None, "folder with <Name>.inter.json and <Name>.index.json")
+    collisions: Literal["last_code", "extra_level"] = setting(
+        "last_code", "how SIDs shared by several items are made unique"
+    )
+    seed: int = setting(0, "seed of the synthetic generator, of training and of random weights")
+
+    @property
+    def is_synthetic_default(self) -> bool:
+        return self.dataset == "synthetic" and self.data_dir is None
+
+
+@dataclass
+class ModelSettings:
+    """What shapes a trained model: architecture, objective options and training."""
+
+    backbone: str | None = setting(
+        None, "family-size, e.g. qwen-small, llama-base (default: qwen-tiny on synthetic, qwen-small otherwise)"
+    )
+    max_epochs: int = setting(30, "most training epochs", low=1)
+    patience: int = setting(3, "epochs without val/recall@10 gain before stopping", low=0)
+    train_batch_size: int | None = setting(
+        None, "training windows per step (default: 64 on synthetic, 256 otherwise)", low=1
+    )
+    lr: float = setting(2e-3, "peak learning rate of AdamW", low=0.0)
+    weight_decay: float = setting(0.01, "AdamW weight decay of matrices", low=0.0)
+    warmup_steps: int = setting(100, "steps of linear learning-rate warm-up", low=0)
+    dropout: float = setting(0.1, "embedding, attention and output dropout", low=0.0, below=1.0)
+    max_history: int = setting(20, "items of history kept per example", low=1)
+    val_users: int = setting(3000, "valid users decoded per epoch (0 = all)", low=0)
+    transition: Literal["rnn", "gru", "none"] = setting("rnn", "NEZHA head transition cell")
+    placeholders: bool = setting(
+        True, "NEZHA reads placeholder states (--no-placeholders: only the last history state)"
+    )
+    medusa_mode: Literal["frozen", "joint"] = setting(
+        "frozen", "Medusa heads on a frozen backbone (Medusa-1) or trained with it (Medusa-2)"
+    )
+    draft_backbone: str | None = setting(
+        None, "the separate draft model of speculative (default: the micro size of the backbone's family)"
+    )
+    item_backbone: str = setting("sasrec-small", "the item-embedding model of full_rank")
+    attention: str = setting(
+        "sdpa", "attention backend; only sdpa applies the 4D boolean masks of NEZHA training and tree verification"
+    )
+
+    def __post_init__(self):
+        if self.attention != "sdpa":
+            raise BenchError(
+                f"--attention {self.attention}: only sdpa is supported; NEZHA's training layout and the tree "
+                "verification of medusa and speculative pass 4D boolean masks, which other backends (eager) "
+                "add to the attention scores instead of masking"
+            )
+
+    def resolved(self, data: DataSettings) -> "ModelSettings":
+        """The dataset-dependent defaults filled in: what a run actually uses."""
+        backbone = self.backbone or ("qwen-tiny" if data.is_synthetic_default else "qwen-small")
+        family = "llama" if backbone.startswith("llama") else "qwen"
+        return dataclasses.replace(
+            self,
+            backbone=backbone,
+            train_batch_size=self.train_batch_size or (64 if data.is_synthetic_default else 256),
+            draft_backbone=self.draft_backbone or f"{family}-micro",
+        )
+
+
+@dataclass
+class RunSettings:
+    """The harness of `bench run`: which decoders, on which users, how measured."""
+
+    decoder: str = setting(
+        "nezha",
+        "comma-separated decoder specs, e.g. greedy,beam,nezha or beam:constrained,nezha:verifier=off "
+        "(see README for every decoder and option)",
+    )
+    constrained: bool = setting(False, "every decoder that takes the option masks invalid prefixes")
+    k: int = setting(20, "recommendations per user (beam width)", low=1)
+    batch_size: int = setting(32, "users per decoding batch", low=1)
+    split: Literal["test", "valid"] = setting("test", "the held-out item to predict")
+    ckpt: list[str] = setting(
+        [],
+        "checkpoint from bench train (repeat for several models); models without one are trained first "
+        "and cached under runs/",
+    )
+    limit_users: int | None = setting(None, "evaluate the first N users of the split", low=1)
+    device: str = setting("auto", "auto, cpu or cuda")
+    warmup: int = setting(2, "untimed passes over the first batch", low=0)
+    untrained: bool = setting(
+        False, "random weights, no training: latency only (metrics are meaningless and the record says so)"
+    )
+    out: str = setting("runs/results.json", "results file (JSON list; records are appended)")
+
+
+@dataclass
+class TrainSettings:
+    """What `bench train` trains and where."""
+
+    objective: Literal["ntp", "nezha", "medusa", "next_item"] = setting("ntp", "the training objective")
+    init_from: str | None = setting(None, "medusa: the trained NTP checkpoint whose backbone the heads sit on")
+    resume: str | None = setting(None, "checkpoint to resume from (e.g. runs/.../last.ckpt)")
+    run_dir: str | None = setting(None, "where checkpoints go (default: runs/<dataset>/<objective>-<backbone>-<hash>)")
+
+
+@dataclass
+class TokenizeSettings:
+    inter: str | None = setting(None, "a <Name>.inter.json with no SIDs yet (else the items of --dataset are used)")
+    vectors: str | None = setting(
+        None, ".npy with one row per item (row i = item id i); default: vectors from item co-occurrence"
+    )
+    levels: int = setting(4, "SID levels", low=1)
+    codes: int = setting(256, "codes per level", low=2)
+    balanced: bool = setting(False, "cap every cluster at ceil(items / codes)")
+    dim: int = setting(64, "size of co-occurrence vectors", low=1)
+    out_dir: str | None = setting(None, "default: runs/tokenized/<dataset>-rq<levels>x<codes>[-balanced]")
+
+
+@dataclass
+class LeaderboardSettings:
+    files: list[str] = setting([], "result files", positional=True)
+    out: str | None = setting(None, "write the tables to this file")
+
+
+SECTIONS = {
+    "data": DataSettings,
+    "model": ModelSettings,
+    "run": RunSettings,
+    "train": TrainSettings,
+    "tokenize": TokenizeSettings,
+    "leaderboard": LeaderboardSettings,
+}
+_UNSET = object()
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def unwrap_optional(annotation) -> tuple[object, bool]:
+    """int | None -> (int, True); Literal[...] -> (Literal[...], False)."""
+    args = typing.get_args(annotation)
+    if type(None) in args and typing.get_origin(annotation) is not Literal:
+        return next(a for a in args if a is not type(None)), True
+    return annotation, False
+
+
+def type_name(annotation) -> str:
+    base, optional = unwrap_optional(annotation)
+    if typing.get_origin(base) is Literal:
+        text = "one of " + ", ".join(map(str, typing.get_args(base)))
+    elif typing.get_origin(base) is list:
+        text = "a list"
+    else:
+        text = {int: "an integer", float: "a number", str: "a string", bool: "a flag (true/false)"}[base]
+    return text + (" or null" if optional else "")
+
+
+def from_text(text: str, annotation):
+    """A command-line string -> a value of the annotated type (ValueError if it is none)."""
+    base, optional = unwrap_optional(annotation)
+    if optional and text.lower() in ("none", "null"):
+        return None
+    if base is bool:
+        if text.lower() not in ("1", "0", "true", "false", "on", "off", "yes", "no"):
+            raise ValueError(f"'{text}' is not a flag value (true/false, on/off)")
+        return text.lower() in ("1", "true", "on", "yes")
+    if typing.get_origin(base) is Literal:
+        if text not in typing.get_args(base):
+            raise ValueError(f"'{text}' is not {type_name(base)}")
+        return text
+    try:
+        return base(text)
+    except ValueError:
+        raise ValueError(f"'{text}' is not {type_name(base)}") from None
+
+
+def check_value(cls, name: str, value, source: str):
+    """A value from a config file, checkpoint or flag -> itself when it fits the field's
+    type and bounds, else one BenchError naming where it came from."""
+    annotation = _hints(cls)[name]
+    base, optional = unwrap_optional(annotation)
+    fits = (
+        (value is None and optional)
+        or (typing.get_origin(base) is Literal and value in typing.get_args(base))
+        or (typing.get_origin(base) is list and isinstance(value, list) and all(isinstance(v, str) for v in value))
+        or (base is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (base in (int, str, bool) and type(value) is base)
+    )
+    if not fits:
+        raise BenchError(f"{source}: {name} = {value!r} is not {type_name(annotation)}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        meta = next(f for f in fields(cls) if f.name == name).metadata
+        where = flag(name) if source == "command line" else f"{source}: {name}"
+        if meta["low"] is not None and value < meta["low"]:
+            raise BenchError(f"{where} {value}: must be at least {meta['low']}")
+        if meta["high"] is not None and value > meta["high"]:
+            raise BenchError(f"{where} {value}: must be at most {meta['high']}")
+        if meta["below"] is not None and value >= meta["below"]:
+            raise BenchError(f"{where} {value}: must be below {meta['below']}")
+    return float(value) if base is float and value is not None else value
+
+
+def from_dict(cls, values: dict, source: str):
+    """A dataclass from a plain dict (a config section, a checkpoint's settings), every
+    key known and every value checked."""
+    if not isinstance(values, dict):
+        raise BenchError(f"{source}: expected a mapping of settings, got {type(values).__name__}")
+    known = {f.name for f in fields(cls)}
+    for key in values:
+        if key not in known:
+            raise BenchError(f"{source}: unknown setting '{key}'; known: {', '.join(sorted(known))}")
+    return cls(**{key: check_value(cls, key, value, source) for key, value in values.items()})
+
+
+class _TypedValue(argparse.Action):
+    """Converts a flag's text with from_text so a bad value is one error line."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        annotation = self.const
+        base, _ = unwrap_optional(annotation)
+        try:
+            if typing.get_origin(base) is list:
+                items = values if isinstance(values, list) else [values]
+                current = getattr(namespace, self.dest, _UNSET)
+                value = (current if isinstance(current, list) else []) + items
+            else:
+                value = from_text(values, annotation)
+        except ValueError as exc:
+            parser.error(f"argument {option_string or self.dest}: {exc}")
+        setattr(namespace, self.dest, value)
+
+
+def add_settings(parser: argparse.ArgumentParser, sections: list[str]) -> None:
+    """A flag per field of each section's dataclass, and --config / --print-config."""
+    for section in sections:
+        cls = SECTIONS[section]
+        group = parser.add_argument_group(f"{section} settings")
+        for f in fields(cls):
+            annotation = _hints(cls)[f.name]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            text = f.metadata["help"] + (f" (default: {default})" if default not in (None, [], "") else "")
+            if f.metadata["positional"]:
+                group.add_argument(f.name, nargs="*", default=_UNSET, action=_TypedValue, const=annotation, help=text)
+            elif unwrap_optional(annotation)[0] is bool:
+                group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=_UNSET, help=text)
+            else:
+                base = unwrap_optional(annotation)[0]
+                choices = typing.get_args(base) if typing.get_origin(base) is Literal else None
+                metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
+                group.add_argument(
+                    flag(f.name), default=_UNSET, action=_TypedValue, const=annotation, metavar=metavar, help=text
+                )
+    parser.add_argument("--config", help="YAML or JSON file of settings, one section per group (see --print-config)")
+    parser.add_argument("--print-config", action="store_true", help="print the effective settings as YAML and exit")
+
+
+def read_config(path: str) -> dict:
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise BenchError(f"config file {path} does not exist")
+    try:
+        text = file.read_text(encoding="utf-8")
+        content = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        kind = "JSON" if file.suffix == ".json" else "YAML"
+        raise BenchError(f"config file {path} is not valid {kind} ({str(exc).splitlines()[0]})") from None
+    except (UnicodeDecodeError, RecursionError):
+        raise BenchError(f"config file {path} is not a readable text config") from None
+    content = content or {}
+    if not isinstance(content, dict):
+        raise BenchError(f"config file {path}: expected sections such as data:, model:, run:")
+    for section in content:
+        if section not in SECTIONS:
+            raise BenchError(f"config file {path}: unknown section '{section}'; known: {', '.join(SECTIONS)}")
+    return content
+
+
+def settings_from(args: argparse.Namespace, sections: list[str]) -> dict:
+    """section -> dataclass: defaults, then the --config file, then the flags given."""
+    config = read_config(args.config) if args.config else {}
+    out = {}
+    for section in sections:
+        cls = SECTIONS[section]
+        built = from_dict(cls, config.get(section) or {}, f"config file {args.config}, section {section}")
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, _UNSET) is not _UNSET}
+        for name, value in given.items():
+            check_value(cls, name, value, "command line")
+        out[section] = dataclasses.replace(built, **given)
+    if "model" in out and "data" in out:
+        out["model"] = out["model"].resolved(out["data"])
+    return out
+
+
+def to_yaml(settings: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump({section: asdict(value) for section, value in settings.items()}, sort_keys=False)
