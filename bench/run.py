@@ -61,6 +61,8 @@ def run(
     specs = specs or decoder_specs(settings)
     plans = [plan(spec, model_settings) for spec in specs]  # unknown decoders and refusals before training
     check_k(settings.k, data)
+    for name, options, _ in plans:  # options that cannot work with this catalogue and K, before training
+        REGISTRY[name].check_options(options, data.catalog, settings.k)
     device = resolve_device(settings.device)
     models = resolve_models(
         [requests for _, _, requests in plans], data, data_settings, settings.ckpt, settings.untrained, progress

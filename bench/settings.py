@@ -229,11 +229,11 @@ def check_value(cls, name: str, value, source: str):
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         meta = next(f for f in fields(cls) if f.name == name).metadata
         where = flag(name) if source == "command line" else f"{source}: {name}"
-        if meta["low"] is not None and value < meta["low"]:
+        if meta.get("low") is not None and value < meta["low"]:
             raise BenchError(f"{where} {value}: must be at least {meta['low']}")
-        if meta["high"] is not None and value > meta["high"]:
+        if meta.get("high") is not None and value > meta["high"]:
             raise BenchError(f"{where} {value}: must be at most {meta['high']}")
-        if meta["below"] is not None and value >= meta["below"]:
+        if meta.get("below") is not None and value >= meta["below"]:
             raise BenchError(f"{where} {value}: must be below {meta['below']}")
     return float(value) if base is float and value is not None else value
 
@@ -254,6 +254,8 @@ class _TypedValue(argparse.Action):
     """Converts a flag's text with from_text so a bad value is one error line."""
 
     def __call__(self, parser, namespace, values, option_string=None):
+        if values is _UNSET:  # a positional list given no value: argparse passes its default
+            return
         annotation = self.const
         base, _ = unwrap_optional(annotation)
         try:

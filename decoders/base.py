@@ -67,6 +67,11 @@ class Decoder:
         """role -> the model that plays it (a `--ckpt` of objective X plays role X)."""
         return {}
 
+    @classmethod
+    def check_options(cls, options, catalog: Catalog, k: int) -> None:
+        """Refuse options that cannot work with this catalogue and K (a BenchError):
+        `bench run` calls it before any model is trained; a decoder's __init__ again."""
+
     @property
     def backbone_core(self) -> nn.Module | None:
         """The module one call of which is one backbone forward pass (None: no backbone)."""
@@ -138,6 +143,18 @@ def parse_spec(spec: str):
         except ValueError as exc:
             raise BenchError(f"option '{key}' in '{spec}': {exc}") from None
     return name, options_cls(**values)
+
+
+def beam_width(decoder: str, option: str, width: int, k: int, catalog: Catalog) -> int:
+    """A decoder's own beam width option: 0 means K; below K or beyond the code space is refused."""
+    if width and width < k:
+        raise BenchError(f"{decoder}: {option}={width} is below K={k}; it must be at least K")
+    if width > catalog.code_space:
+        raise BenchError(
+            f"{decoder}: {option}={width} is above the {catalog.code_space} SIDs of the code space; "
+            "more beams cannot find more"
+        )
+    return width or k
 
 
 def option_names(name: str) -> set[str]:

@@ -102,6 +102,10 @@ class Medusa(Decoder):
         mode = options.mode or settings.medusa_mode
         return {"medusa": ModelRequest("medusa", replace(settings, medusa_mode=mode), ModelRequest("ntp", settings))}
 
+    @classmethod
+    def check_options(cls, options, catalog, k):
+        parse_tree(options.tree, k, catalog.codebook_sizes)
+
     def __init__(self, catalog, k, models, options):
         widths = parse_tree(options.tree, k, catalog.codebook_sizes)
         model = models["medusa"]

@@ -10,7 +10,17 @@ import torch
 
 from bench.errors import BenchError
 from bench.settings import setting
-from decoders.base import Decoder, DecodeResult, ModelRequest, extend_prefixes, finish, mask_invalid, prune, register
+from decoders.base import (
+    Decoder,
+    DecodeResult,
+    ModelRequest,
+    beam_width,
+    extend_prefixes,
+    finish,
+    mask_invalid,
+    prune,
+    register,
+)
 
 
 @dataclass
@@ -37,6 +47,10 @@ class Nezha(Decoder):
         picked = {name: getattr(options, name) for name in ("transition", "placeholders")}
         return {"nezha": ModelRequest("nezha", replace(settings, **{k: v for k, v in picked.items() if v is not None}))}
 
+    @classmethod
+    def check_options(cls, options, catalog, k):
+        beam_width("nezha", "head_beam", options.head_beam, k, catalog)
+
     def __init__(self, catalog, k, models, options):
         model = models["nezha"]
         for option in ("transition", "placeholders"):
@@ -46,16 +60,9 @@ class Nezha(Decoder):
                     f"nezha: {option}={wanted} asked for, but the model was trained with "
                     f"{option}={trained}; drop --ckpt to train a matching one"
                 )
-        if options.head_beam and options.head_beam < k:
-            raise BenchError(f"nezha: head_beam={options.head_beam} is below K={k}; it must be at least K")
-        if options.head_beam > catalog.code_space:
-            raise BenchError(
-                f"nezha: head_beam={options.head_beam} is above the {catalog.code_space} SIDs of the code space; "
-                "more beams cannot find more"
-            )
         options = replace(
             options,
-            head_beam=options.head_beam or k,
+            head_beam=beam_width("nezha", "head_beam", options.head_beam, k, catalog),
             transition=model.settings.transition,
             placeholders=model.settings.placeholders,
         )

@@ -16,12 +16,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from bench.errors import BenchError
 from bench.settings import setting
 from decoders.base import (
     DecodeResult,
     ModelRequest,
     NtpDecoder,
+    beam_width,
     extend_prefixes,
     finish,
     level_log_probs,
@@ -59,15 +59,13 @@ class Speculative(NtpDecoder):
         draft = ModelRequest("ntp", replace(settings, backbone=settings.draft_backbone))
         return {"ntp": ModelRequest("ntp", settings), "draft": draft}
 
+    @classmethod
+    def check_options(cls, options, catalog, k):
+        beam_width("speculative", "draft_beam", options.draft_beam, k, catalog)
+
     def __init__(self, catalog, k, models, options):
-        if options.draft_beam and options.draft_beam < k:
-            raise BenchError(f"speculative: draft_beam={options.draft_beam} is below K={k}; it must be at least K")
-        if options.draft_beam > catalog.code_space:
-            raise BenchError(
-                f"speculative: draft_beam={options.draft_beam} is above the {catalog.code_space} SIDs of the code "
-                "space; more beams cannot find more"
-            )
-        super().__init__(catalog, k, models, replace(options, draft_beam=options.draft_beam or k))
+        width = beam_width("speculative", "draft_beam", options.draft_beam, k, catalog)
+        super().__init__(catalog, k, models, replace(options, draft_beam=width))
         self.draft_beam = self.options.draft_beam
         self.draft = models["draft"].lm
 

@@ -1,0 +1,255 @@
+"""Settings exist once: flags and config files come from the dataclasses, decoders
+declare their own options and models, a new decoder is one file, SDPA is pinned, and a
+decode builds no tensor from Python lists."""
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import random_batch, random_catalog, random_model
+
+import bench.train
+from bench.__main__ import main
+from bench.errors import BenchError
+from bench.settings import ModelSettings, from_dict
+from decoders import REGISTRY, DecodeResult, ModelRequest, build_decoder, register
+from decoders.base import NtpDecoder, level_log_probs
+from models import objectives
+from models.backbones import build_backbone
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(bench.train.RUNS_ENV, str(tmp_path / "runs"))
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+# ---------------------------------------------------------------- a new decoder is one file
+
+
+@dataclass
+class FirstLevelOptions:
+    codes: int = 2
+
+
+@register
+class FirstLevelOnly(NtpDecoder):
+    """Defined here, in the test file: the top `codes` first-level codes, each completed
+    with code 0 at every later level. It uses an existing model role (ntp)."""
+
+    name = "first_level_only"
+    Options = FirstLevelOptions
+
+    @torch.no_grad()
+    def decode(self, prompt) -> DecodeResult:
+        logits, _ = self.lm.prefill(prompt.history, prompt.mask)
+        top = level_log_probs(logits, self.catalog, 0).topk(self.options.codes, dim=-1)  # [B, codes]
+        rest = top.indices.new_zeros(*top.indices.shape, self.catalog.levels - 1)
+        return DecodeResult(sids=torch.cat([top.indices.unsqueeze(-1), rest], -1), scores=top.values)
+
+
+def test_a_decoder_defined_in_a_test_runs_through_bench_run(cli, tmp_path):
+    out = tmp_path / "results.json"
+    code, stdout, err = cli(
+        "run",
+        "--decoder",
+        "first_level_only:codes=3,beam",
+        "--untrained",
+        "--backbone",
+        "qwen-micro",
+        "--limit-users",
+        "8",
+        "--k",
+        "5",
+        "--out",
+        str(out),
+    )
+    assert code == 0, err
+    records = json.loads(out.read_text())
+    assert [r["decoder"] for r in records] == ["first_level_only:codes=3", "beam"]
+    assert records[0]["decoder_options"] == {"codes": 3}
+    assert records[0]["candidates_per_user"] == 3
+    assert records[0]["backbone_calls_per_batch"] == 1
+    assert records[0]["models"]["ntp"]["name"] == "qwen-micro"
+    # both decoders asked for the same ntp model: it was built once and shared
+    assert records[0]["models"]["ntp"]["source"] == records[1]["models"]["ntp"]["source"]
+    code, _, err = cli("run", "--decoder", "first_level_only:codes=x", "--untrained", "--out", str(out))
+    assert code == 2 and err.strip() == ("error: option 'codes' in 'first_level_only:codes=x': 'x' is not an integer")
+
+
+def test_run_names_no_decoder():
+    import inspect
+
+    import bench.run
+
+    source = inspect.getsource(bench.run)
+    for name in ("popularity", "medusa", "speculative", "nezha", "draft"):
+        assert name not in source
+
+
+def test_decoders_request_their_models():
+    settings = ModelSettings(backbone="llama-small", draft_backbone="llama-micro")
+    requests = REGISTRY["speculative"].requests(REGISTRY["speculative"].Options(), settings)
+    assert {role: (r.objective, r.settings.backbone) for role, r in requests.items()} == {
+        "ntp": ("ntp", "llama-small"),
+        "draft": ("ntp", "llama-micro"),
+    }
+    requests = REGISTRY["medusa"].requests(REGISTRY["medusa"].Options(mode="joint"), settings)
+    assert requests["medusa"].settings.medusa_mode == "joint"
+    assert requests["medusa"].init_from == ModelRequest("ntp", settings)
+    requests = REGISTRY["nezha"].requests(REGISTRY["nezha"].Options(transition="gru"), settings)
+    assert requests["nezha"].settings.transition == "gru"
+    assert REGISTRY["popularity"].requests(REGISTRY["popularity"].Options(), settings)["popularity"].objective in (
+        objectives.FITTED
+    )
+
+
+# ---------------------------------------------------------------- config files
+
+
+def fake_training(calls):
+    """train_model that records where it would train and leaves a finished run there."""
+
+    def train(data, objective, settings, data_settings, run_dir, **kwargs):
+        calls.append(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "best.ckpt").write_bytes(b"")
+        (run_dir / "settings.json").write_text("{}")
+        return run_dir / "best.ckpt"
+
+    return train
+
+
+def test_printed_config_trains_the_same_cached_model(cli, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench.train, "train_model", fake_training(calls))
+    monkeypatch.setattr("bench.train.train_model", fake_training(calls))
+    args = ("train", "--objective", "nezha", "--max-epochs", "2", "--transition", "gru", "--lr", "0.001")
+    code, printed, _ = cli(*args, "--print-config")
+    assert code == 0
+    config = yaml.safe_load(printed)
+    assert config["model"]["transition"] == "gru" and config["model"]["backbone"] == "qwen-tiny"  # resolved
+    assert config["train"]["objective"] == "nezha"
+    (tmp_path / "c.yaml").write_text(printed)
+    code, out, err = cli("train", "--config", "c.yaml")
+    assert code == 0, err
+    assert len(calls) == 1
+    code, out, _ = cli(*args)  # the same settings from flags: the same cached run
+    assert code == 0 and out.startswith(f"already trained with these settings: {calls[0] / 'best.ckpt'}")
+    code, out, _ = cli("train", "--config", "c.yaml", "--lr", "0.003")  # a flag overrides the config
+    assert code == 0 and len(calls) == 2 and calls[1] != calls[0]
+
+
+def test_json_config_and_flags_take_precedence_over_it(cli, tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"run": {"k": 7, "decoder": "beam"}, "model": {"max_history": 5}}))
+    code, printed, _ = cli("run", "--config", "c.json", "--k", "9", "--print-config")
+    config = yaml.safe_load(printed)
+    assert code == 0
+    assert (config["run"]["k"], config["run"]["decoder"], config["model"]["max_history"]) == (9, "beam", 5)
+
+
+@pytest.mark.parametrize(
+    "content,fragment",
+    [
+        ("model:\n  max_epoch: 3\n", "section model: unknown setting 'max_epoch'"),
+        ("model:\n  max_epochs: many\n", "section model: max_epochs = 'many' is not an integer"),
+        ("model:\n  dropout: 1.5\n", "section model: dropout 1.5: must be below 1.0"),
+        ("run:\n  split: train\n", "section run: split = 'train' is not one of test, valid"),
+        ("modle:\n  lr: 0.1\n", "unknown section 'modle'"),
+        ("model: [1, 2]\n", "section model: expected a mapping of settings, got list"),
+        ("model: {lr: [\n", "is not valid YAML"),
+    ],
+    ids=["unknown key", "wrong type", "out of range", "bad choice", "unknown section", "not a mapping", "bad YAML"],
+)
+def test_bad_config_is_one_error_line_naming_the_key(cli, tmp_path, content, fragment):
+    (tmp_path / "bad.yaml").write_text(content)
+    code, _, err = cli("run", "--config", "bad.yaml", "--print-config")
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: config file bad.yaml"), err
+    assert fragment in err
+
+
+def test_checkpoint_settings_are_checked_like_a_config():
+    with pytest.raises(BenchError, match="unknown setting 'width'"):
+        from_dict(ModelSettings, {"width": 3}, "model settings")
+    with pytest.raises(BenchError, match="lr = 'fast' is not a number"):
+        from_dict(ModelSettings, {"lr": "fast"}, "model settings")
+    assert from_dict(ModelSettings, {"lr": 1}, "model settings").lr == 1.0
+
+
+# ---------------------------------------------------------------- attention backend
+
+
+def test_only_sdpa_attention_is_accepted(cli):
+    code, _, err = cli("run", "--attention", "eager", "--print-config")
+    assert code == 2 and "only sdpa is supported" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sdpa_keeps_the_nezha_training_layout_equal_to_inference_and_eager_would_not():
+    """What the pin protects: the interleaved training window's placeholder states equal
+    those of the inference prompt under SDPA; under the eager backend the boolean mask
+    is added to the scores, so the placeholders see tokens they must not."""
+    catalog = random_catalog()
+    window = [3, 17, 42, 8]
+    batch = objectives.collate_nezha([window], catalog)
+    prompt = torch.cat(
+        [catalog.item_tokens(torch.tensor(window[:2])).flatten(), torch.tensor(catalog.placeholder_tokens)]
+    ).unsqueeze(0)
+    gaps = {}
+    for attention in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        lm = build_backbone("qwen-tiny", catalog.vocab_size, 64, attention=attention).eval()
+        with torch.no_grad():
+            hidden = lm.hidden(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+            alone = lm.hidden(prompt, torch.ones_like(prompt))[0]
+        gaps[attention] = float((hidden[0, batch["placeholder_index"][1]] - alone[-catalog.levels :]).abs().max())
+    assert gaps["sdpa"] < 1e-4
+    assert gaps["eager"] > 1e-2
+
+
+def test_models_are_built_with_sdpa(catalog):
+    for objective, backbone in (("ntp", "qwen-tiny"), ("ntp", "t5-tiny"), ("next_item", "sasrec-tiny")):
+        model = random_model(objective, catalog, backbone=backbone)
+        assert model.lm.core.config._attn_implementation == "sdpa"
+
+
+# ---------------------------------------------------------------- no host lists inside a decode
+
+
+@pytest.mark.parametrize(
+    "spec", ["greedy", "beam", "beam:constrained", "nezha", "medusa:constrained", "speculative:constrained"]
+)
+def test_a_decode_builds_no_tensor_from_python_lists(catalog, monkeypatch, spec):
+    models = {
+        "ntp": random_model("ntp", catalog),
+        "nezha": random_model("nezha", catalog),
+        "medusa": random_model("medusa", catalog),
+        "draft": random_model("ntp", catalog, backbone="qwen-micro"),
+    }
+    decoder = build_decoder(spec, catalog, 4, models)
+    prompt = random_batch(catalog, users=3)
+    decoder.decode(prompt)  # the first call may fill the per-device caches
+    built = []
+    real_tensor = torch.tensor
+    ours = [str(Path(__file__).parents[1] / package) for package in ("bench", "models", "decoders")]
+
+    def counting_tensor(*args, **kwargs):
+        caller = sys._getframe(1).f_code.co_filename
+        if any(caller.startswith(folder) for folder in ours):
+            built.append(f"{caller}:{sys._getframe(1).f_lineno}")
+        return real_tensor(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", counting_tensor)
+    decoder.decode(prompt)
+    assert built == []
