@@ -1,8 +1,9 @@
-"""python -m bench {run,ablate,train,tokenize,data,leaderboard}
+"""python -m bench {run,ablate,train,tune,tokenize,data,leaderboard}
 
 run          decoders on the same batches -> metrics, latency, one JSON record each
 ablate       the NEZHA ablations (verifier, placeholders, transition, head beam) beside beam
 train        train a model for an objective (ntp: greedy/beam/hf_beam/speculative; nezha; medusa; next_item: full_rank)
+tune         optuna search over an objective's settings on validation metrics (journal file or RDB storage)
 tokenize     SIDs for a catalogue by residual k-means, written in the LETTER format
 data         load a dataset and print what it holds (users, catalogue, collisions)
 leaderboard  result files -> Markdown tables
@@ -16,17 +17,20 @@ import sys
 from pathlib import Path
 
 from bench.errors import BenchError
-from bench.settings import add_settings, settings_from, to_yaml
+from bench.settings import add_settings, explicit_fields, settings_from, to_yaml
 
 # which settings each command reads (bench/settings.py defines them once)
 SECTIONS = {
     "run": ["data", "model", "run"],
     "ablate": ["data", "model", "run"],
     "train": ["data", "model", "train"],
+    "tune": ["data", "model", "run", "tune"],
     "tokenize": ["data", "tokenize"],
     "data": ["data"],
     "leaderboard": ["leaderboard"],
 }
+# settings of a section that a command fixes itself: no flag there (tune scores on the valid split)
+HIDDEN = {"tune": {"run": ("decoder", "split", "ckpt", "untrained", "out", "constrained")}}
 
 
 def load_data(settings):
@@ -48,6 +52,8 @@ def cmd_train(settings) -> None:
     check_pairing(job.objective, model_settings.backbone)
     if job.resume and not Path(job.resume).is_file():
         raise BenchError(f"--resume {job.resume}: no such checkpoint")
+    if job.run_dir and Path(job.run_dir).exists() and not Path(job.run_dir).is_dir():
+        raise BenchError(f"--run-dir {job.run_dir} is a file; it takes a folder for the checkpoints")
     if job.objective == "medusa" and not job.init_from:
         raise BenchError("--objective medusa trains heads on a trained NTP backbone: pass --init-from NTP.ckpt")
     data = load_data(settings)
@@ -66,9 +72,27 @@ def cmd_train(settings) -> None:
         print(f"already trained with these settings: {cached} (delete {run_dir} to train again)")
         return
     best = train_model(
-        data, job.objective, model_settings, settings["data"], run_dir, resume=job.resume, init_from=init
+        data,
+        job.objective,
+        model_settings,
+        settings["data"],
+        run_dir,
+        resume=job.resume,
+        init_from=init,
+        devices=job.devices,
+        strategy=job.strategy,
+        num_nodes=job.num_nodes,
     )
-    print(f"best checkpoint: {best}")
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:  # under ddp every process gets here; one prints
+        print(f"best checkpoint: {best}")
+
+
+def cmd_tune(settings) -> None:
+    from bench.tune import tune
+
+    tune(settings, fixed=settings.pop("fixed"))
 
 
 def ablation_specs(k: int) -> list[str]:
@@ -108,8 +132,14 @@ def cmd_tokenize(settings) -> None:
     import shutil
 
     from bench.data import letter, tokenizer
+    from bench.data.catalog import MAX_SIDS
 
     args = settings["tokenize"]
+    if args.codes**args.levels >= MAX_SIDS:  # the SIDs could be written but never loaded
+        raise BenchError(
+            f"--codes {args.codes} --levels {args.levels}: a code space of {args.codes}**{args.levels} SIDs is too "
+            "large for 64-bit SID codes (2**62 at most); use fewer levels or codes"
+        )
     if args.out_dir:
         tokenizer.check_out_dir(Path(args.out_dir))
     if args.inter:  # a catalogue with no SIDs yet: interactions only
@@ -178,6 +208,7 @@ COMMANDS = {
     "run": ("evaluate decoders: quality and latency on the same batches", lambda s: cmd_run(s, "run")),
     "ablate": ("NEZHA ablations beside beam, on the same batches", lambda s: cmd_run(s, "ablate")),
     "train": ("train a model (Lightning: progress bar, checkpoints, early stopping)", cmd_train),
+    "tune": ("optuna search over the settings of an objective, on validation metrics", cmd_tune),
     "tokenize": ("SIDs by residual k-means (RQ-KMeans), written as a LETTER index", cmd_tokenize),
     "data": ("load a dataset and describe it", cmd_data),
     "leaderboard": ("Markdown tables from result files", cmd_leaderboard),
@@ -190,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
     for command, (text, _) in COMMANDS.items():
-        add_settings(sub.add_parser(command, help=text, description=text), SECTIONS[command])
+        add_settings(sub.add_parser(command, help=text, description=text), SECTIONS[command], HIDDEN.get(command))
     return parser
 
 
@@ -200,10 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or a bad argument already reported in one line
         return exc.code
     try:
-        settings = settings_from(args, SECTIONS[args.command])
+        settings = settings_from(args, SECTIONS[args.command], HIDDEN.get(args.command))
         if args.print_config:
             print(to_yaml(settings), end="")
             return 0
+        if args.command == "tune":  # settings given for every trial are not searched
+            settings["fixed"] = explicit_fields(args, "model")
         COMMANDS[args.command][1](settings)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -18,6 +18,29 @@ REQUIRED = (
     "backbone_calls_per_batch git_sha"
 ).split()
 METRICS = ("recall@1", "recall@10", "ndcg@10", "recall@20", "ndcg@20")
+TEXT = ("dataset", "split", "device", "timestamp", "command", "decoder", "git_sha")  # grouped, sorted, sliced
+
+
+def is_number(value, optional: bool = False) -> bool:
+    return (optional and value is None) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def malformed(record: dict) -> list[str]:
+    """The fields of a record (with every REQUIRED key) a table row could not read."""
+    wrong = [key for key in TEXT if not isinstance(record[key], str)]
+    wrong += [key for key in ("invalid_rate", "backbone_calls_per_batch") if not is_number(record[key])]
+    wrong += [f"metrics {key}" for key in METRICS if not is_number(record["metrics"][key], optional=True)]
+    latency = record.get("latency_ms")
+    if latency and not (
+        isinstance(latency, dict) and is_number(latency.get("mean")) and is_number(latency.get("p99"), optional=True)
+    ):
+        wrong.append("latency_ms")
+    if not is_number(record.get("latency_over_prefill"), optional=True):
+        wrong.append("latency_over_prefill")
+    backbone = record.get("backbone")
+    if backbone and not (isinstance(backbone, dict) and isinstance(backbone.get("name"), str)):
+        wrong.append("backbone")
+    return wrong
 
 
 def leaderboard(paths: list[Path]) -> str:
@@ -38,7 +61,7 @@ def leaderboard(paths: list[Path]) -> str:
         out.append("|" + "---|" * 17)
         for r in records:
             m, lat = r["metrics"], r.get("latency_ms") or {}
-            speedup = base / lat["mean"] if base and lat and r.get("backbone") else None
+            speedup = base / lat["mean"] if base and lat and lat["mean"] and r.get("backbone") else None
             backbone = r["backbone"]["name"] if r.get("backbone") else "-"
             out.append(
                 f"| {r['decoder']} | {backbone} | {r['users']} | {r['k']} | {r['batch_size']} | "
@@ -69,6 +92,11 @@ def board_records(path: Path) -> list[dict]:
         if missing:
             raise BenchError(
                 f"{path}: record {number} lacks {', '.join(missing)}; is it a results file of `bench run`?"
+            )
+        wrong = malformed(record)
+        if wrong:
+            raise BenchError(
+                f"{path}: record {number} has malformed {', '.join(wrong)}; is it a results file of `bench run`?"
             )
     return records
 

@@ -70,6 +70,10 @@ def read_records(path: Path) -> list[dict]:
         raise BenchError(
             f"{path} is not a results file (not UTF-8 text); pass another --out; it was left untouched"
         ) from None
+    except RecursionError:
+        raise BenchError(
+            f"{path} is not a results file (JSON nested too deeply); pass another --out; it was left untouched"
+        ) from None
     if not isinstance(records, list):
         raise BenchError(f"{path} is not a results file (expected a JSON list of records); it was left untouched")
     return records

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,8 +26,8 @@ from bench.errors import BenchError
 def setting(default, help: str, low=None, high=None, below=None, positional: bool = False):
     """A field with its help text and bounds (low <= value <= high, value < below)."""
     meta = {"help": help, "low": low, "high": high, "below": below, "positional": positional}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -39,7 +40,7 @@ class DataSettings:
     collisions: Literal["last_code", "extra_level"] = setting(
         "last_code", "how SIDs shared by several items are made unique"
     )
-    seed: int = setting(0, "seed of the synthetic generator, of training and of random weights")
+    seed: int = setting(0, "seed of the synthetic generator, of training and of random weights", low=0, high=2**32 - 1)
 
     @property
     def is_synthetic_default(self) -> bool:
@@ -53,6 +54,9 @@ class ModelSettings:
     backbone: str | None = setting(
         None, "family-size, e.g. qwen-small, llama-base (default: qwen-tiny on synthetic, qwen-small otherwise)"
     )
+    width: int | None = setting(None, "hidden size instead of the size preset's (feed-forward 3x)", low=8)
+    layers: int | None = setting(None, "layers instead of the size preset's", low=1)
+    heads: int | None = setting(None, "attention heads instead of the size preset's", low=1)
     max_epochs: int = setting(30, "most training epochs", low=1)
     patience: int = setting(3, "epochs without val/recall@10 gain before stopping", low=0)
     train_batch_size: int | None = setting(
@@ -126,6 +130,11 @@ class RunSettings:
     out: str = setting("runs/results.json", "results file (JSON list; records are appended)")
 
 
+# the Lightning strategies `bench train --strategy` accepts: data parallel, one model copy per
+# process, which ddp starts as new scripts, ddp_spawn as spawned and ddp_fork as forked processes
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork")
+
+
 @dataclass
 class TrainSettings:
     """What `bench train` trains and where."""
@@ -134,6 +143,57 @@ class TrainSettings:
     init_from: str | None = setting(None, "medusa: the trained NTP checkpoint whose backbone the heads sit on")
     resume: str | None = setting(None, "checkpoint to resume from (e.g. runs/.../last.ckpt)")
     run_dir: str | None = setting(None, "where checkpoints go (default: runs/<dataset>/<objective>-<backbone>-<hash>)")
+    devices: int = setting(1, "training processes per node: GPUs, or CPU processes on a machine without one", low=1)
+    strategy: str = setting(
+        "auto", f"Lightning strategy: {', '.join(STRATEGIES)} (auto: ddp when there are several processes)"
+    )
+    num_nodes: int = setting(1, "machines taking part (each runs --devices processes)", low=1)
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise BenchError(f"--strategy {self.strategy}: not a known strategy; choose one of {', '.join(STRATEGIES)}")
+
+
+# What `bench tune` searches, per objective: a ModelSettings field, or `decoder:<option>` for
+# an option of the objective's validation decoder -> {"low", "high"[, "log"]} or {"choices"}.
+# The `tune: space:` section of a config file replaces or adds entries.
+SEARCH_SPACE = {
+    "common": {
+        "lr": {"low": 3e-4, "high": 1e-2, "log": True},
+        "weight_decay": {"low": 1e-3, "high": 0.3, "log": True},
+        "dropout": {"low": 0.0, "high": 0.5},
+        "width": {"choices": [64, 128, 256]},
+        "layers": {"choices": [1, 2, 4]},
+        "heads": {"choices": [2, 4, 8]},
+        "train_batch_size": {"choices": [64, 128, 256, 512]},
+        "max_history": {"choices": [10, 20, 50]},
+    },
+    "ntp": {},
+    "nezha": {"transition": {"choices": ["rnn", "gru", "none"]}, "decoder:head_beam": {"choices": [0, 40]}},
+    "next_item": {},
+}
+
+
+@dataclass
+class TuneSettings:
+    """An optuna search over the model settings of one objective, on validation metrics."""
+
+    objective: Literal["ntp", "nezha", "next_item"] = setting("nezha", "the objective whose models are searched")
+    trials: int = setting(20, "finished trials (complete or pruned) the study should reach", low=1)
+    timeout: float | None = setting(None, "stop starting trials after this many seconds", low=1)
+    study: str | None = setting(None, "study name (default: <objective>-<dataset>); the same name resumes it")
+    storage: str | None = setting(
+        None,
+        "a journal file path (default: runs/tune/<study>/journal.log) or an RDB URL (sqlite:///f.db, postgresql+psycopg://...)",
+    )
+    workers: int = setting(1, "processes running trials of the one study on this machine", low=1)
+    out: str | None = setting(None, "where best.yaml, trials.csv and plots go (default: runs/tune/<study>/)")
+    metric: Literal["recall@10", "ndcg@10", "recall@20", "ndcg@20"] = setting(
+        "recall@10", "the validation metric to maximise"
+    )
+    latency: bool = setting(False, "a second objective: minimise the decode p50 (ms per batch) of the harness")
+    pruner: Literal["median", "none"] = setting("median", "prunes trials whose val/recall@10 falls behind")
+    space: dict = setting({}, "config file only: search-space entries replacing or adding to the default")
 
 
 @dataclass
@@ -142,7 +202,7 @@ class TokenizeSettings:
     vectors: str | None = setting(
         None, ".npy with one row per item (row i = item id i); default: vectors from item co-occurrence"
     )
-    levels: int = setting(4, "SID levels", low=1)
+    levels: int = setting(4, "SID levels (tokens <a_N> .. <z_N>)", low=1, high=26)
     codes: int = setting(256, "codes per level", low=2)
     balanced: bool = setting(False, "cap every cluster at ceil(items / codes)")
     dim: int = setting(64, "size of co-occurrence vectors", low=1)
@@ -160,6 +220,7 @@ SECTIONS = {
     "model": ModelSettings,
     "run": RunSettings,
     "train": TrainSettings,
+    "tune": TuneSettings,
     "tokenize": TokenizeSettings,
     "leaderboard": LeaderboardSettings,
 }
@@ -188,6 +249,8 @@ def type_name(annotation) -> str:
         text = "one of " + ", ".join(map(str, typing.get_args(base)))
     elif typing.get_origin(base) is list:
         text = "a list"
+    elif base is dict:
+        text = "a mapping"
     else:
         text = {int: "an integer", float: "a number", str: "a string", bool: "a flag (true/false)"}[base]
     return text + (" or null" if optional else "")
@@ -221,6 +284,7 @@ def check_value(cls, name: str, value, source: str):
         (value is None and optional)
         or (typing.get_origin(base) is Literal and value in typing.get_args(base))
         or (typing.get_origin(base) is list and isinstance(value, list) and all(isinstance(v, str) for v in value))
+        or (base is dict and isinstance(value, dict))
         or (base is float and isinstance(value, (int, float)) and not isinstance(value, bool))
         or (base in (int, str, bool) and type(value) is base)
     )
@@ -229,6 +293,8 @@ def check_value(cls, name: str, value, source: str):
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         meta = next(f for f in fields(cls) if f.name == name).metadata
         where = flag(name) if source == "command line" else f"{source}: {name}"
+        if isinstance(value, float) and not math.isfinite(value):  # nan passes every bound
+            raise BenchError(f"{where} {value}: must be a finite number")
         if meta.get("low") is not None and value < meta["low"]:
             raise BenchError(f"{where} {value}: must be at least {meta['low']}")
         if meta.get("high") is not None and value > meta["high"]:
@@ -270,15 +336,21 @@ class _TypedValue(argparse.Action):
         setattr(namespace, self.dest, value)
 
 
-def add_settings(parser: argparse.ArgumentParser, sections: list[str]) -> None:
-    """A flag per field of each section's dataclass, and --config / --print-config."""
+def add_settings(parser: argparse.ArgumentParser, sections: list[str], hidden: dict | None = None) -> None:
+    """A flag per field of each section's dataclass, and --config / --print-config.
+
+    hidden: section -> fields that get no flag here (their defaults or the config hold)."""
     for section in sections:
         cls = SECTIONS[section]
         group = parser.add_argument_group(f"{section} settings")
         for f in fields(cls):
+            if f.name in (hidden or {}).get(section, ()):
+                continue
             annotation = _hints(cls)[f.name]
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             text = f.metadata["help"] + (f" (default: {default})" if default not in (None, [], "") else "")
+            if unwrap_optional(annotation)[0] is dict:
+                continue  # config files only
             if f.metadata["positional"]:
                 group.add_argument(f.name, nargs="*", default=_UNSET, action=_TypedValue, const=annotation, help=text)
             elif unwrap_optional(annotation)[0] is bool:
@@ -317,20 +389,32 @@ def read_config(path: str) -> dict:
     return content
 
 
-def settings_from(args: argparse.Namespace, sections: list[str]) -> dict:
+def settings_from(args: argparse.Namespace, sections: list[str], hidden: dict | None = None) -> dict:
     """section -> dataclass: defaults, then the --config file, then the flags given."""
     config = read_config(args.config) if args.config else {}
     out = {}
     for section in sections:
         cls = SECTIONS[section]
         built = from_dict(cls, config.get(section) or {}, f"config file {args.config}, section {section}")
-        given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, _UNSET) is not _UNSET}
+        flagless = (hidden or {}).get(section, ())
+        given = {
+            f.name: getattr(args, f.name)
+            for f in fields(cls)
+            if f.name not in flagless and getattr(args, f.name, _UNSET) is not _UNSET
+        }
         for name, value in given.items():
             check_value(cls, name, value, "command line")
         out[section] = dataclasses.replace(built, **given)
     if "model" in out and "data" in out:
         out["model"] = out["model"].resolved(out["data"])
     return out
+
+
+def explicit_fields(args: argparse.Namespace, section: str) -> set[str]:
+    """The fields of a section set by a flag or by the --config file (not left at defaults)."""
+    config = read_config(args.config).get(section) or {} if args.config else {}
+    flags = {f.name for f in fields(SECTIONS[section]) if getattr(args, f.name, _UNSET) is not _UNSET}
+    return flags | set(config)
 
 
 def to_yaml(settings: dict) -> str:

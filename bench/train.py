@@ -6,8 +6,10 @@ random weights with --untrained."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import logging
 import os
 import random
 import warnings
@@ -27,16 +29,37 @@ from models.backbones import ENCODER_DECODER
 from models.module import SidRecommender, load_checkpoint
 
 RUNS_ENV = "BENCH_RUNS_DIR"
+# Lightning's info lines (devices, an advert for its cloud logger, "fit stopped") and a
+# deprecation inside its own pytree helper are not for our users to read
+logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+
+
+def process_shard(shard: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(rank, world size) of this process once Lightning has set up its process group
+    (DDP), else (0, 1); `shard` overrides both (tests)."""
+    import torch.distributed as dist
+
+    if shard is not None:
+        return shard
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 class LengthBucketSampler(Sampler):
     """Shuffled batches of windows of similar length: little padding, still random.
 
     Each epoch: shuffle, cut into chunks of 50 batches, sort each chunk by length,
-    split it into batches, shuffle the batches."""
+    split it into batches, shuffle the batches. Under DDP every process draws the same
+    batches (same seed and epoch) and keeps every world_size-th from its rank: disjoint
+    shards of the same number of batches (the last len % world_size batches of the
+    epoch's shuffle are dropped, so no process waits for a gradient step the others never
+    take; with fewer batches than processes they are reused)."""
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, shard: tuple[int, int] | None = None):
         self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+        self.shard = shard
 
     def __iter__(self):
         rng = random.Random(self.seed + self.epoch)
@@ -49,10 +72,46 @@ class LengthBucketSampler(Sampler):
             part = sorted(order[start : start + chunk], key=self.lengths.__getitem__)
             batches += [part[i : i + self.batch_size] for i in range(0, len(part), self.batch_size)]
         rng.shuffle(batches)
+        rank, world = process_shard(self.shard)
+        if world > 1:
+            batches = [batches[i % len(batches)] for i in range(len(self) * world)][rank::world]
         return iter(batches)
 
     def __len__(self):
-        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+        batches = (len(self.lengths) + self.batch_size - 1) // self.batch_size
+        _, world = process_shard(self.shard)
+        return batches if world == 1 else max(1, batches // world)
+
+
+class ShardSampler(Sampler):
+    """The validation users of this process: every world_size-th from its rank, in order,
+    without padding, so across processes each user is decoded exactly once and the
+    shards differ by at most one user. (Lightning's DistributedSampler would repeat users
+    to even the shards when their number is not a multiple of the world size, and the
+    repeated users would count twice in val/recall@10.)"""
+
+    def __init__(self, size: int, shard: tuple[int, int] | None = None):
+        self.size, self.shard = size, shard
+
+    def __iter__(self):
+        rank, world = process_shard(self.shard)
+        return iter(range(rank, self.size, world))
+
+    def __len__(self):
+        rank, world = process_shard(self.shard)
+        return len(range(rank, self.size, world))
+
+
+def validation_loader(valid: list[dict], catalog, batch_size: int = 256) -> DataLoader:
+    """Validation batches sharded by ShardSampler (pass use_distributed_sampler=False to
+    the Trainer so Lightning keeps it): the val/recall@10 that torchmetrics gathers over
+    the processes (sum of hits and count of users) equals one process's."""
+    return DataLoader(
+        valid,
+        batch_size=batch_size,
+        sampler=ShardSampler(len(valid)),
+        collate_fn=functools.partial(collate_eval, catalog=catalog),  # picklable, for ddp_spawn
+    )
 
 
 def runs_dir() -> Path:
@@ -105,11 +164,24 @@ def train_model(
     resume: str | None = None,
     progress: bool = True,
     init_from: SidRecommender | None = None,
+    callbacks: list | None = None,
+    devices: int = 1,
+    strategy: str = "auto",
+    num_nodes: int = 1,
 ) -> Path:
-    """Train and return the path of the best checkpoint (by val/recall@10).
+    """Train and return the path of the best checkpoint (by val/recall@10), on every rank.
 
     init_from: a trained NTP model whose backbone weights the new model starts from
-    (Medusa heads are trained on top of the NTP backbone)."""
+    (Medusa heads are trained on top of the NTP backbone); callbacks: more Lightning
+    callbacks (a search's pruning callback).
+
+    devices, strategy, num_nodes go to Lightning's Trainer as they are: devices x
+    num_nodes processes (GPUs, or CPU processes on a machine without one), data parallel
+    with strategy ddp / ddp_spawn / ddp_fork (auto: ddp when there are several). The process group
+    backend is Lightning's choice: NCCL on GPUs, gloo on CPU. Each process trains on its
+    own shard of the windows (LengthBucketSampler; train_batch_size is per process) and
+    validates its own users (ShardSampler, no user twice); Lightning's rank 0 writes the
+    checkpoints and logs, and settings.json."""
     model = build_model(data, objective, settings, data_settings)
     if resume:
         check_resumable(resume, model, data)
@@ -122,7 +194,12 @@ def train_model(
         batch_sampler=LengthBucketSampler([len(w) for w in windows], settings.train_batch_size, data_settings.seed),
     )
     valid = eval_examples(data, "valid", settings.max_history, settings.val_users or None)
-    valid_loader = DataLoader(valid, batch_size=256, collate_fn=lambda rows: collate_eval(rows, data.catalog))
+    if len(valid) < devices * num_nodes:  # a process without users would wait forever for the others' metric
+        raise BenchError(
+            f"--val-users {len(valid)}: fewer valid users than training processes ({devices} devices x "
+            f"{num_nodes} nodes); every process validates at least one"
+        )
+    valid_loader = validation_loader(valid, data.catalog)
     best = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=run_dir,
         filename="best",
@@ -134,10 +211,12 @@ def train_model(
     stop = L.pytorch.callbacks.EarlyStopping(monitor="val/recall@10", mode="max", patience=settings.patience)
     trainer = L.Trainer(
         max_epochs=settings.max_epochs,
-        callbacks=[best, stop],
+        callbacks=[best, stop, *(callbacks or [])],
         default_root_dir=run_dir,
         accelerator="auto",
-        devices=1,
+        devices=devices,
+        strategy=strategy,
+        num_nodes=num_nodes,
         logger=L.pytorch.loggers.CSVLogger(run_dir, name="logs"),
         enable_progress_bar=progress,
         enable_model_summary=False,
@@ -149,9 +228,11 @@ def train_model(
         # the CSV logger's folder sits inside the run folder, which Lightning takes for leftovers
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         trainer.fit(model, train_loader, valid_loader, ckpt_path=resume)
-    (run_dir / "settings.json").write_text(
-        json.dumps({"objective": objective, "data": asdict(data_settings), "model": asdict(settings)}, indent=1)
-    )
+    if trainer.is_global_zero:
+        (run_dir / "settings.json").write_text(
+            json.dumps({"objective": objective, "data": asdict(data_settings), "model": asdict(settings)}, indent=1)
+        )
+    trainer.strategy.barrier()  # under ddp every rank returns once the run is complete
     return Path(best.best_model_path)
 
 
@@ -183,6 +264,11 @@ def resolve_models(
     model fits its options. Every checkpoint must play some role: that is checked before
     anything is trained."""
     given = [(str(path), load_checkpoint(path, data.catalog)) for path in checkpoints]
+    objectives_given = [model.objective for _, model in given]
+    for objective in set(objectives_given):
+        if objectives_given.count(objective) > 1:
+            paths = ", ".join(path for path, model in given if model.objective == objective)
+            raise BenchError(f"several --ckpt of objective '{objective}' ({paths}); pass one per objective")
     wanted = set()
     for per_decoder in requests:
         for role, request in per_decoder.items():

@@ -134,6 +134,8 @@ def parse_spec(spec: str):
         if key not in hints:
             hint = f"options of {name}: {', '.join(hints)}" if hints else f"{name} takes no options"
             raise BenchError(f"unknown option '{key}' in decoder spec '{spec}'; {hint}")
+        if key in values:
+            raise BenchError(f"option '{key}' is given twice in decoder spec '{spec}'; give it once")
         if not has_value:
             if unwrap_optional(hints[key])[0] is not bool:
                 raise BenchError(f"option '{key}' in '{spec}' needs a value: {name}:{key}=VALUE")

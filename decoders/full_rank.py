@@ -22,8 +22,10 @@ class FullRank(Decoder):
     @classmethod
     def requests(cls, options, settings):
         """The item model: --backbone when it is one, else --item-backbone."""
-        backbone = settings.backbone if backbone_kind(settings.backbone) == ITEM else settings.item_backbone
-        return {"next_item": ModelRequest("next_item", replace(settings, backbone=backbone))}
+        if backbone_kind(settings.backbone) == ITEM:
+            return {"next_item": ModelRequest("next_item", settings)}
+        item_model = replace(settings, backbone=settings.item_backbone, width=None, layers=None, heads=None)
+        return {"next_item": ModelRequest("next_item", item_model)}
 
     def __init__(self, catalog, k, models, options):
         super().__init__(catalog, k, models, options)

@@ -56,7 +56,8 @@ class Speculative(NtpDecoder):
     @classmethod
     def requests(cls, options, settings):
         """The NTP backbone, and a smaller NTP model (--draft-backbone) trained on the same data."""
-        draft = ModelRequest("ntp", replace(settings, backbone=settings.draft_backbone))
+        shape = dict(width=None, layers=None, heads=None)  # the draft keeps its own size preset
+        draft = ModelRequest("ntp", replace(settings, backbone=settings.draft_backbone, **shape))
         return {"ntp": ModelRequest("ntp", settings), "draft": draft}
 
     @classmethod

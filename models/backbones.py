@@ -85,7 +85,15 @@ class DecodeState:
 
 
 def build_backbone(
-    name: str, vocab_size: int, max_positions: int, dropout: float = 0.0, num_items: int = 0, attention: str = "sdpa"
+    name: str,
+    vocab_size: int,
+    max_positions: int,
+    dropout: float = 0.0,
+    num_items: int = 0,
+    attention: str = "sdpa",
+    width: int | None = None,
+    layers: int | None = None,
+    heads: int | None = None,
 ):
     """attention: the Hugging Face attention backend, pinned to sdpa by ModelSettings: the
     4D boolean masks of NEZHA training and tree verification are masks only there."""
@@ -94,15 +102,31 @@ def build_backbone(
     from models.sasrec import ItemSequenceModel
 
     kind = backbone_kind(name)
+    if name in SHAPED_LIKE:
+        if (width, layers, heads) != (None, None, None):
+            raise BenchError(f"{name} has the shape of the real model; --width, --layers and --heads apply to sizes")
+        return DecoderOnlyLM(name, vocab_size, max_positions, dropout, attention)
+    shape = generic_size(name, width, layers, heads)
     if kind == ENCODER_DECODER:
-        return EncoderDecoderLM(name, vocab_size, dropout, attention)
+        return EncoderDecoderLM(name, vocab_size, dropout, attention, shape)
     if kind == ITEM:
-        return ItemSequenceModel(name, num_items, max_positions, dropout, attention)
-    return DecoderOnlyLM(name, vocab_size, max_positions, dropout, attention)
+        return ItemSequenceModel(name, num_items, max_positions, dropout, attention, shape)
+    return DecoderOnlyLM(name, vocab_size, max_positions, dropout, attention, shape)
 
 
-def generic_size(name: str) -> tuple[int, int, int, int, int]:
-    return SIZES[name.partition("-")[2]]
+def generic_size(
+    name: str, width: int | None = None, layers: int | None = None, heads: int | None = None
+) -> tuple[int, int, int, int, int]:
+    """The size preset's (hidden, layers, heads, kv heads, feed-forward), with width (the
+    feed-forward follows at 3x), layers or heads (kv heads follow at half) overridden."""
+    hidden, depth, attention_heads, kv_heads, ffn = SIZES[name.partition("-")[2]]
+    if width:
+        hidden, ffn = width, 3 * width
+    if heads:
+        attention_heads, kv_heads = heads, max(1, heads // 2)
+    if hidden % attention_heads:
+        raise BenchError(f"{name}: width {hidden} is not divisible by {attention_heads} heads")
+    return hidden, layers or depth, attention_heads, kv_heads, ffn
 
 
 def parameter_count(module: torch.nn.Module) -> int:

@@ -26,13 +26,21 @@ def tree_attention(prefix_mask: torch.Tensor, tree_mask: torch.Tensor) -> torch.
 class DecoderOnlyLM(nn.Module):
     kind = DECODER_ONLY
 
-    def __init__(self, name: str, vocab_size: int, max_positions: int, dropout: float = 0.0, attention: str = "sdpa"):
+    def __init__(
+        self,
+        name: str,
+        vocab_size: int,
+        max_positions: int,
+        dropout: float = 0.0,
+        attention: str = "sdpa",
+        shape: tuple | None = None,
+    ):
         super().__init__()
         if name in SHAPED_LIKE:
             family, shape = SHAPED_LIKE[name]
         else:
             family = name.partition("-")[0]
-            hidden, layers, heads, kv_heads, ffn = generic_size(name)
+            hidden, layers, heads, kv_heads, ffn = shape or generic_size(name)
             shape = dict(
                 hidden_size=hidden,
                 num_hidden_layers=layers,

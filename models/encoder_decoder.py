@@ -15,9 +15,11 @@ from models.backbones import ENCODER_DECODER, DecodeState, generic_size
 class EncoderDecoderLM(nn.Module):
     kind = ENCODER_DECODER
 
-    def __init__(self, name: str, vocab_size: int, dropout: float = 0.0, attention: str = "sdpa"):
+    def __init__(
+        self, name: str, vocab_size: int, dropout: float = 0.0, attention: str = "sdpa", shape: tuple | None = None
+    ):
         super().__init__()
-        hidden, layers, heads, _, ffn = generic_size(name)
+        hidden, layers, heads, _, ffn = shape or generic_size(name)
         config = T5Config(
             vocab_size=vocab_size,
             d_model=hidden,

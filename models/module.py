@@ -63,6 +63,9 @@ class SidRecommender(L.LightningModule):
             dropout=self.settings.dropout,
             num_items=num_items,
             attention=self.settings.attention,
+            width=self.settings.width,
+            layers=self.settings.layers,
+            heads=self.settings.heads,
         )
         hidden, sizes = self.lm.hidden_size, tuple(codebook_sizes)
         self.head = NezhaDraftHead(hidden, sizes, self.settings.transition) if objective == "nezha" else None
@@ -104,6 +107,8 @@ class SidRecommender(L.LightningModule):
             self._val_decoder = build_decoder(spec, self.catalog, self.hparams.val_k, {self.objective: self})
         result = self._val_decoder.decode(batch.prompt)
         ranks = target_ranks(self.catalog.items_of(result.sids), batch.targets)
+        # per-user hits: under DDP the metric sums hits and users over the processes, exact
+        # as long as no user is validated twice (bench.train.validation_loader: no padding)
         self.val_recall.update((ranks > 0).float())
         self.log("val/recall@10", self.val_recall, prog_bar=True, batch_size=len(batch))
 

@@ -14,9 +14,17 @@ from models.backbones import ITEM, generic_size, positions_from_mask
 class ItemSequenceModel(nn.Module):
     kind = ITEM
 
-    def __init__(self, name: str, num_items: int, max_positions: int, dropout: float = 0.0, attention: str = "sdpa"):
+    def __init__(
+        self,
+        name: str,
+        num_items: int,
+        max_positions: int,
+        dropout: float = 0.0,
+        attention: str = "sdpa",
+        shape: tuple | None = None,
+    ):
         super().__init__()
-        hidden, layers, heads, _, ffn = generic_size(name)
+        hidden, layers, heads, _, ffn = shape or generic_size(name)
         config = GPT2Config(
             vocab_size=num_items + 1,
             n_positions=max_positions,

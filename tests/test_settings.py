@@ -43,7 +43,6 @@ class FirstLevelOptions:
     codes: int = 2
 
 
-@register
 class FirstLevelOnly(NtpDecoder):
     """Defined here, in the test file: the top `codes` first-level codes, each completed
     with code 0 at every later level. It uses an existing model role (ntp)."""
@@ -59,7 +58,14 @@ class FirstLevelOnly(NtpDecoder):
         return DecodeResult(sids=torch.cat([top.indices.unsqueeze(-1), rest], -1), scores=top.values)
 
 
-def test_a_decoder_defined_in_a_test_runs_through_bench_run(cli, tmp_path):
+@pytest.fixture
+def first_level_only(monkeypatch):
+    """Registered for one test, as `@register` on the class would do for good."""
+    monkeypatch.setitem(REGISTRY, "first_level_only", FirstLevelOnly)
+    assert register(FirstLevelOnly) is FirstLevelOnly and REGISTRY["first_level_only"] is FirstLevelOnly
+
+
+def test_a_decoder_defined_in_a_test_runs_through_bench_run(cli, tmp_path, first_level_only):
     out = tmp_path / "results.json"
     code, stdout, err = cli(
         "run",
@@ -181,8 +187,8 @@ def test_bad_config_is_one_error_line_naming_the_key(cli, tmp_path, content, fra
 
 
 def test_checkpoint_settings_are_checked_like_a_config():
-    with pytest.raises(BenchError, match="unknown setting 'width'"):
-        from_dict(ModelSettings, {"width": 3}, "model settings")
+    with pytest.raises(BenchError, match="unknown setting 'colour'"):
+        from_dict(ModelSettings, {"colour": 3}, "model settings")
     with pytest.raises(BenchError, match="lr = 'fast' is not a number"):
         from_dict(ModelSettings, {"lr": "fast"}, "model settings")
     assert from_dict(ModelSettings, {"lr": 1}, "model settings").lr == 1.0

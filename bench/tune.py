@@ -1,0 +1,342 @@
+"""`bench tune`: optuna searches over the settings of one objective, on validation metrics.
+
+Each trial trains a model with sampled settings (Lightning; bad trials pruned by
+optuna-integration's pruning callback on val/recall@10) and scores its best checkpoint
+with the harness of `bench run` on the VALID split (the test split is never read): the
+metric, and with --latency the decode p50 as a second objective. Studies live in an
+optuna storage: a journal file (default, several local worker processes) or any RDB
+URL optuna takes (SQLite, PostgreSQL: many machines). A study killed mid-trial resumes
+under the same name: finished trials are kept, the trial that was running is marked
+failed and not counted, and the search goes on until --trials trials have finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import multiprocessing
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import yaml
+
+from bench.errors import BenchError
+from bench.settings import SEARCH_SPACE, DataSettings, ModelSettings, TuneSettings
+from bench.train import runs_dir
+
+VALIDATION_DECODER = {"ntp": "beam", "nezha": "nezha", "next_item": "full_rank"}
+FINISHED = ("COMPLETE", "PRUNED")
+
+
+def search_space(settings: TuneSettings, fixed: set[str] = frozenset()) -> dict[str, dict]:
+    """The objective's space (the common entries and its own), or the config's `space`
+    instead when it has one, less the settings fixed for every trial."""
+    space = settings.space or {**SEARCH_SPACE["common"], **SEARCH_SPACE[settings.objective]}
+    known = {f.name for f in dataclasses.fields(ModelSettings)}
+    decoder = _decoder_options(settings.objective)
+    for name, spec in space.items():
+        option = name.removeprefix("decoder:")
+        if (name.startswith("decoder:") and option not in decoder) or (
+            not name.startswith("decoder:") and name not in known
+        ):
+            raise BenchError(
+                f"unknown parameter '{name}' in the search space; use a model setting "
+                f"({', '.join(sorted(known))}) or decoder:<option> of {VALIDATION_DECODER[settings.objective]} "
+                f"({', '.join(sorted(decoder)) or 'none'})"
+            )
+        if not isinstance(spec, dict) or not ({"choices"} <= set(spec) or {"low", "high"} <= set(spec)):
+            raise BenchError(
+                f"search space entry '{name}' must be {{choices: [...]}} or {{low: x, high: y[, log: true]}}"
+            )
+    return {name: spec for name, spec in space.items() if name not in fixed}
+
+
+def _decoder_options(objective: str) -> set[str]:
+    from decoders.base import option_names
+
+    return option_names(VALIDATION_DECODER[objective])
+
+
+def suggest(trial, space: dict) -> dict:
+    params = {}
+    for name, spec in space.items():
+        if "choices" in spec:
+            params[name] = trial.suggest_categorical(name, spec["choices"])
+        elif all(isinstance(spec[b], int) and not isinstance(spec[b], bool) for b in ("low", "high")):
+            params[name] = trial.suggest_int(name, spec["low"], spec["high"], log=spec.get("log", False))
+        else:
+            params[name] = trial.suggest_float(name, spec["low"], spec["high"], log=spec.get("log", False))
+    return params
+
+
+def default_params(space: dict, model: ModelSettings, objective: str) -> dict:
+    """The run's own settings as a point of the space (where they lie in it): trial 0 of a
+    new study, so the search reports its gain over them."""
+    from models.backbones import SIZES, backbone_kind, generic_size
+
+    current = dataclasses.asdict(model)
+    if model.backbone.partition("-")[2] in SIZES and backbone_kind(model.backbone):
+        hidden, layers, heads, _, _ = generic_size(model.backbone, model.width, model.layers, model.heads)
+        current.update(width=hidden, layers=layers, heads=heads)
+    options = _decoder_defaults(objective)
+    params = {}
+    for name, spec in space.items():
+        value = options.get(name.removeprefix("decoder:")) if name.startswith("decoder:") else current.get(name)
+        inside = value in spec["choices"] if "choices" in spec else spec["low"] <= (value or 0) <= spec["high"]
+        if value is not None and inside:
+            params[name] = value
+    return params
+
+
+def _decoder_defaults(objective: str) -> dict:
+    from decoders import REGISTRY
+
+    return dataclasses.asdict(REGISTRY[VALIDATION_DECODER[objective]].Options())
+
+
+def trial_settings(params: dict, model: ModelSettings, objective: str) -> tuple[ModelSettings, str]:
+    """Sampled params -> the trial's model settings and its validation decoder spec."""
+    model_params = {k: v for k, v in params.items() if not k.startswith("decoder:")}
+    options = "".join(f":{k.removeprefix('decoder:')}={v}" for k, v in params.items() if k.startswith("decoder:"))
+    return dataclasses.replace(model, **model_params), VALIDATION_DECODER[objective] + options
+
+
+def storage_of(url_or_path: str):
+    """An optuna storage: an RDB URL (with heartbeats, so a killed worker's trial fails)
+    or a journal file."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    if "://" in url_or_path:
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
+        try:
+            return optuna.storages.RDBStorage(url_or_path, heartbeat_interval=10, grace_period=30)
+        except Exception as exc:  # any driver's connection error is one line
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BenchError(f"cannot open the study storage {url_or_path}: {reason[:200]}") from None
+    path = Path(url_or_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def open_study(settings: TuneSettings, study_name: str, storage_url: str, dataset: str, create: bool):
+    import optuna
+
+    directions = ["maximize", "minimize"] if settings.latency else ["maximize"]
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if settings.pruner == "none" or settings.latency:
+        pruner = optuna.pruners.NopPruner()
+    storage = storage_of(storage_url)
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=storage,
+        directions=directions,
+        pruner=pruner,
+        sampler=optuna.samplers.TPESampler(seed=None),
+        load_if_exists=True,
+    )
+    wanted = {
+        "objective": settings.objective,
+        "dataset": dataset,
+        "metric": settings.metric,
+        "latency": settings.latency,
+    }
+    if create and not study.user_attrs:
+        for key, value in wanted.items():
+            study.set_user_attr(key, value)
+    mismatch = {k: v for k, v in study.user_attrs.items() if k in wanted and wanted[k] != v}
+    if mismatch:
+        raise BenchError(
+            f"study '{study_name}' in {storage_url} was made for "
+            + ", ".join(f"{k}={v}" for k, v in study.user_attrs.items())
+            + "; choose another --study name"
+        )
+    return study
+
+
+def fail_stale_trials(study) -> int:
+    """Trials left RUNNING by a killed run are failed (a journal has no heartbeat)."""
+    from optuna.trial import TrialState
+
+    stale = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+    for trial in stale:
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    return len(stale)
+
+
+def finished(study) -> int:
+    return sum(t.state.name in FINISHED for t in study.get_trials(deepcopy=False))
+
+
+def run_trial(trial, settings: dict, data, out: Path) -> tuple[float, ...]:
+    """Train with the sampled settings, then score the best checkpoint on the valid split."""
+    import optuna
+    from optuna_integration import PyTorchLightningPruningCallback
+
+    from bench.run import run
+    from bench.train import train_model
+
+    tune: TuneSettings = settings["tune"]
+    params = suggest(trial, search_space(tune, settings["fixed"]))
+    model, spec = trial_settings(params, settings["model"], tune.objective)
+    run_dir = out / "trials" / f"trial-{trial.number}"
+    callbacks = (
+        [] if tune.latency or tune.pruner == "none" else [PyTorchLightningPruningCallback(trial, "val/recall@10")]
+    )
+    try:
+        best = train_model(data, tune.objective, model, settings["data"], run_dir, progress=False, callbacks=callbacks)
+    except BenchError as exc:  # settings that cannot build a model (e.g. width not divisible by heads)
+        raise optuna.TrialPruned(str(exc)) from None
+    harness = dataclasses.replace(settings["run"], split="valid", ckpt=[str(best)], untrained=False)
+    record = run(data, settings["data"], model, harness, specs=[spec], progress=False)[0]
+    trial.set_user_attr("decoder", spec)
+    trial.set_user_attr("checkpoint", str(best))
+    value = record["metrics"][tune.metric]
+    return (value, record["latency_ms"]["p50"]) if tune.latency else (value,)
+
+
+def worker(settings: dict, study_name: str, storage_url: str, out: str, threads: int, report: bool) -> None:
+    """One process of a search: trials until the study has enough finished ones."""
+    import optuna
+
+    from bench.data import load_dataset
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    torch.set_num_threads(threads)
+    tune: TuneSettings = settings["tune"]
+    d = settings["data"]
+    data = load_dataset(d.dataset, d.data_dir, d.collisions, d.seed)
+    study = open_study(tune, study_name, storage_url, data.name, create=False)
+    target = tune.trials
+
+    def objective(trial):
+        return run_trial(trial, settings, data, Path(out))
+
+    def stop_when_done(study, trial):
+        if finished(study) >= target:
+            study.stop()
+
+    def line(study, trial):
+        values = "/".join(f"{v:.4f}" for v in trial.values) if trial.values else "-"
+        seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete else 0
+        params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+        print(f"trial {trial.number} {trial.state.name.lower()} {values} in {seconds:.0f} s: {params}", flush=True)
+
+    if finished(study) < target:
+        study.optimize(
+            objective,
+            timeout=tune.timeout,
+            callbacks=[line, stop_when_done] if report else [stop_when_done],
+            catch=(RuntimeError, ValueError),
+        )
+
+
+def export(study, settings: dict, out: Path) -> Path:
+    """best.yaml (a config `bench train` and `bench run` take), trials.csv, plots."""
+    import optuna
+    from optuna.visualization import matplotlib as plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    tune: TuneSettings = settings["tune"]
+    trials = [t for t in study.get_trials(deepcopy=False)]
+    with open(out / "trials.csv", "w", newline="") as f:
+        names = sorted({k for t in trials for k in t.params})
+        writer = csv.writer(f)
+        objectives = [tune.metric] + (["p50_ms"] if tune.latency else [])
+        writer.writerow(["number", "state", *objectives, "seconds", *names])
+        for t in trials:
+            seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else ""
+            values = t.values or [""] * len(objectives)
+            writer.writerow([t.number, t.state.name, *values, seconds, *(t.params.get(n, "") for n in names)])
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    if not complete:
+        raise BenchError(f"no trial of study '{study.study_name}' completed; see {out / 'trials.csv'}")
+    best = max(study.best_trials, key=lambda t: t.values[0])
+    model, spec = trial_settings(best.params, settings["model"], tune.objective)
+    run = dataclasses.replace(settings["run"], decoder=spec, split="test", ckpt=[])
+    config = {
+        "data": dataclasses.asdict(settings["data"]),
+        "model": dataclasses.asdict(model),
+        "run": dataclasses.asdict(run),
+        "train": {"objective": tune.objective},
+    }
+    header = (
+        f"# best trial {best.number} of study '{study.study_name}': validation {tune.metric} "
+        f"{best.values[0]:.4f}" + (f", p50 {best.values[1]:.1f} ms" if tune.latency else "") + "\n"
+    )
+    (out / "best.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        figures = {
+            "history.png": plots.plot_optimization_history(study, target=lambda t: t.values[0], target_name=tune.metric)
+        }
+        if len(complete) > 1 and best.params:
+            figures["importances.png"] = plots.plot_param_importances(
+                study, target=lambda t: t.values[0], target_name=tune.metric
+            )
+        if tune.latency:
+            figures["pareto.png"] = plots.plot_pareto_front(study, target_names=[tune.metric, "p50 ms"])
+        for name, axes in figures.items():
+            axes.figure.savefig(out / name, dpi=110, bbox_inches="tight")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return out / "best.yaml"
+
+
+def tune(settings: dict, fixed: set[str] = frozenset()) -> None:
+    """fixed: model settings given by flag or config, the same for every trial."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    settings = {**settings, "fixed": set(fixed)}
+    tune_settings: TuneSettings = settings["tune"]
+    data_settings: DataSettings = settings["data"]
+    space = search_space(tune_settings, settings["fixed"])  # an unknown parameter fails before any work
+    study_name = tune_settings.study or f"{tune_settings.objective}-{data_settings.dataset}"
+    out = Path(tune_settings.out or runs_dir() / "tune" / study_name)
+    storage_url = tune_settings.storage or str(runs_dir() / "tune" / study_name / "journal.log")
+    study = open_study(tune_settings, study_name, storage_url, data_settings.dataset, create=True)
+    stale = fail_stale_trials(study) if "://" not in storage_url else 0
+    if not study.trials:
+        study.enqueue_trial(default_params(space, settings["model"], tune_settings.objective))
+    pruner = (
+        "none"
+        if tune_settings.latency or tune_settings.pruner == "none"
+        else "median (2 startup trials, 1 warm-up epoch)"
+    )
+    print(
+        f"study '{study_name}' in {storage_url}: {finished(study)} of {tune_settings.trials} trials finished"
+        + (f", {stale} interrupted trial(s) marked failed" if stale else "")
+        + f"; objective: validation {tune_settings.metric}"
+        + (" and decode p50" if tune_settings.latency else "")
+        + f"; pruner: {pruner}; {tune_settings.workers} worker(s); searching {', '.join(space) or 'nothing'}",
+        flush=True,
+    )
+    begin = time.time()
+    threads = max(1, (os.cpu_count() or 1) // tune_settings.workers)
+    if tune_settings.workers == 1:
+        worker(settings, study_name, storage_url, str(out), torch.get_num_threads(), report=True)
+    else:
+        context = multiprocessing.get_context("spawn")
+        processes = [
+            context.Process(target=worker, args=(settings, study_name, storage_url, str(out), threads, True))
+            for _ in range(tune_settings.workers)
+        ]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join()
+    best_config = export(study, settings, out)
+    best = max(study.best_trials, key=lambda t: t.values[0])
+    print(
+        f"{finished(study)} trials finished in {time.time() - begin:.0f} s; best: trial {best.number}, "
+        f"{tune_settings.metric} {best.values[0]:.4f}"
+        + (f"; Pareto front: {len(study.best_trials)} trial(s)" if tune_settings.latency else "")
+    )
+    print(f"best settings: {best_config} (python -m bench train --config {best_config}); trials and plots in {out}")

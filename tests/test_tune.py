@@ -1,0 +1,165 @@
+"""`bench tune` on the synthetic data with tiny trials: a study runs and exports a config
+that trains, workers share one journal study, a killed study resumes, two workers share
+a real PostgreSQL study, and bad input is one line."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from bench.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+# tiny trials: the smallest backbone, one epoch, few valid users; a two-parameter space
+SPACE = {"tune": {"space": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "dropout": {"choices": [0.0, 0.1]}}}}
+FAST = ["--backbone", "qwen-micro", "--max-epochs", "1", "--val-users", "30", "--limit-users", "30"]
+FAST += ["--train-batch-size", "512", "--objective", "ntp", "--warmup", "0"]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BENCH_RUNS_DIR", str(tmp_path / "runs"))
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    return tmp_path
+
+
+def bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_RUNS_DIR": str(cwd / "runs")}
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def states(storage, study: str) -> list[str]:
+    from bench.tune import storage_of
+
+    return [t.state.name for t in optuna.load_study(study_name=study, storage=storage_of(storage)).trials]
+
+
+def test_a_study_runs_and_its_exported_config_trains(workdir, capsys):
+    code = main(["tune", "--config", "space.yaml", "--trials", "3", "--study", "s", *FAST])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "pruner: median" in out and "searching dropout, lr" in out, out.splitlines()[0]
+    assert sum(line.startswith("trial ") for line in out.splitlines()) == 3
+    folder = workdir / "runs" / "tune" / "s"
+    assert {"best.yaml", "trials.csv", "history.png", "journal.log"} <= {p.name for p in folder.iterdir()}
+    rows = (folder / "trials.csv").read_text().splitlines()
+    assert rows[0].startswith("number,state,recall@10,seconds") and len(rows) == 4
+    best = yaml.safe_load((folder / "best.yaml").read_text())
+    assert best["model"]["backbone"] == "qwen-micro" and best["model"]["max_epochs"] == 1
+    assert best["run"]["decoder"] == "beam" and best["train"]["objective"] == "ntp"
+    assert main(["train", "--config", str(folder / "best.yaml")]) == 0
+    assert "best checkpoint:" in capsys.readouterr().out
+    code = main(["run", "--config", str(folder / "best.yaml"), "--out", "r.json"])
+    assert code == 0
+    assert json.loads((workdir / "r.json").read_text())[0]["settings"]["model"]["lr"] == best["model"]["lr"]
+
+
+def test_two_workers_share_one_journal_study(workdir):
+    args = ["tune", "--config", "space.yaml", "--trials", "2", "--workers", "2", "--study", "w"]
+    result = bench(*args, *FAST, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    finished = [s for s in states(str(workdir / "runs/tune/w/journal.log"), "w") if s in ("COMPLETE", "PRUNED")]
+    assert len(finished) >= 2
+    assert "2 worker(s)" in result.stdout
+
+
+def test_a_killed_study_resumes_keeping_finished_trials(workdir):
+    journal = workdir / "runs" / "tune" / "k" / "journal.log"
+    args = [sys.executable, "-m", "bench", "tune", "--config", "space.yaml", "--trials", "3", "--study", "k", *FAST]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_RUNS_DIR": str(workdir / "runs")}
+    process = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill it while its second trial runs
+        if journal.exists() and states(str(journal), "k") == ["COMPLETE", "RUNNING"]:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert states(str(journal), "k")[:2] == ["COMPLETE", "RUNNING"]
+    result = bench("tune", "--config", "space.yaml", "--trials", "3", "--study", "k", *FAST, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 of 3 trials finished, 1 interrupted trial(s) marked failed" in result.stdout
+    final = states(str(journal), "k")
+    assert final[:2] == ["COMPLETE", "FAIL"] and sum(s in ("COMPLETE", "PRUNED") for s in final) == 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres():
+    """A throwaway PostgreSQL server on 127.0.0.1 (as the postgres user when we are root)."""
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if not initdb or not pg_ctl:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'psycopg[binary]')")
+    folder = Path(tempfile.mkdtemp(prefix="bench-pg-"))  # in /tmp: the postgres user must reach it
+    as_user = []
+    if os.geteuid() == 0:  # initdb refuses root
+        shutil.chown(folder, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = folder / "data", free_port()
+    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "bench", "--auth=trust"], check=True, capture_output=True)
+    options = f"-p {port} -k {folder} -h 127.0.0.1"
+    log = folder / "log"
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(log), "-w", "start"], check=True)
+    try:
+        yield f"postgresql+psycopg://bench@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_two_workers_share_a_postgresql_study(workdir, postgres):
+    result = bench(
+        "tune", "--config", "space.yaml", "--trials", "2", "--workers", "2", "--study", "pg", "--storage", postgres,
+        *FAST, cwd=workdir,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    study = optuna.load_study(study_name="pg", storage=postgres)
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) >= 2
+    assert study.user_attrs["objective"] == "ntp"
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--workers", "0"], "--workers 0: must be at least 1"),
+        (["--storage", "postgresql+psycopg://nobody@127.0.0.1:1/x"], "cannot open the study storage"),
+        (["--config", "badspace.yaml"], "unknown parameter 'colour' in the search space"),
+        (["--objective", "medusa"], "'medusa' is not one of ntp, nezha, next_item"),
+    ],
+    ids=["workers 0", "unreachable storage", "unknown parameter", "objective"],
+)
+def test_bad_tune_input_is_one_line(workdir, capsys, args, fragment):
+    (workdir / "badspace.yaml").write_text("tune:\n  space:\n    colour: {choices: [red]}\n")
+    code = main(["tune", "--trials", "1", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
+
+
+def test_a_study_of_another_objective_is_refused(workdir, capsys):
+    from bench.settings import TuneSettings
+    from bench.tune import open_study
+
+    storage = str(workdir / "j.log")
+    open_study(TuneSettings(objective="ntp"), "x", storage, "synthetic", create=True)
+    code = main(["tune", "--objective", "nezha", "--study", "x", "--storage", storage, "--trials", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "study 'x'" in err and "objective=ntp" in err and "choose another --study" in err
