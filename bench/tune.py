@@ -199,7 +199,8 @@ def run_trial(trial, settings: dict, data, out: Path) -> tuple[float, ...]:
 
 
 def worker(settings: dict, study_name: str, storage_url: str, out: str, threads: int, report: bool) -> None:
-    """One process of a search: trials until the study has enough finished ones."""
+    """One process of a search: trials until the study has enough finished ones (a
+    failed trial is not counted, so one worker alone runs at most --trials more)."""
     import optuna
 
     from bench.data import load_dataset
@@ -226,12 +227,16 @@ def worker(settings: dict, study_name: str, storage_url: str, out: str, threads:
         params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
         print(f"trial {trial.number} {trial.state.name.lower()} {values} in {seconds:.0f} s: {params}", flush=True)
 
-    if finished(study) < target:
+    remaining = target - finished(study)
+    if remaining > 0:
+        alone = tune.workers == 1  # one bar; several workers' bars would interleave, their lines do not
         study.optimize(
             objective,
+            n_trials=remaining if alone else None,
             timeout=tune.timeout,
             callbacks=[line, stop_when_done] if report else [stop_when_done],
             catch=(RuntimeError, ValueError),
+            show_progress_bar=report and alone,
         )
 
 
@@ -274,13 +279,10 @@ def export(study, settings: dict, out: Path) -> Path:
     matplotlib.use("Agg")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        figures = {
-            "history.png": plots.plot_optimization_history(study, target=lambda t: t.values[0], target_name=tune.metric)
-        }
+        first = (lambda t: t.values[0]) if tune.latency else None  # without one optuna draws the best so far
+        figures = {"history.png": plots.plot_optimization_history(study, target=first, target_name=tune.metric)}
         if len(complete) > 1 and best.params:
-            figures["importances.png"] = plots.plot_param_importances(
-                study, target=lambda t: t.values[0], target_name=tune.metric
-            )
+            figures["importances.png"] = plots.plot_param_importances(study, target=first, target_name=tune.metric)
         if tune.latency:
             figures["pareto.png"] = plots.plot_pareto_front(study, target_names=[tune.metric, "p50 ms"])
         for name, axes in figures.items():
@@ -339,4 +341,7 @@ def tune(settings: dict, fixed: set[str] = frozenset()) -> None:
         f"{tune_settings.metric} {best.values[0]:.4f}"
         + (f"; Pareto front: {len(study.best_trials)} trial(s)" if tune_settings.latency else "")
     )
+    if tune_settings.latency:
+        for trial in sorted(study.best_trials, key=lambda t: t.values[1]):
+            print(f"  trial {trial.number}: {tune_settings.metric} {trial.values[0]:.4f}, p50 {trial.values[1]:.1f} ms")
     print(f"best settings: {best_config} (python -m bench train --config {best_config}); trials and plots in {out}")

@@ -67,13 +67,14 @@ def test_a_study_runs_and_its_exported_config_trains(workdir, capsys):
     assert json.loads((workdir / "r.json").read_text())[0]["settings"]["model"]["lr"] == best["model"]["lr"]
 
 
-def test_two_workers_share_one_journal_study(workdir):
-    args = ["tune", "--config", "space.yaml", "--trials", "2", "--workers", "2", "--study", "w"]
+def test_two_workers_share_one_journal_study_with_two_objectives(workdir):
+    args = ["tune", "--config", "space.yaml", "--trials", "2", "--workers", "2", "--study", "w", "--latency"]
     result = bench(*args, *FAST, cwd=workdir)
     assert result.returncode == 0, result.stderr[-2000:]
     finished = [s for s in states(str(workdir / "runs/tune/w/journal.log"), "w") if s in ("COMPLETE", "PRUNED")]
     assert len(finished) >= 2
-    assert "2 worker(s)" in result.stdout
+    assert "2 worker(s)" in result.stdout and "pruner: none" in result.stdout
+    assert "Pareto front:" in result.stdout and (workdir / "runs/tune/w/pareto.png").exists()
 
 
 def test_a_killed_study_resumes_keeping_finished_trials(workdir):
