@@ -4,11 +4,19 @@ Per batch, the decoders run one after another in an order that rotates with the 
 index, so drift of a shared machine hits them alike. Each decoder's turn is timed
 (CUDA events on a GPU, perf_counter on the CPU), its backbone calls are counted by a
 forward hook on the backbone, and right after it one bare backbone forward pass over
-its prompt is timed: the floor no decoder on that backbone can beat.
+the history alone is timed: the floor, the same definition for every decoder on a
+backbone. A decoder whose single pass reads more (NEZHA's placeholders) also times that
+pass as its prompt floor.
+
+Memory: on CUDA, the peak allocated during the decode above what was allocated just
+before it (weights and batch excluded). On the CPU torch tracks no allocations; the
+record gives the growth of the process's peak resident set (ru_maxrss) during the
+decoder's turns, a high-water mark: a decoder that stays below an earlier peak shows 0.
 """
 
 from __future__ import annotations
 
+import resource
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,10 +33,12 @@ from decoders.base import Decoder, DecodeResult
 class Measurement:
     results: list[DecodeResult] = field(default_factory=list)
     latency_ms: list[float] = field(default_factory=list)  # per batch
-    prefill_ms: list[float] = field(default_factory=list)  # per batch, bare forward pass
+    floor_ms: list[float] = field(default_factory=list)  # per batch, bare forward pass over the history
+    prompt_floor_ms: list[float] = field(default_factory=list)  # per batch, the decoder's own one-pass prompt
     backbone_calls: list[int] = field(default_factory=list)  # per batch
     draft_calls: list[int] = field(default_factory=list)  # per batch, separate draft model
-    peak_memory_mb: float | None = None  # CUDA only: torch does not track CPU allocations
+    peak_memory_mb: float | None = None  # see the module docstring
+    order: list[str] = field(default_factory=list)  # position in the turn order of each batch
 
 
 def summarize(values: list[float]) -> dict[str, float] | None:
@@ -61,6 +71,11 @@ def count_calls(module: torch.nn.Module | None):
         handle.remove()
 
 
+def peak_rss_mb() -> float:
+    """The process's peak resident set so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def timed(fn, device: torch.device):
     """Run fn() and return (its result, wall time in ms)."""
     if device.type == "cuda":
@@ -87,22 +102,33 @@ def benchmark(
             decoders[label].decode(prompts[0])
             if decoders[label].backbone_core is not None:
                 decoders[label].bare_forward(prompts[0])
+                decoders[label].prompt_forward(prompts[0])
     measured = {label: Measurement() for label in labels}
     for index, batch in enumerate(tqdm(prompts, desc="decoding", unit="batch", disable=not progress)):
         shift = index % len(labels)
-        for label in labels[shift:] + labels[:shift]:
+        for position, label in enumerate(labels[shift:] + labels[:shift]):
             decoder, record = decoders[label], measured[label]
             if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                before = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
+            else:
+                before = peak_rss_mb()
             with count_calls(decoder.backbone_core) as calls, count_calls(decoder.draft_core) as draft_calls:
                 result, ms = timed(partial(decoder.decode, batch), device)
             if device.type == "cuda":
-                peak = torch.cuda.max_memory_allocated(device) / 2**20
-                record.peak_memory_mb = max(record.peak_memory_mb or 0.0, peak)
+                peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+            else:
+                peak = peak_rss_mb() - before
+            record.peak_memory_mb = max(record.peak_memory_mb or 0.0, peak)
             record.results.append(DecodeResult(result.sids.cpu(), result.scores.cpu(), result.stats))
             record.latency_ms.append(ms)
             record.backbone_calls.append(calls[0])
             record.draft_calls.append(draft_calls[0])
+            record.order.append(position)
             if decoder.backbone_core is not None:
-                record.prefill_ms.append(timed(partial(decoder.bare_forward, batch), device)[1])
+                record.floor_ms.append(timed(partial(decoder.bare_forward, batch), device)[1])
+                own, own_ms = timed(partial(decoder.prompt_forward, batch), device)
+                if own:
+                    record.prompt_floor_ms.append(own_ms)
     return measured

@@ -185,7 +185,7 @@ def build_record(spec, decoder, measured, models: dict, targets, data, settings:
             stats[key] = stats.get(key, 0.0) + float(value)
     entries = {role: model_entry(resolved) for role, resolved in models.items()}
     main = next((entry for entry in entries.values() if "params" in entry), None)
-    latency, prefill = summarize(measured.latency_ms), summarize(measured.prefill_ms)
+    latency, floor = summarize(measured.latency_ms), summarize(measured.floor_ms)
     total_s = sum(measured.latency_ms) / 1000.0
     run = settings["run"]
     k, users = run.k, len(targets)
@@ -220,11 +220,18 @@ def build_record(spec, decoder, measured, models: dict, targets, data, settings:
         "empty_rate": float((~present).float().mean()),
         "latency_ms": latency,
         "latency_ms_per_user": total_s * 1000.0 / users,  # a smaller last batch counts right
-        "prefill_latency_ms": prefill,
-        "latency_over_prefill": latency["mean"] / prefill["mean"] if prefill else None,
+        "floor_ms": floor,  # a bare backbone pass over the history alone, the same for every decoder
+        "latency_over_floor": latency["p50"] / floor["p50"] if floor else None,
+        "prompt_floor_ms": summarize(measured.prompt_floor_ms),  # the decoder's own one-pass prompt (NEZHA)
         "throughput_users_per_s": users / total_s if total_s > 0 else None,
         "backbone_calls_per_batch": sum(measured.backbone_calls) / len(measured.backbone_calls),
         "draft_calls_per_batch": sum(measured.draft_calls) / len(measured.draft_calls),
         "decoder_stats_per_request": {key: value / users for key, value in stats.items()},
         "peak_memory_mb": measured.peak_memory_mb,
+        "peak_memory": (
+            "CUDA: peak allocated during the decode above what was allocated just before it"
+            if device.type == "cuda"
+            else "CPU: growth of the process's peak resident set during the decoder's turns (a high-water mark; "
+            "torch tracks no CPU allocations)"
+        ),
     }

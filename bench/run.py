@@ -98,7 +98,7 @@ def run(
 def format_table(records: list[dict]) -> str:
     head = (
         f"{'decoder':<26} {'R@10':>6} {'N@10':>6} {'R@20':>6} {'invalid':>7} {'p50 ms':>8} {'mean ms':>8} "
-        f"{'x prefill':>9} {'calls':>5} {'users/s':>8}"
+        f"{'x floor':>9} {'calls':>5} {'users/s':>8}"
     )
     lines = [head, "-" * len(head)]
     for r in records:
@@ -106,7 +106,7 @@ def format_table(records: list[dict]) -> str:
         lines.append(
             f"{r['decoder']:<26} {cell(r['metrics']['recall@10'], '6.4f')} {cell(r['metrics']['ndcg@10'], '6.4f')} "
             f"{cell(r['metrics']['recall@20'], '6.4f')} {r['invalid_rate']:7.3f} {cell(lat.get('p50'), '8.1f')} "
-            f"{cell(lat.get('mean'), '8.1f')} {cell(r['latency_over_prefill'], '9.2f')} "
+            f"{cell(lat.get('mean'), '8.1f')} {cell(r['latency_over_floor'], '9.2f')} "
             f"{r['backbone_calls_per_batch']:5.1f} {cell(r['throughput_users_per_s'], '8.0f')}"
         )
     return "\n".join(lines)

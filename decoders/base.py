@@ -83,8 +83,14 @@ class Decoder:
         return None
 
     def bare_forward(self, prompt: Prompt) -> None:
-        """One backbone forward pass over the history: the floor for this decoder's latency."""
+        """One backbone forward pass over the history alone: the floor, defined the same
+        way for every decoder on a backbone."""
         self.lm.bare_forward(prompt.history, prompt.mask)
+
+    def prompt_forward(self, prompt: Prompt) -> bool:
+        """A decoder whose one pass reads more than the history (NEZHA's placeholders) runs
+        that pass here and returns True: its own floor, reported beside the common one."""
+        return False
 
     def decode(self, prompt: Prompt) -> DecodeResult:
         """The top-K SIDs for each user of the prompt; a decoder never sees the targets."""

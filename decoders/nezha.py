@@ -74,8 +74,10 @@ class Nezha(Decoder):
         """The placeholder token ids on `device` [L], None without placeholders."""
         return self.catalog.on(device).placeholder_tokens if self.placeholders else None
 
-    def bare_forward(self, prompt):
+    def prompt_forward(self, prompt) -> bool:
+        """The pass over [history, <sp_1..sp_L>] alone: what the head adds lies above it."""
         self.lm.nezha_states(prompt.history, prompt.mask, self.placeholder_tokens(prompt.history.device))
+        return True
 
     @torch.no_grad()
     def decode(self, prompt) -> DecodeResult:

@@ -146,7 +146,7 @@ def record(decoder: str, mean_ms: float, recall10: float, **extra) -> dict:
         "metrics": {"recall@1": 0.1, "recall@10": recall10, "ndcg@10": 0.25, "recall@20": None, "ndcg@20": None},
         "invalid_rate": 0.0,
         "latency_ms": {"mean": mean_ms, "p99": 2 * mean_ms},
-        "latency_over_prefill": 1.5,
+        "latency_over_floor": 1.5,
         "backbone_calls_per_batch": 4.0,
         "git_sha": "0123456789abcdef",
         "command": "python -m bench run --decoder beam,nezha,greedy",

@@ -1,0 +1,101 @@
+"""The latency harness with fake decoders: the turn order rotates, backbone calls are
+counted by the hook (floor passes excluded), every decoder gets the same floor (a pass
+over the history alone), NEZHA-like decoders add their own prompt floor, and memory is
+measured above what was in use before the call."""
+
+import torch
+from torch import nn
+
+import bench.latency
+from bench.data.batches import Prompt
+from bench.latency import benchmark
+from decoders.base import Decoder, DecodeResult
+
+
+class Core(nn.Module):
+    """Stands for a backbone: one forward call is one backbone call; it remembers its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def forward(self, tokens):
+        self.inputs.append(tokens)
+        return tokens
+
+
+class FakeLM:
+    def __init__(self):
+        self.core = Core()
+
+    def bare_forward(self, history, mask):
+        self.core(history)
+
+
+class FakeDecoder(Decoder):
+    name = "fake"
+
+    def __init__(self, label: str, log: list, calls: int, own_prompt: bool = False):
+        self.label, self.log, self.calls, self.own_prompt = label, log, calls, own_prompt
+        self.lm, self.k = FakeLM(), 1
+
+    def decode(self, prompt) -> DecodeResult:
+        self.log.append(self.label)
+        for _ in range(self.calls):
+            self.lm.core(prompt.history)
+        size = len(prompt)
+        return DecodeResult(sids=torch.zeros(size, 1, 2, dtype=torch.long), scores=torch.zeros(size, 1))
+
+    def prompt_forward(self, prompt) -> bool:
+        if self.own_prompt:
+            self.lm.core(torch.cat([prompt.history, torch.full_like(prompt.history[:, :2], 99)], 1))
+        return self.own_prompt
+
+
+def prompts(count: int) -> list[Prompt]:
+    return [
+        Prompt(
+            history=torch.full((2, 3), i + 1),
+            mask=torch.ones(2, 3, dtype=torch.long),
+            items=torch.ones(2, 1, dtype=torch.long),
+            items_mask=torch.ones(2, 1, dtype=torch.long),
+        )
+        for i in range(count)
+    ]
+
+
+def test_turn_order_rotates_with_the_batch():
+    log = []
+    decoders = {label: FakeDecoder(label, log, calls=1) for label in "abc"}
+    measured = benchmark(decoders, prompts(4), torch.device("cpu"), warmup=0, progress=False)
+    assert log == list("abc" "bca" "cab" "abc")
+    assert measured["a"].order == [0, 2, 1, 0]
+
+
+def test_backbone_calls_are_counted_by_the_hook_without_the_floor_passes():
+    decoders = {"one": FakeDecoder("one", [], calls=1), "four": FakeDecoder("four", [], calls=4, own_prompt=True)}
+    measured = benchmark(decoders, prompts(3), torch.device("cpu"), warmup=1, progress=False)
+    assert measured["one"].backbone_calls == [1, 1, 1]
+    assert measured["four"].backbone_calls == [4, 4, 4]
+    # warm-up: decode + floor + own prompt; then per batch the same three
+    assert len(decoders["four"].lm.core.inputs) == (4 + 1 + 1) * (1 + 3)
+
+
+def test_every_decoder_gets_the_same_floor_and_nezha_like_ones_their_own_prompt_floor():
+    plain, own = FakeDecoder("plain", [], calls=2), FakeDecoder("own", [], calls=1, own_prompt=True)
+    batches = prompts(3)
+    measured = benchmark({"plain": plain, "own": own}, batches, torch.device("cpu"), warmup=0, progress=False)
+    assert len(measured["plain"].floor_ms) == len(measured["own"].floor_ms) == 3
+    assert measured["plain"].prompt_floor_ms == [] and len(measured["own"].prompt_floor_ms) == 3
+    # per batch: decode calls, then the floor over the history alone (same tensor), then the own prompt
+    floors = plain.lm.core.inputs[2::3]
+    assert all(torch.equal(f, b.history) for f, b in zip(floors, batches))
+    own_inputs = own.lm.core.inputs
+    assert [x.shape[1] for x in own_inputs[:3]] == [3, 3, 5]
+
+
+def test_memory_is_the_growth_above_what_was_in_use_before_the_call(monkeypatch):
+    readings = iter([1000.0, 1030.0, 1030.0, 1032.0])  # before/after for two batches, in MiB
+    monkeypatch.setattr(bench.latency, "peak_rss_mb", lambda: next(readings))
+    measured = benchmark({"a": FakeDecoder("a", [], calls=1)}, prompts(2), torch.device("cpu"), 0, False)
+    assert measured["a"].peak_memory_mb == 30.0  # not 1032: the resident weights and batches are excluded
