@@ -30,7 +30,8 @@ PROTOCOL = (
     "{max_history} earlier items; candidates = every item of the catalogue (a generated SID that is no item "
     "counts as a miss); Recall@k = share of users whose target is in the top k; NDCG@k = mean of "
     "1/log2(rank+1) for ranks <= k; latency = wall time per batch after {warmup} warm-up passes over the "
-    "first batch, decoders taking turns on the same batches"
+    "first batch, decoders taking turns on the same batches; floor = one bare backbone pass over the history "
+    "alone, timed after each decoder's turn"
 )
 
 
