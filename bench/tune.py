@@ -223,6 +223,11 @@ def worker(settings: dict, study_name: str, storage_url: str, out: str, threads:
 
     def line(study, trial):
         values = "/".join(f"{v:.4f}" for v in trial.values) if trial.values else "-"
+        epoch = trial.last_step
+        if trial.state.name == "PRUNED" and epoch is None:
+            values = "before training (settings that build no model)"
+        elif trial.state.name == "PRUNED":  # optuna keeps the last reported value: the pruner's, not the objective
+            values = f"after epoch {epoch + 1} (val/recall@10 {trial.intermediate_values[epoch]:.4f})"
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete else 0
         params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
         print(f"trial {trial.number} {trial.state.name.lower()} {values} in {seconds:.0f} s: {params}", flush=True)
@@ -252,11 +257,13 @@ def export(study, settings: dict, out: Path) -> Path:
         names = sorted({k for t in trials for k in t.params})
         writer = csv.writer(f)
         objectives = [tune.metric] + (["p50_ms"] if tune.latency else [])
-        writer.writerow(["number", "state", *objectives, "seconds", *names])
+        writer.writerow(["number", "state", *objectives, "pruned_after_epoch", "seconds", *names])
         for t in trials:
             seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else ""
-            values = t.values or [""] * len(objectives)
-            writer.writerow([t.number, t.state.name, *values, seconds, *(t.params.get(n, "") for n in names)])
+            pruned = t.state.name == "PRUNED"
+            values = t.values if t.values and not pruned else [""] * len(objectives)
+            epoch = t.last_step + 1 if pruned and t.last_step is not None else ""
+            writer.writerow([t.number, t.state.name, *values, epoch, seconds, *(t.params.get(n, "") for n in names)])
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     if not complete:
         raise BenchError(f"no trial of study '{study.study_name}' completed; see {out / 'trials.csv'}")

@@ -56,7 +56,7 @@ def test_a_study_runs_and_its_exported_config_trains(workdir, capsys):
     folder = workdir / "runs" / "tune" / "s"
     assert {"best.yaml", "trials.csv", "history.png", "journal.log"} <= {p.name for p in folder.iterdir()}
     rows = (folder / "trials.csv").read_text().splitlines()
-    assert rows[0].startswith("number,state,recall@10,seconds") and len(rows) == 4
+    assert rows[0].startswith("number,state,recall@10,pruned_after_epoch,seconds") and len(rows) == 4
     best = yaml.safe_load((folder / "best.yaml").read_text())
     assert best["model"]["backbone"] == "qwen-micro" and best["model"]["max_epochs"] == 1
     assert best["run"]["decoder"] == "beam" and best["train"]["objective"] == "ntp"
