@@ -1,3 +1,8 @@
+import json
+import os
+import stat
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -64,3 +69,52 @@ def training_losses(model, objective: str, steps: int = 25, seed: int = 0) -> li
 @pytest.fixture(scope="module")
 def catalog():
     return random_catalog()
+
+
+def act_as_owner(monkeypatch) -> None:
+    """Permissions as an ordinary owner has them: root may write anything, so under root
+    os.access is made to read the owner's permission bits."""
+    if os.geteuid() != 0:
+        return
+
+    def access(path, mode, **_):
+        try:
+            bits = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            return False
+        needed = ((os.R_OK, stat.S_IRUSR), (os.W_OK, stat.S_IWUSR), (os.X_OK, stat.S_IXUSR))
+        return all(bits & bit for flag, bit in needed if mode & flag)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+def result_record(decoder: str, mean_ms: float, recall10: float = 0.4, **extra) -> dict:
+    """A result record with the fields bench/leaderboard.py reads."""
+    return {
+        "dataset": "synthetic",
+        "split": "test",
+        "device": "cpu (test)",
+        "decoder": decoder,
+        "backbone": {"name": "qwen-tiny"},
+        "users": 100,
+        "k": 20,
+        "batch_size": 32,
+        "metrics": {"recall@1": 0.1, "recall@10": recall10, "ndcg@10": 0.25, "recall@20": None, "ndcg@20": None},
+        "invalid_rate": 0.0,
+        "latency_ms": {"mean": mean_ms, "p99": 2 * mean_ms},
+        "latency_over_floor": 1.5,
+        "backbone_calls_per_batch": 4.0,
+        "git_sha": "0123456789abcdef",
+        "command": "python -m bench run --decoder beam,nezha,greedy",
+        "timestamp": "2026-11-22T20:00:00+0000",
+        **extra,
+    }
+
+
+def write_letter_files(folder: Path, inter, index, stem: str = "Toy") -> Path:
+    """<stem>.inter.json and <stem>.index.json in `folder` (dicts as JSON, strings verbatim)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind, content in (("inter", inter), ("index", index)):
+        text = content if isinstance(content, str) else json.dumps(content)
+        (folder / f"{stem}.{kind}.json").write_text(text)
+    return folder

@@ -10,12 +10,11 @@ import copy
 import functools
 import json
 import os
-import stat
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_catalog
+from conftest import act_as_owner, random_catalog
 
 import bench.run
 import bench.train
@@ -107,18 +106,7 @@ def read_only(name: str):
 
     def setup(tmp, monkeypatch, request):
         (tmp / name).chmod(0o555 if (tmp / name).is_dir() else 0o444)
-        if os.geteuid() != 0:
-            return
-
-        def access(path, mode, **_):
-            try:
-                bits = stat.S_IMODE(os.stat(path).st_mode)
-            except OSError:
-                return False
-            needed = ((os.R_OK, stat.S_IRUSR), (os.W_OK, stat.S_IWUSR), (os.X_OK, stat.S_IXUSR))
-            return all(bits & bit for flag, bit in needed if mode & flag)
-
-        monkeypatch.setattr(os, "access", access)
+        act_as_owner(monkeypatch)
 
     return setup
 

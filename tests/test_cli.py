@@ -6,6 +6,7 @@ import os
 import stat
 
 import pytest
+from conftest import result_record
 
 import bench.run
 import bench.train
@@ -133,26 +134,7 @@ def test_data_command_describes_the_synthetic_dataset(cli):
 
 
 def record(decoder: str, mean_ms: float, recall10: float, **extra) -> dict:
-    """A result record with the fields bench/leaderboard.py reads."""
-    return {
-        "dataset": "synthetic",
-        "split": "test",
-        "device": "cpu (test)",
-        "decoder": decoder,
-        "backbone": {"name": "qwen-tiny"},
-        "users": 100,
-        "k": 20,
-        "batch_size": 32,
-        "metrics": {"recall@1": 0.1, "recall@10": recall10, "ndcg@10": 0.25, "recall@20": None, "ndcg@20": None},
-        "invalid_rate": 0.0,
-        "latency_ms": {"mean": mean_ms, "p99": 2 * mean_ms},
-        "latency_over_floor": 1.5,
-        "backbone_calls_per_batch": 4.0,
-        "git_sha": "0123456789abcdef",
-        "command": "python -m bench run --decoder beam,nezha,greedy",
-        "timestamp": "2026-11-22T20:00:00+0000",
-        **extra,
-    }
+    return result_record(decoder, mean_ms, recall10, **extra)
 
 
 def table_rows(markdown: str) -> dict[str, dict[str, str]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_letter_files
 
 from bench.data import RecData, eval_examples, letter, load_dataset, synthetic, train_windows
 from bench.data.batches import collate_eval
@@ -38,12 +39,7 @@ TOY_INTER = {"u1": ["i1", "i2", "i3"], "u2": ["i3", "i4", "i1", "i2"], "u3": ["i
 
 
 def write_letter(folder: Path, inter=TOY_INTER, index=TOY_INDEX, stem: str = "Toy") -> Path:
-    """Write <stem>.inter.json and <stem>.index.json (dicts as JSON, strings verbatim)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for kind, content in (("inter", inter), ("index", index)):
-        text = content if isinstance(content, str) else json.dumps(content)
-        (folder / f"{stem}.{kind}.json").write_text(text)
-    return folder
+    return write_letter_files(folder, inter, index, stem)
 
 
 def load_error(folder: Path) -> str:

@@ -6,13 +6,13 @@ import errno
 import json
 import multiprocessing
 import os
-import stat
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import act_as_owner, result_record, write_letter_files
 
 from bench.data import letter, load_dataset, tokenizer
 from bench.data.catalog import build_catalog
@@ -25,12 +25,7 @@ TOY_INTER = {"u1": ["i1", "i2", "i3"], "u2": ["i3", "i1", "i2"]}
 
 
 def write_letter(folder: Path, inter=TOY_INTER, index=TOY_INDEX, stem: str = "Toy") -> Path:
-    """<stem>.inter.json and <stem>.index.json in `folder` (dicts as JSON, strings verbatim)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for kind, content in (("inter", inter), ("index", index)):
-        text = content if isinstance(content, str) else json.dumps(content)
-        (folder / f"{stem}.{kind}.json").write_text(text)
-    return folder
+    return write_letter_files(folder, inter, index, stem)
 
 
 def error_of(call, *args, **kwargs) -> str:
@@ -45,20 +40,7 @@ def disk_full(*args, **kwargs):
 
 @pytest.fixture
 def as_owner(monkeypatch):
-    """Permissions as an ordinary owner has them: root may write anything, so under root
-    os.access is made to read the owner's permission bits."""
-    if os.geteuid() != 0:
-        return
-
-    def access(path, mode, **_):
-        try:
-            bits = stat.S_IMODE(os.stat(path).st_mode)
-        except OSError:
-            return False
-        needed = ((os.R_OK, stat.S_IRUSR), (os.W_OK, stat.S_IWUSR), (os.X_OK, stat.S_IXUSR))
-        return all(bits & bit for flag, bit in needed if mode & flag)
-
-    monkeypatch.setattr(os, "access", access)
+    act_as_owner(monkeypatch)
 
 
 @pytest.fixture
@@ -180,24 +162,7 @@ def test_symlinked_results_file_is_written_through_to_its_target(tmp_path):
 
 
 def record(decoder: str, mean_ms: float) -> dict:
-    """A result record with the fields bench/leaderboard.py reads."""
-    return {
-        "dataset": "synthetic",
-        "split": "test",
-        "device": "cpu (test)",
-        "decoder": decoder,
-        "backbone": {"name": "qwen-tiny"},
-        "users": 100,
-        "k": 20,
-        "batch_size": 32,
-        "metrics": {"recall@1": 0.1, "recall@10": 0.4, "ndcg@10": 0.25, "recall@20": None, "ndcg@20": None},
-        "invalid_rate": 0.0,
-        "latency_ms": {"mean": mean_ms, "p99": 2 * mean_ms},
-        "backbone_calls_per_batch": 4.0,
-        "git_sha": "0123456789abcdef",
-        "command": "python -m bench run --decoder beam,nezha",
-        "timestamp": "2026-11-22T20:00:00+0000",
-    }
+    return result_record(decoder, mean_ms)
 
 
 def results_file(path: Path, records) -> Path:

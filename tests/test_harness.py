@@ -68,7 +68,7 @@ def test_turn_order_rotates_with_the_batch():
     log = []
     decoders = {label: FakeDecoder(label, log, calls=1) for label in "abc"}
     measured = benchmark(decoders, prompts(4), torch.device("cpu"), warmup=0, progress=False)
-    assert log == list("abc" "bca" "cab" "abc")
+    assert log == list("abcbcacababc")
     assert measured["a"].order == [0, 2, 1, 0]
 
 
