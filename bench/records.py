@@ -170,6 +170,7 @@ def model_entry(resolved) -> dict | None:
         "objective": model.objective,
         "source": resolved.source,
         "attention": model.lm.core.config._attn_implementation,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "settings": asdict(model.settings),
     }
 

@@ -30,6 +30,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The models' precision; fp32 on CUDA runs its matmuls in TF32, as served models do."""
+    if name == "fp16" and device.type != "cuda":
+        raise BenchError("--dtype fp16 runs on CUDA only (CPU kernels lack half precision); use bf16 on the CPU")
+    if device.type == "cuda" and name == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return DTYPES[name]
+
+
 def check_k(k: int, data: RecData) -> None:
     if k < 1:
         raise BenchError(f"--k {k}: K must be at least 1")
@@ -67,10 +80,11 @@ def run(
     models = resolve_models(
         [requests for _, _, requests in plans], data, data_settings, settings.ckpt, settings.untrained, progress
     )
+    dtype = resolve_dtype(settings.dtype, device)
     for resolved in models:
         for entry in resolved.values():
             if isinstance(entry.model, torch.nn.Module):
-                entry.model = entry.model.to(device).eval()
+                entry.model = entry.model.to(device=device, dtype=dtype).eval()
     decoders = {
         spec: REGISTRY[name](data.catalog, settings.k, {role: m.model for role, m in resolved.items()}, options)
         for spec, (name, options, _), resolved in zip(specs, plans, models)

@@ -123,6 +123,10 @@ class RunSettings:
     )
     limit_users: int | None = setting(None, "evaluate the first N users of the split", low=1)
     device: str = setting("auto", "auto, cpu or cuda")
+    dtype: Literal["fp32", "bf16", "fp16"] = setting(
+        "fp32",
+        "precision of every model's weights and activations, the same for every decoder (fp32 uses TF32 on CUDA)",
+    )
     warmup: int = setting(2, "untimed passes over the first batch", low=0)
     untrained: bool = setting(
         False, "random weights, no training: latency only (metrics are meaningless and the record says so)"

@@ -259,3 +259,22 @@ def test_a_decode_builds_no_tensor_from_python_lists(catalog, monkeypatch, spec)
     monkeypatch.setattr(torch, "tensor", counting_tensor)
     decoder.decode(prompt)
     assert built == []
+
+
+# ---------------------------------------------------------------- precision
+
+
+def test_bf16_runs_every_model_in_bf16_on_the_cpu(cli, tmp_path):
+    out = tmp_path / "results.json"
+    args = ["run", "--decoder", "beam,nezha", "--untrained", "--backbone", "qwen-micro", "--limit-users", "16"]
+    code, _, err = cli(*args, "--dtype", "bf16", "--out", str(out))
+    assert code == 0, err
+    records = json.loads(out.read_text())
+    assert [r["settings"]["run"]["dtype"] for r in records] == ["bf16", "bf16"]
+    assert {m["dtype"] for r in records for m in r["models"].values()} == {"bfloat16"}
+    assert records[1]["invalid_rate"] == 0.0  # NEZHA's verifier holds in any precision
+
+
+def test_fp16_on_the_cpu_is_refused(cli):
+    code, _, err = cli("run", "--decoder", "beam", "--untrained", "--dtype", "fp16", "--device", "cpu")
+    assert code == 2 and "--dtype fp16 runs on CUDA only" in err and len(err.strip().splitlines()) == 1
