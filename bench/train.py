@@ -147,8 +147,8 @@ def check_resumable(path: str, model: SidRecommender, data: RecData) -> None:
         raise BenchError(f"--resume {path}: the checkpoint is a {saved.objective} model, not {model.objective}")
     theirs = objectives.shaping_settings(model.objective, asdict(saved.settings))
     ours = objectives.shaping_settings(model.objective, asdict(model.settings))
-    for name in ("backbone", "transition", "placeholders", "medusa_mode", "max_history", "attention"):
-        if name in ours and theirs[name] != ours[name]:
+    for name in (n for n in ours if n not in ("max_epochs", "patience")):  # a resumed run may only train longer
+        if theirs[name] != ours[name]:
             raise BenchError(
                 f"--resume {path}: the checkpoint has {name}={theirs[name]}, these settings give "
                 f"{ours[name]}; pass the settings it was trained with"

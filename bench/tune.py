@@ -26,8 +26,8 @@ import yaml
 from bench.errors import BenchError
 from bench.settings import SEARCH_SPACE, DataSettings, ModelSettings, TuneSettings
 from bench.train import runs_dir
+from models.module import VALIDATION_DECODER
 
-VALIDATION_DECODER = {"ntp": "beam", "nezha": "nezha", "next_item": "full_rank"}
 FINISHED = ("COMPLETE", "PRUNED")
 
 
