@@ -42,6 +42,9 @@ class ModelRequest:
     settings: ModelSettings
     init_from: ModelRequest | None = None
 
+    def __post_init__(self):
+        self.settings = self.settings.for_objective(self.objective)  # a preset's per-objective settings
+
 
 @dataclass
 class NoOptions:
@@ -182,12 +185,8 @@ def level_log_probs(logits: torch.Tensor, catalog: Catalog, level: int) -> torch
 def mask_invalid(candidates: torch.Tensor, prefixes: torch.Tensor, catalog: Catalog, level: int) -> torch.Tensor:
     """candidates [B, K, C] scores of extending each beam's prefix [B, K, level] by each
     code -> the same with -inf where the extended prefix belongs to no real item."""
-    codes = (
-        catalog.verifier.encode(prefixes)
-        if level
-        else torch.zeros(prefixes.shape[:2], dtype=torch.long, device=prefixes.device)
-    )
-    valid = catalog.verifier.child_mask(codes.flatten(), level).view(candidates.shape)
+    nodes = catalog.verifier.nodes_of(prefixes)  # [B, K] trie nodes
+    valid = catalog.verifier.child_mask(nodes.flatten(), level).view(candidates.shape)
     return candidates.masked_fill(~valid, NEG_INF)
 
 

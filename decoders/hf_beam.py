@@ -30,8 +30,8 @@ class SidLevelProcessor(LogitsProcessor):
         allowed = torch.zeros_like(scores, dtype=torch.bool)
         if self.constrained:
             generated = input_ids[:, self.prompt_length :] - self.offsets[:level]
-            prefix_codes = self.catalog.verifier.encode(generated)
-            allowed[:, start : start + size] = self.catalog.verifier.child_mask(prefix_codes, level)
+            nodes = self.catalog.verifier.nodes_of(generated)
+            allowed[:, start : start + size] = self.catalog.verifier.child_mask(nodes, level)
         else:
             allowed[:, start : start + size] = True
         return scores.masked_fill(~allowed, NEG_INF)

@@ -1,14 +1,26 @@
 """The catalogue: collision rules, token layout, SID -> item lookup, and the verifier
-against a brute-force set of prefixes."""
+(the trie as tensors) against a brute-force set of prefixes and against the
+sorted-codes verifier it replaced, on Beauty and on random catalogues."""
 
 import itertools
+import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from bench.data import load_dataset
 from bench.data.catalog import build_catalog
 from bench.errors import BenchError
-from decoders.verifier import Verifier
+from decoders.verifier import DENSE_LIMIT, Verifier
+
+BEAUTY_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "beauty"
+
+
+@pytest.fixture(scope="module")
+def beauty():
+    return load_dataset("beauty", data_dir=str(BEAUTY_DIR))
+
 
 # Items a..f; b and d share a's SID, f shares e's. Under prefix (0, 0) the last codes 1
 # and 3 are taken, under (1, 0) only 1. Inferred codebook sizes: (2, 1, 4).
@@ -150,30 +162,84 @@ def test_is_valid_rejects_out_of_range_codes(random_verifier):
     assert [verifier.is_valid(a) for a in aliases] == [False] * len(aliases)
 
 
+@pytest.mark.parametrize("dense_limit", [DENSE_LIMIT, 0], ids=["dense tables", "sparse rows"])
 @pytest.mark.parametrize("length", [1, 2, 3])
-def test_prefix_is_valid_matches_brute_force(random_verifier, length):
-    verifier, _, prefixes = random_verifier
+def test_nodes_of_finds_exactly_the_valid_prefixes(random_verifier, length, dense_limit):
+    _, sids, prefixes = random_verifier
+    verifier = Verifier(torch.tensor(sids), SIZES, dense_limit=dense_limit)
     candidates = all_tuples(length)
-    got = verifier.prefix_is_valid(verifier.encode(torch.tensor(candidates)), length)
-    assert got.tolist() == [p in prefixes[length] for p in candidates]
+    nodes = verifier.nodes_of(torch.tensor(candidates))
+    assert (nodes >= 0).tolist() == [p in prefixes[length] for p in candidates]
+    valid = nodes[nodes >= 0]
+    assert sorted(valid.tolist()) == list(range(len(prefixes[length])))  # one node per valid prefix
 
 
+@pytest.mark.parametrize("dense_limit", [DENSE_LIMIT, 0], ids=["dense tables", "sparse rows"])
 @pytest.mark.parametrize("level", [0, 1, 2])
-def test_child_mask_matches_brute_force(random_verifier, level):
-    verifier, _, prefixes = random_verifier
+def test_child_mask_matches_brute_force(random_verifier, level, dense_limit):
+    _, sids, prefixes = random_verifier
+    verifier = Verifier(torch.tensor(sids), SIZES, dense_limit=dense_limit)
     parents = all_tuples(level)  # valid and invalid prefixes alike
-    codes = verifier.encode(torch.tensor(parents, dtype=torch.long).reshape(len(parents), level))
-    got = verifier.child_mask(codes, level)
+    nodes = verifier.nodes_of(torch.tensor(parents, dtype=torch.long).reshape(len(parents), level))
+    got = verifier.child_mask(nodes, level)
     expected = [[p + (t,) in prefixes[level + 1] for t in range(SIZES[level])] for p in parents]
     assert got.tolist() == expected
 
 
 def test_verifier_works_for_any_leading_shape(random_verifier):
     verifier, _, _ = random_verifier
-    codes = verifier.encode(torch.tensor(all_tuples(2)))  # 20 prefixes of length 2
-    flat_valid = verifier.prefix_is_valid(codes, 2)
-    assert torch.equal(verifier.prefix_is_valid(codes.view(2, 5, 2), 2), flat_valid.view(2, 5, 2))
-    flat_mask = verifier.child_mask(codes, 2)
-    assert flat_mask.shape == (20, 3)
-    assert torch.equal(verifier.child_mask(codes.view(4, 5), 2), flat_mask.view(4, 5, 3))
-    assert flat_valid.any() and not flat_valid.all()
+    prefixes = torch.tensor(all_tuples(2))  # 20 prefixes of length 2
+    flat = verifier.nodes_of(prefixes)
+    assert torch.equal(verifier.nodes_of(prefixes.view(2, 10, 2)), flat.view(2, 10))
+    assert verifier.child_mask(flat, 2).shape == (20, 3)
+    assert (flat >= 0).any() and not (flat >= 0).all()
+
+
+def test_out_of_range_codes_lead_to_no_node(random_verifier):
+    verifier, sids, _ = random_verifier
+    t1, t2, _ = sids[0]
+    bad = torch.tensor([[t1, SIZES[1]], [t1, -1], [-1, t2], [SIZES[0] + t1, t2]])
+    assert verifier.nodes_of(bad).tolist() == [-1, -1, -1, -1]
+    assert not verifier.child_mask(verifier.nodes_of(bad), 2).any()
+
+
+def searchsorted_child_mask(sids: torch.Tensor, sizes: tuple, prefixes: torch.Tensor, level: int) -> torch.Tensor:
+    """The verifier the trie replaced, as a reference: each length's valid prefix codes
+    (mixed radix) sorted, every child looked up with searchsorted."""
+    place = torch.tensor([math.prod(sizes[:j]) for j in range(len(sizes))])
+    table = torch.unique((sids[:, : level + 1] * place[: level + 1]).sum(-1))
+    children = (prefixes * place[:level]).sum(-1, keepdim=True) + torch.arange(sizes[level]) * place[level]
+    index = torch.searchsorted(table, children).clamp(max=len(table) - 1)
+    return table[index] == children
+
+
+@pytest.mark.parametrize("dense_limit", [DENSE_LIMIT, 0], ids=["dense tables", "sparse rows"])
+def test_trie_equals_the_searchsorted_verifier_on_every_beauty_prefix(beauty, dense_limit):
+    """Every valid prefix of Beauty, and as many invalid ones (a valid prefix with its
+    last code changed), give the same child masks as the sorted-codes verifier."""
+    catalog = beauty.catalog
+    verifier = Verifier(catalog.sids, catalog.codebook_sizes, dense_limit=dense_limit)
+    generator = torch.Generator().manual_seed(0)
+    for level in range(catalog.levels):
+        valid = torch.unique(catalog.sids[:, :level], dim=0) if level else catalog.sids[:1, :0]  # [P, level]
+        shifted = valid.clone()
+        if level:
+            shifted[:, -1] = torch.randint(0, catalog.codebook_sizes[level - 1], (len(valid),), generator=generator)
+        prefixes = torch.cat([valid, shifted])
+        expected = searchsorted_child_mask(catalog.sids, catalog.codebook_sizes, prefixes, level)
+        assert torch.equal(verifier.child_mask(verifier.nodes_of(prefixes), level), expected), level
+        assert (verifier.nodes_of(valid) >= 0).all()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_trie_equals_the_searchsorted_verifier_on_random_catalogues(seed):
+    generator = torch.Generator().manual_seed(seed)
+    sizes = tuple(int(c) for c in torch.randint(2, 12, (4,), generator=generator))
+    sids = torch.stack([torch.randint(0, c, (300,), generator=generator) for c in sizes], 1)
+    for dense_limit in (DENSE_LIMIT, 0, 200):  # 200: dense first levels, sparse below
+        verifier = Verifier(sids, sizes, dense_limit=dense_limit)
+        for level in range(len(sizes)):
+            drawn = [torch.randint(0, c, (500, 1), generator=generator) for c in sizes[:level]]
+            prefixes = torch.cat([torch.cat(drawn, 1) if level else sids[:500, :0], sids[:, :level]])
+            expected = searchsorted_child_mask(sids, sizes, prefixes, level)
+            assert torch.equal(verifier.child_mask(verifier.nodes_of(prefixes), level), expected)
