@@ -48,7 +48,8 @@ def cmd_train(settings) -> None:
     from bench.train import cache_key, cached_checkpoint, runs_dir, train_model
     from models.module import check_pairing, load_checkpoint
 
-    job, model_settings = settings["train"], settings["model"]
+    job = settings["train"]
+    model_settings = settings["model"].for_objective(job.objective)
     check_pairing(job.objective, model_settings.backbone)
     if job.resume and not Path(job.resume).is_file():
         raise BenchError(f"--resume {job.resume}: no such checkpoint")

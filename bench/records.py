@@ -172,6 +172,8 @@ def model_entry(resolved) -> dict | None:
         "attention": model.lm.core.config._attn_implementation,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "settings": asdict(model.settings),
+        # epochs/seconds up to the kept (best) checkpoint; epochs_run/seconds_run until training stopped
+        "training": model.training_record,
     }
 
 

@@ -65,6 +65,9 @@ class ModelSettings:
     lr: float = setting(2e-3, "peak learning rate of AdamW", low=0.0)
     weight_decay: float = setting(0.01, "AdamW weight decay of matrices", low=0.0)
     warmup_steps: int = setting(100, "steps of linear learning-rate warm-up", low=0)
+    lr_schedule: Literal["constant", "cosine"] = setting(
+        "constant", "after the warm-up: constant, or cosine decay to 0 at --max-epochs"
+    )
     dropout: float = setting(0.1, "embedding, attention and output dropout", low=0.0, below=1.0)
     max_history: int = setting(20, "items of history kept per example", low=1)
     val_users: int = setting(3000, "valid users decoded per epoch (0 = all)", low=0)
@@ -82,6 +85,9 @@ class ModelSettings:
     attention: str = setting(
         "sdpa", "attention backend; only sdpa applies the 4D boolean masks of NEZHA training and tree verification"
     )
+    per_objective: dict = setting(
+        {}, "config file only: objective -> settings its models use instead (e.g. next_item: {dropout: 0.5})"
+    )
 
     def __post_init__(self):
         if self.attention != "sdpa":
@@ -90,6 +96,30 @@ class ModelSettings:
                 "verification of medusa and speculative pass 4D boolean masks, which other backends (eager) "
                 "add to the attention scores instead of masking"
             )
+        objectives = typing.get_args(_hints(TrainSettings)["objective"])
+        for objective, overrides in self.per_objective.items():
+            where = f"per_objective.{objective}"
+            if objective not in objectives:
+                raise BenchError(f"{where}: unknown objective; known: {', '.join(objectives)}")
+            if not isinstance(overrides, dict):
+                raise BenchError(f"{where}: expected a mapping of settings, got {type(overrides).__name__}")
+            for name, value in overrides.items():
+                if name in NOT_PER_OBJECTIVE or name not in {f.name for f in fields(ModelSettings)}:
+                    raise BenchError(
+                        f"{where}: '{name}' cannot differ per objective; per-objective settings are the training "
+                        "and head settings (the item model's size comes with item_backbone; every decoder reads "
+                        "the same history)"
+                    )
+                check_value(ModelSettings, name, value, where)
+
+    def for_objective(self, objective: str) -> "ModelSettings":
+        """The settings one objective's models are trained with: these, with that
+        objective's per_objective entries in place (and no per_objective left)."""
+        overrides = {
+            name: check_value(ModelSettings, name, value, f"per_objective.{objective}")
+            for name, value in (self.per_objective.get(objective) or {}).items()
+        }
+        return dataclasses.replace(self, **overrides, per_objective={})
 
     def resolved(self, data: DataSettings) -> "ModelSettings":
         """The dataset-dependent defaults filled in: what a run actually uses."""
@@ -101,6 +131,19 @@ class ModelSettings:
             train_batch_size=self.train_batch_size or (64 if data.is_synthetic_default else 256),
             draft_backbone=self.draft_backbone or f"{family}-micro",
         )
+
+
+# what decides which model a request gets, and the history every decoder reads: never per objective
+NOT_PER_OBJECTIVE = (
+    "backbone",
+    "width",
+    "layers",
+    "heads",
+    "draft_backbone",
+    "item_backbone",
+    "max_history",
+    "per_objective",
+)
 
 
 @dataclass
@@ -317,7 +360,11 @@ def from_dict(cls, values: dict, source: str):
     for key in values:
         if key not in known:
             raise BenchError(f"{source}: unknown setting '{key}'; known: {', '.join(sorted(known))}")
-    return cls(**{key: check_value(cls, key, value, source) for key, value in values.items()})
+    checked = {key: check_value(cls, key, value, source) for key, value in values.items()}
+    try:
+        return cls(**checked)
+    except BenchError as exc:  # a check across settings (__post_init__), named with its source
+        raise BenchError(f"{source}: {exc}") from None
 
 
 class _TypedValue(argparse.Action):
@@ -366,6 +413,12 @@ def add_settings(parser: argparse.ArgumentParser, sections: list[str], hidden: d
                 group.add_argument(
                     flag(f.name), default=_UNSET, action=_TypedValue, const=annotation, metavar=metavar, help=text
                 )
+    if "model" in sections:
+        parser.add_argument(
+            "--preset",
+            help=f"tuned settings from the package: {', '.join(preset_names())} or none "
+            "(default: the dataset's preset when there is one)",
+        )
     parser.add_argument("--config", help="YAML or JSON file of settings, one section per group (see --print-config)")
     parser.add_argument("--print-config", action="store_true", help="print the effective settings as YAML and exit")
 
@@ -393,13 +446,52 @@ def read_config(path: str) -> dict:
     return content
 
 
+PRESETS = Path(__file__).parent / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(path.stem for path in PRESETS.glob("*.yaml"))
+
+
+def preset_of(args: argparse.Namespace, config: dict) -> tuple[str | None, dict]:
+    """The preset a command starts from: --preset NAME, else the dataset's own preset
+    when the package has one (bench/presets/<dataset>.yaml); --preset none: none."""
+    name = getattr(args, "preset", None)
+    if name is None:
+        dataset = getattr(args, "dataset", _UNSET)
+        if dataset is _UNSET:
+            dataset = (config.get("data") or {}).get("dataset", DataSettings.dataset)
+        name = dataset if dataset in preset_names() else "none"
+    if name == "none":
+        return None, {}
+    if name not in preset_names():
+        raise BenchError(f"--preset {name}: no such preset; choose one of {', '.join(preset_names() + ['none'])}")
+    return name, read_config(str(PRESETS / f"{name}.yaml"))
+
+
+def merged(preset: dict, config: dict) -> dict:
+    """A config section over a preset's: per_objective entries merge per objective."""
+    out = {**preset, **config}
+    if isinstance(preset.get("per_objective"), dict) and isinstance(config.get("per_objective"), dict):
+        objectives = {**preset["per_objective"], **config["per_objective"]}
+        out["per_objective"] = {
+            name: {**(preset["per_objective"].get(name) or {}), **(config["per_objective"].get(name) or {})}
+            for name in objectives
+        }
+    return out
+
+
 def settings_from(args: argparse.Namespace, sections: list[str], hidden: dict | None = None) -> dict:
-    """section -> dataclass: defaults, then the --config file, then the flags given."""
+    """section -> dataclass: defaults, then the preset (the dataset's, or --preset), then
+    the --config file, then the flags given."""
     config = read_config(args.config) if args.config else {}
+    preset_name, preset = preset_of(args, config) if "model" in sections else (None, {})
     out = {}
     for section in sections:
         cls = SECTIONS[section]
-        built = from_dict(cls, config.get(section) or {}, f"config file {args.config}, section {section}")
+        from_dict(cls, preset.get(section) or {}, f"preset {preset_name}, section {section}")
+        values = merged(preset.get(section) or {}, config.get(section) or {})
+        built = from_dict(cls, values, f"config file {args.config}, section {section}")
         flagless = (hidden or {}).get(section, ())
         given = {
             f.name: getattr(args, f.name)
@@ -415,7 +507,8 @@ def settings_from(args: argparse.Namespace, sections: list[str], hidden: dict | 
 
 
 def explicit_fields(args: argparse.Namespace, section: str) -> set[str]:
-    """The fields of a section set by a flag or by the --config file (not left at defaults)."""
+    """The fields of a section set by a flag or by the --config file (a preset's are not:
+    a search may move them)."""
     config = read_config(args.config).get(section) or {} if args.config else {}
     flags = {f.name for f in fields(SECTIONS[section]) if getattr(args, f.name, _UNSET) is not _UNSET}
     return flags | set(config)

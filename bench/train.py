@@ -12,11 +12,13 @@ import json
 import logging
 import os
 import random
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Sampler
 
 from bench.data import RecData, eval_examples, train_windows
@@ -229,11 +231,33 @@ def train_model(
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         trainer.fit(model, train_loader, valid_loader, ckpt_path=resume)
     if trainer.is_global_zero:
+        training = record_training_totals(Path(best.best_model_path), trainer.current_epoch, model)
         (run_dir / "settings.json").write_text(
-            json.dumps({"objective": objective, "data": asdict(data_settings), "model": asdict(settings)}, indent=1)
+            json.dumps(
+                {
+                    "objective": objective,
+                    "data": asdict(data_settings),
+                    "model": asdict(settings),
+                    "training": training,
+                },
+                indent=1,
+            )
         )
     trainer.strategy.barrier()  # under ddp every rank returns once the run is complete
     return Path(best.best_model_path)
+
+
+def record_training_totals(best: Path, epochs_run: int, model: SidRecommender) -> dict:
+    """Add to the best checkpoint's training record how long the whole run took (it was
+    saved at its best epoch; training went on until early stopping or --max-epochs)."""
+    checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+    training = dict(checkpoint.get("training") or {})
+    training.update(epochs_run=epochs_run, seconds_run=round(time.perf_counter() - model._fit_clock, 1))
+    checkpoint["training"] = training
+    partial = best.with_suffix(".ckpt.tmp")
+    torch.save(checkpoint, partial)
+    os.replace(partial, best)
+    return training
 
 
 def cached_checkpoint(run_dir: Path) -> Path | None:

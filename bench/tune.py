@@ -101,7 +101,7 @@ def trial_settings(params: dict, model: ModelSettings, objective: str) -> tuple[
     """Sampled params -> the trial's model settings and its validation decoder spec."""
     model_params = {k: v for k, v in params.items() if not k.startswith("decoder:")}
     options = "".join(f":{k.removeprefix('decoder:')}={v}" for k, v in params.items() if k.startswith("decoder:"))
-    return dataclasses.replace(model, **model_params), VALIDATION_DECODER[objective] + options
+    return dataclasses.replace(model.for_objective(objective), **model_params), VALIDATION_DECODER[objective] + options
 
 
 def storage_of(url_or_path: str):

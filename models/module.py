@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import math
 import pickle
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -75,6 +78,8 @@ class SidRecommender(L.LightningModule):
         self.catalog = catalog
         self.val_recall = MeanMetric()
         self._val_decoder = None
+        # epochs and wall seconds of training up to this checkpoint (see on_save_checkpoint)
+        self.training_record: dict | None = None
 
     @classmethod
     def for_catalog(
@@ -99,6 +104,23 @@ class SidRecommender(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=next(iter(batch.values())).shape[0])
         return loss
 
+    def on_train_start(self):
+        self._fit_clock = time.perf_counter() - (self.training_record or {}).get("seconds", 0.0)  # a resume counts on
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Every checkpoint says how long its weights took to train: the epochs completed
+        and the wall seconds (validation included), on which machine."""
+        from bench.records import device_name
+
+        checkpoint["training"] = {
+            "epochs": self.current_epoch + 1,
+            "seconds": round(time.perf_counter() - self._fit_clock, 1),
+            "device": device_name(self.device),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.training_record = dict(checkpoint.get("training") or {})
+
     def validation_step(self, batch, batch_idx):
         if self._val_decoder is None:
             from decoders import build_decoder
@@ -120,9 +142,23 @@ class SidRecommender(L.LightningModule):
             [{"params": decay, "weight_decay": self.settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.settings.lr,
         )
-        warmup = max(1, self.settings.warmup_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer else 0
+        factor = functools.partial(
+            lr_factor, warmup=self.settings.warmup_steps, total=total, cosine=self.settings.lr_schedule == "cosine"
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def lr_factor(step: int, warmup: int, total: int, cosine: bool) -> float:
+    """The learning rate's share of its peak at an optimizer step: linear warm-up over
+    `warmup` steps, then constant, or a cosine down to 0 at step `total` (the run's last)."""
+    warmup = max(1, warmup)
+    if step < warmup:
+        return (step + 1) / warmup
+    if not cosine or total <= warmup:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
 
 
 def check_pairing(objective: str, backbone: str) -> None:
@@ -195,4 +231,6 @@ def load_checkpoint(path: str | Path, catalog: Catalog) -> SidRecommender:
         model.load_state_dict(state)
     except (KeyError, RuntimeError) as exc:
         raise BenchError(f"checkpoint {path} does not match its recorded model ({str(exc).splitlines()[0]})") from None
+    training = checkpoint.get("training")
+    model.training_record = training if isinstance(training, dict) else None
     return model.eval()

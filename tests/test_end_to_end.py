@@ -55,6 +55,9 @@ def test_run_writes_one_record_per_decoder(first_run):
     assert by_name["greedy"]["candidates_per_user"] == 1
     assert by_name["nezha"]["invalid_rate"] == 0
     assert by_name["beam"]["backbone"]["params"] > 0
+    training = by_name["beam"]["backbone"]["training"]  # up to the best epoch, and of the whole run
+    assert 1 <= training["epochs"] <= training["epochs_run"] == 4
+    assert 0 < training["seconds"] <= training["seconds_run"] and training["device"].startswith("cpu")
 
 
 def test_models_learn_the_synthetic_dynamics(first_run):
@@ -86,11 +89,14 @@ def test_checkpoint_of_the_wrong_objective_is_refused(first_run, capsys):
 def test_training_resumes_from_its_last_checkpoint(first_run, tmp_path):
     root, _, _ = first_run
     last = next((root / "runs" / "synthetic").glob("ntp-*/last.ckpt"))
-    assert torch.load(last, weights_only=False)["epoch"] == 3  # --max-epochs 4 in the first run
+    first = torch.load(last, weights_only=True)
+    assert first["epoch"] == 3 and first["training"]["epochs"] == 4  # --max-epochs 4 in the first run
     run_dir = tmp_path / "resumed"
     args = ["train", "--objective", "ntp", "--resume", str(last), "--val-users", "300", "--run-dir", str(run_dir)]
     assert main(args + ["--max-epochs", "5"]) == 0
-    assert torch.load(run_dir / "last.ckpt", weights_only=False)["epoch"] == 4  # one more epoch, not five
+    resumed = torch.load(run_dir / "last.ckpt", weights_only=True)
+    assert resumed["epoch"] == 4  # one more epoch, not five
+    assert resumed["training"]["epochs"] == 5 and resumed["training"]["seconds"] > first["training"]["seconds"]
 
 
 def test_resuming_with_other_settings_is_refused(first_run, tmp_path, capsys):

@@ -7,7 +7,7 @@ from conftest import random_catalog, random_model
 
 from bench.errors import BenchError
 from models import objectives
-from models.module import load_checkpoint
+from models.module import load_checkpoint, lr_factor
 
 
 def test_nezha_training_pass_matches_inference_prompts(catalog):
@@ -79,3 +79,20 @@ def test_checkpoint_round_trip_and_refusals(catalog, tmp_path):
 def test_unknown_backbone_is_refused(catalog):
     with pytest.raises(BenchError, match="unknown backbone 'gpt-huge'"):
         random_model("ntp", catalog, backbone="gpt-huge")
+
+
+@pytest.mark.parametrize(
+    "step, cosine, share",
+    [
+        (0, True, 0.1),
+        (9, True, 1.0),
+        (10, True, 1.0),
+        (60, True, 0.5),
+        (110, True, 0.0),
+        (500, True, 0.0),
+        (60, False, 1.0),
+        (500, False, 1.0),
+    ],
+)
+def test_learning_rate_warms_up_then_stays_or_decays_to_zero(step, cosine, share):
+    assert lr_factor(step, warmup=10, total=110, cosine=cosine) == pytest.approx(share, abs=1e-12)

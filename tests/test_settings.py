@@ -12,6 +12,7 @@ import torch
 import yaml
 from conftest import random_batch, random_catalog, random_model
 
+import bench.settings
 import bench.train
 from bench.__main__ import main
 from bench.errors import BenchError
@@ -278,3 +279,71 @@ def test_bf16_runs_every_model_in_bf16_on_the_cpu(cli, tmp_path):
 def test_fp16_on_the_cpu_is_refused(cli):
     code, _, err = cli("run", "--decoder", "beam", "--untrained", "--dtype", "fp16", "--device", "cpu")
     assert code == 2 and "--dtype fp16 runs on CUDA only" in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- presets
+
+
+def test_a_dataset_with_a_preset_starts_from_it_and_preset_none_from_the_defaults(cli):
+    code, printed, _ = cli("run", "--dataset", "beauty", "--print-config")
+    preset = yaml.safe_load((Path(bench.settings.__file__).parent / "presets" / "beauty.yaml").read_text())
+    model = yaml.safe_load(printed)["model"]
+    assert code == 0 and model["per_objective"] == preset["model"]["per_objective"]
+    assert model["item_backbone"] == preset["model"]["item_backbone"]
+    code, printed, _ = cli("run", "--dataset", "beauty", "--preset", "none", "--print-config")
+    assert code == 0 and yaml.safe_load(printed)["model"]["per_objective"] == {}
+    code, printed, _ = cli("run", "--preset", "beauty", "--print-config")  # a preset by name, on another dataset
+    assert code == 0 and yaml.safe_load(printed)["model"]["per_objective"] == preset["model"]["per_objective"]
+    code, printed, _ = cli("run", "--print-config")  # the synthetic default has no preset
+    assert code == 0 and yaml.safe_load(printed)["model"]["per_objective"] == {}
+
+
+def test_config_and_flags_go_over_the_preset_and_per_objective_merges_per_objective(cli, tmp_path):
+    config = {"model": {"lr": 0.005, "per_objective": {"ntp": {"dropout": 0.3}, "nezha": {"transition": "gru"}}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    code, printed, err = cli("run", "--dataset", "beauty", "--config", "c.yaml", "--lr", "0.004", "--print-config")
+    model = yaml.safe_load(printed)["model"]
+    assert code == 0, err
+    assert model["lr"] == 0.004
+    assert model["per_objective"]["ntp"]["dropout"] == 0.3 and model["per_objective"]["ntp"]["lr_schedule"] == "cosine"
+    assert model["per_objective"]["nezha"]["transition"] == "gru"
+    assert model["per_objective"]["next_item"]["dropout"] == 0.5
+
+
+def test_each_objective_trains_with_its_own_settings_and_no_per_objective_left():
+    settings = ModelSettings(
+        backbone="qwen-micro", dropout=0.1, per_objective={"next_item": {"dropout": 0.5}, "ntp": {"lr": 0.01}}
+    )
+    plain = ModelRequest("nezha", settings).settings
+    assert (plain.dropout, plain.lr, plain.per_objective) == (0.1, 2e-3, {})
+    assert ModelRequest("ntp", settings).settings.lr == 0.01
+    item = REGISTRY["full_rank"].requests(REGISTRY["full_rank"].Options(), settings)["next_item"].settings
+    assert (item.backbone, item.dropout, item.per_objective) == ("sasrec-small", 0.5, {})
+    # a model is named by what it is trained with, not by where a setting came from
+    direct = ModelSettings(backbone="qwen-micro", lr=0.01)
+    assert ModelRequest("ntp", direct).settings == ModelRequest("ntp", settings).settings
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (("--preset", "imaginary"), "--preset imaginary: no such preset; choose one of beauty, none"),
+        (("--config", "{tmp}/c.yaml"), "per_objective.ntp: 'backbone' cannot differ per objective"),
+        (("--config", "{tmp}/o.yaml"), "per_objective.gan: unknown objective; known: ntp, nezha, medusa, next_item"),
+        (("--config", "{tmp}/d.yaml"), "per_objective.nezha: dropout 2.0: must be below 1.0"),
+        (("--config", "{tmp}/h.yaml"), "per_objective.ntp: 'max_history' cannot differ per objective"),
+    ],
+    ids=["unknown preset", "backbone per objective", "unknown objective", "out of range", "history per objective"],
+)
+def test_bad_presets_and_per_objective_settings_are_one_error_line(cli, tmp_path, args, fragment):
+    files = {
+        "c": {"ntp": {"backbone": "qwen-base"}},
+        "o": {"gan": {"lr": 0.1}},
+        "d": {"nezha": {"dropout": 2.0}},
+        "h": {"ntp": {"max_history": 50}},
+    }
+    for name, per_objective in files.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({"model": {"per_objective": per_objective}}))
+    code, _, err = cli("run", *(a.format(tmp=tmp_path) for a in args), "--print-config")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert fragment in err
