@@ -1,5 +1,6 @@
 """Beam search on the NTP backbone, written for SIDs: the prompt is prefilled once per
-batch, its KV cache is copied to the K beams, then L-1 single-token decode steps."""
+batch, then L-1 decode steps of the K beams; on decoder-only backbones the beams share
+the prompt's KV cache (no copy), on encoder-decoders each beam gets its own."""
 
 from __future__ import annotations
 
@@ -17,12 +18,47 @@ from decoders.base import (
 )
 
 
-def continue_beam(lm, catalog, logits, state, scores, prefixes, k: int, constrained: bool, trail: list | None = None):
+class CopiedCache:
+    """Beam steps where every beam has its own copy of the cache, prompt included,
+    gathered again at every step: encoder-decoders (their beams' cross-attention
+    memory), and the fallback of speculative."""
+
+    def __init__(self, lm, state):
+        self.lm, self.state = lm, state
+
+    def step(self, parent: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """parent [B, K] beams of the previous level, tokens [B, K] -> logits [B*K, V]."""
+        size = parent.shape[0]
+        beams_before = self.state.next_position.shape[0] // size
+        rows = (torch.arange(size, device=parent.device).unsqueeze(1) * beams_before + parent).flatten()
+        self.state = self.lm.select(self.state, rows)  # copy (first step) or reorder the cache
+        logits, self.state = self.lm.extend(self.state, tokens.reshape(-1, 1))
+        return logits[:, -1]
+
+
+class SharedPrompt:
+    """Beam steps on one cache per user: the prompt is cached once, each step appends
+    the K beams' tokens after it, and a 4D mask lets each beam see the prompt, its own
+    ancestors and itself. Nothing of the prompt is copied or reordered; only which
+    generated positions a beam sees follows its parent."""
+
+    def __init__(self, lm, state, size: int):
+        self.lm, self.state = lm, state
+        self.seen = torch.zeros(size, 1, 0, dtype=torch.bool, device=state.mask.device)  # [B, beams, generated]
+
+    def step(self, parent: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        self.seen = self.seen.gather(1, parent.unsqueeze(-1).expand(-1, -1, self.seen.shape[-1]))
+        logits, self.state, self.seen = self.lm.extend_beams(self.state, tokens, self.seen)
+        return logits.flatten(0, 1)
+
+
+def continue_beam(catalog, logits, steps, scores, prefixes, k: int, constrained: bool, trail: list | None = None):
     """Beam search from level prefixes.shape[-1] to the last level.
 
-    logits [B*beams, V]: next-token logits after each beam's prefix; state: the cache of
-    those rows; scores [B, beams]; prefixes [B, beams, l]. Returns (prefixes [B, K, L],
-    scores [B, K]); `trail`, when given, collects the kept prefixes of every level."""
+    logits [B*beams, V]: next-token logits after each beam's prefix; steps: how the
+    backbone takes the next tokens (SharedPrompt or CopiedCache); scores [B, beams];
+    prefixes [B, beams, l]. Returns (prefixes [B, K, L], scores [B, K]); `trail`, when
+    given, collects the kept prefixes of every level."""
     size = scores.shape[0]
     for level in range(prefixes.shape[-1], catalog.levels):
         log_probs = level_log_probs(logits, catalog, level).view(size, scores.shape[1], -1)
@@ -34,26 +70,27 @@ def continue_beam(lm, catalog, logits, state, scores, prefixes, k: int, constrai
         if trail is not None:
             trail.append((prefixes, scores, parent))
         if level + 1 < catalog.levels:
-            rows = (torch.arange(size, device=parent.device).unsqueeze(1) * candidates.shape[1] + parent).flatten()
-            state = lm.select(state, rows)  # copy (first step) or reorder the cache
-            tokens = (code + catalog.offsets[level]).reshape(-1, 1)  # [B*K, 1]
-            step_logits, state = lm.extend(state, tokens)
-            logits = step_logits[:, -1]
+            logits = steps.step(parent, code + catalog.offsets[level])
     return prefixes, scores
 
 
 def beam_search(lm, catalog, history, mask, k: int, constrained: bool, trail: list | None = None):
-    """Prefill once, then continue_beam from the first level."""
+    """Prefill once, then continue_beam from the first level, on a shared prompt cache
+    where the backbone offers one (decoder-only), else on copies."""
     logits, state = lm.prefill(history, mask)  # [B, V]
-    scores = logits.new_zeros(history.shape[0], 1)
-    prefixes = torch.zeros(history.shape[0], 1, 0, dtype=torch.long, device=logits.device)
-    return continue_beam(lm, catalog, logits, state, scores, prefixes, k, constrained, trail)
+    size = history.shape[0]
+    steps = SharedPrompt(lm, state, size) if hasattr(lm, "extend_beams") else CopiedCache(lm, state)
+    scores = logits.new_zeros(size, 1)
+    prefixes = torch.zeros(size, 1, 0, dtype=torch.long, device=logits.device)
+    return continue_beam(catalog, logits, steps, scores, prefixes, k, constrained, trail)
 
 
 @register
 class BeamSearch(NtpDecoder):
     name = "beam"
-    description = "one prefill, KV cache copied to K beams, L-1 decode steps; :constrained masks invalid prefixes"
+    description = (
+        "one prefill, L-1 decode steps of K beams sharing the prompt's KV cache; :constrained masks invalid prefixes"
+    )
 
     @torch.no_grad()
     def decode(self, prompt) -> DecodeResult:

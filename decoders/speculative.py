@@ -29,7 +29,7 @@ from decoders.base import (
     prune,
     register,
 )
-from decoders.beam import beam_search, continue_beam
+from decoders.beam import CopiedCache, beam_search, continue_beam
 
 
 @dataclass
@@ -139,10 +139,9 @@ class Speculative(NtpDecoder):
             fed = (base_prefixes[fallback] + catalog.on(rows.device).offsets[:start]).flatten(0, 1)
             step_logits, state = self.lm.extend(state, fed)  # the kept prefixes, one call
             redo_prefixes, redo_scores = continue_beam(
-                self.lm,
                 catalog,
                 step_logits[:, -1],
-                state,
+                CopiedCache(self.lm, state),
                 base_scores[fallback],
                 base_prefixes[fallback],
                 k,

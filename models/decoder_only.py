@@ -130,6 +130,29 @@ class DecoderOnlyLM(nn.Module):
         )
         return out.logits, DecodeState(out.past_key_values, mask, positions.max(dim=1).values + 1)
 
+    def extend_beams(
+        self, state: DecodeState, tokens: torch.Tensor, seen: torch.Tensor
+    ) -> tuple[torch.Tensor, DecodeState, torch.Tensor]:
+        """One step of K beams on a cache the beams of a prompt share (beam.SharedPrompt).
+
+        state: the cache of B prompts [B, T] and the tokens generated so far, K columns per
+        step after them; tokens [B, K], one per beam; seen [B, K, S] which of the S
+        generated columns each beam descends from -> logits [B, K, V], the state, and
+        seen [B, K, S + K] (each beam also sees its new token)."""
+        size, beams = tokens.shape
+        seen = torch.cat([seen, torch.eye(beams, dtype=torch.bool, device=tokens.device).expand(size, -1, -1)], -1)
+        prompt = state.mask.bool()[:, None, :].expand(size, beams, state.mask.shape[1])
+        attention = torch.cat([prompt, seen], -1).unsqueeze(1)  # [B, 1, K, T + S + K]
+        positions = state.next_position[:, None].expand(size, beams)
+        out = self.lm(
+            input_ids=tokens,
+            attention_mask=attention,
+            position_ids=positions,
+            past_key_values=state.cache,
+            use_cache=True,
+        )
+        return out.logits, DecodeState(out.past_key_values, state.mask, state.next_position + 1), seen
+
     def tree_forward(self, input_ids, attention_mask, tree_tokens, tree_mask):
         """A left-padded prompt [B, T] and a token tree [B, N] after it, in ONE pass.
 

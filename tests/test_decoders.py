@@ -52,6 +52,33 @@ def test_beam_equals_huggingface_generate(catalog, ntp, k, constrained):
     assert calls == hf_calls == catalog.levels
 
 
+@pytest.mark.parametrize("backbone", ["llama-tiny", "t5-tiny"])
+@pytest.mark.parametrize("constrained", [False, True])
+def test_beam_equals_huggingface_generate_on_the_other_backbones(catalog, backbone, constrained):
+    """Llama's beams share the prompt's cache (SharedPrompt), T5's copy it (CopiedCache)."""
+    model = random_model("ntp", catalog, seed=4, backbone=backbone)
+    batch = random_batch(catalog, users=5, seed=4)
+    spec = ":constrained" if constrained else ""
+    ours, _ = decode("beam" + spec, catalog, 8, {"ntp": model}, batch)
+    theirs, _ = decode("hf_beam" + spec, catalog, 8, {"ntp": model}, batch)
+    assert torch.equal(ours.sids, theirs.sids)
+    torch.testing.assert_close(ours.scores, theirs.scores, atol=1e-4, rtol=1e-4)
+
+
+def test_beams_share_the_prompt_cache_instead_of_copying_it(catalog, ntp):
+    """After a beam search the cache still holds one row per user: the prompt once and
+    K generated columns per decode step, never K copies of the prompt."""
+    from decoders.beam import SharedPrompt, continue_beam
+
+    batch, k = random_batch(catalog, users=5, seed=1), 6
+    logits, state = ntp.lm.prefill(batch.history, batch.mask)
+    steps = SharedPrompt(ntp.lm, state, 5)
+    prefixes = torch.zeros(5, 1, 0, dtype=torch.long)
+    continue_beam(catalog, logits, steps, logits.new_zeros(5, 1), prefixes, k, constrained=False)
+    keys = steps.state.cache.layers[0].keys  # [B, kv heads, T + K * (L - 1), head dim]
+    assert keys.shape[0] == 5 and keys.shape[2] == batch.history.shape[1] + k * (catalog.levels - 1)
+
+
 def test_beam_scores_are_sorted_sums_of_log_probs(catalog, ntp):
     batch = random_batch(catalog, users=3)
     result, _ = decode("beam", catalog, 8, {"ntp": ntp}, batch)
