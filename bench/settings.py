@@ -170,6 +170,11 @@ class RunSettings:
         "fp32",
         "precision of every model's weights and activations, the same for every decoder (fp32 uses TF32 on CUDA)",
     )
+    compile: bool = setting(
+        False,
+        "torch.compile every model's backbone and heads (dynamic shapes), the same for every decoder; "
+        "compilation happens in the untimed warm-up",
+    )
     warmup: int = setting(2, "untimed passes over the first batch", low=0)
     untrained: bool = setting(
         False, "random weights, no training: latency only (metrics are meaningless and the record says so)"

@@ -12,6 +12,7 @@ import torch
 import yaml
 from conftest import random_batch, random_catalog, random_model
 
+import bench.run
 import bench.settings
 import bench.train
 from bench.__main__ import main
@@ -274,6 +275,30 @@ def test_bf16_runs_every_model_in_bf16_on_the_cpu(cli, tmp_path):
     assert [r["settings"]["run"]["dtype"] for r in records] == ["bf16", "bf16"]
     assert {m["dtype"] for r in records for m in r["models"].values()} == {"bfloat16"}
     assert records[1]["invalid_rate"] == 0.0  # NEZHA's verifier holds in any precision
+
+
+def test_compiled_models_decode_exactly_as_eager_ones(catalog, monkeypatch):
+    """torch.compile (dynamo traces backbone and heads; the eager backend keeps the test
+    to seconds, inductor's code generation is what users get) changes no output."""
+    monkeypatch.setattr(bench.run, "COMPILE_BACKEND", "eager")
+    nezha = random_model("nezha", catalog, seed=1)
+    batch = random_batch(catalog, users=4, seed=1)
+    expected = build_decoder("nezha", catalog, 5, {"nezha": nezha}).decode(batch)
+    bench.run.compile_model(nezha)
+    got = build_decoder("nezha", catalog, 5, {"nezha": nezha}).decode(batch)
+    assert torch.equal(got.sids, expected.sids)
+    torch.testing.assert_close(got.scores, expected.scores)
+
+
+def test_compile_flag_compiles_every_model_and_says_so(cli, tmp_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(bench.run, "compile_model", lambda model: compiled.append(model.objective))
+    out = tmp_path / "results.json"
+    args = ["run", "--decoder", "beam", "--untrained", "--backbone", "qwen-micro", "--limit-users", "8", "--compile"]
+    code, _, err = cli(*args, "--out", str(out))
+    assert code == 0, err
+    record = json.loads(out.read_text())[0]
+    assert compiled == ["ntp"] and record["settings"]["run"]["compile"]
 
 
 def test_fp16_on_the_cpu_is_refused(cli):
