@@ -10,6 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench.errors import BenchError
+from bench.metrics import Bootstrap, per_user, ranks_from_hits
 from bench.records import cell, read_records, write_atomically
 
 # the fields a table row reads
@@ -28,6 +29,7 @@ def is_number(value, optional: bool = False) -> bool:
 def malformed(record: dict) -> list[str]:
     """The fields of a record (with every REQUIRED key) a table row could not read."""
     wrong = [key for key in TEXT if not isinstance(record[key], str)]
+    wrong += [] if type(record["users"]) is int and record["users"] > 0 else ["users"]
     wrong += [key for key in ("invalid_rate", "backbone_calls_per_batch") if not is_number(record[key])]
     wrong += [f"metrics {key}" for key in METRICS if not is_number(record["metrics"][key], optional=True)]
     latency = record.get("latency_ms")
@@ -38,6 +40,16 @@ def malformed(record: dict) -> list[str]:
     for key in ("latency_over_floor", "latency_over_prefill"):
         if not is_number(record.get(key), optional=True):
             wrong.append(key)
+    hits = record.get("hits")
+    if hits is not None and not (
+        isinstance(hits, dict)
+        and isinstance(hits.get("users"), list)
+        and isinstance(hits.get("ranks"), list)
+        and len(hits["users"]) == len(hits["ranks"])
+        and all(type(u) is int and 0 <= u < record["users"] for u in hits["users"])
+        and all(type(k) is int and 1 <= k for k in hits["ranks"])
+    ):
+        wrong.append("hits")
     backbone = record.get("backbone")
     if backbone and not (isinstance(backbone, dict) and isinstance(backbone.get("name"), str)):
         wrong.append("backbone")
@@ -54,12 +66,13 @@ def leaderboard(paths: list[Path]) -> str:
     for (dataset, split, device, timestamp, command), records in sorted(groups.items()):
         beam = [r for r in records if r["decoder"] == "beam" and r.get("latency_ms")]
         base = beam[-1]["latency_ms"]["mean"] if beam else None
+        intervals = Intervals(records)
         out.append(f"### {dataset} / {split} / {device} / {timestamp}\n")
         out.append(
-            "| decoder | backbone | users | K | batch | R@1 | R@10 | N@10 | R@20 | N@20 | invalid | "
-            "mean ms/batch | p99 ms | x floor | speedup vs beam | backbone calls | commit |"
+            "| decoder | backbone | users | K | batch | R@1 | R@10 [95% CI] | N@10 [95% CI] | R@10 - beam [95% CI] | "
+            "R@20 | N@20 | invalid | mean ms/batch | p99 ms | x floor | speedup vs beam | backbone calls | commit |"
         )
-        out.append("|" + "---|" * 17)
+        out.append("|" + "---|" * 18)
         older = False
         for r in records:
             over_floor = cell(r.get("latency_over_floor"), ".2f")
@@ -70,11 +83,18 @@ def leaderboard(paths: list[Path]) -> str:
             backbone = r["backbone"]["name"] if r.get("backbone") else "-"
             out.append(
                 f"| {r['decoder']} | {backbone} | {r['users']} | {r['k']} | {r['batch_size']} | "
-                f"{cell(m['recall@1'], '.4f')} | {cell(m['recall@10'], '.4f')} | {cell(m['ndcg@10'], '.4f')} | "
+                f"{cell(m['recall@1'], '.4f')} | {intervals.value(r, 'recall@10')} | {intervals.value(r, 'ndcg@10')} | "
+                f"{intervals.against_beam(r, 'recall@10')} | "
                 f"{cell(m['recall@20'], '.4f')} | {cell(m['ndcg@20'], '.4f')} | {r['invalid_rate']:.3f} | "
                 f"{cell(lat.get('mean'), '.1f')} | {cell(lat.get('p99'), '.1f')} | "
                 f"{over_floor} | {cell(speedup, '.2f')} | "
                 f"{r['backbone_calls_per_batch']:.1f} | {r['git_sha'][:10]} |"
+            )
+        if intervals.boot is not None:
+            out.append(
+                "\nIntervals: percentile bootstrap over the users (1000 resamples, seed 0); the difference to beam is "
+                "paired (both resampled on the same users), ** where its interval excludes 0, else the two are not "
+                "called different."
             )
         if older:
             out.append(
@@ -83,6 +103,35 @@ def leaderboard(paths: list[Path]) -> str:
             )
         out.append(f"\nCommand: `{command}`\n")
     return "\n".join(out)
+
+
+class Intervals:
+    """Bootstrap intervals of one run's records (those with per-user hits; older
+    records show the mean alone)."""
+
+    def __init__(self, records: list[dict]):
+        with_hits = [r for r in records if isinstance(r.get("hits"), dict)]
+        self.boot = Bootstrap(with_hits[0]["users"]) if with_hits else None
+        beams = [r for r in with_hits if r["decoder"] == "beam"]
+        self.beam = beams[-1] if beams else None
+
+    def per_user(self, record: dict, metric: str):
+        return per_user(ranks_from_hits(record["hits"], record["users"]), metric).numpy()
+
+    def value(self, record: dict, metric: str) -> str:
+        mean = record["metrics"][metric]
+        if self.boot is None or "hits" not in record or mean is None:
+            return cell(mean, ".4f")
+        low, high = self.boot.interval(self.per_user(record, metric))
+        return f"{mean:.4f} [{low:.4f}, {high:.4f}]"
+
+    def against_beam(self, record: dict, metric: str) -> str:
+        if self.boot is None or self.beam is None or record is self.beam or "hits" not in record:
+            return "-"
+        difference = self.per_user(record, metric) - self.per_user(self.beam, metric)
+        low, high = self.boot.interval(difference)
+        mark = " **" if low > 0 or high < 0 else ""
+        return f"{difference.mean():+.4f} [{low:+.4f}, {high:+.4f}]{mark}"
 
 
 def board_records(path: Path) -> list[dict]:

@@ -5,10 +5,13 @@ NDCG@k:   1 / log2(rank + 1) with rank the 1-based position of the held-out item
           rank <= k, else 0 (the ideal DCG is 1: there is one relevant item).
 Both are averaged over users. A vectorised form of torchmetrics' RetrievalRecall and
 RetrievalNormalizedDCG (tests check they agree); an item absent from the list counts 0.
+Their uncertainty: a percentile bootstrap over users (Bootstrap), paired when two
+decoders are compared on the same users.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 RECALL_KS = (1, 5, 10, 20)
@@ -25,14 +28,43 @@ def target_ranks(ranked_items: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return torch.where(hits.any(dim=1), first, torch.zeros_like(first))
 
 
+def per_user(ranks: torch.Tensor, name: str) -> torch.Tensor:
+    """ranks [N] from target_ranks -> [N] float64 values of one metric ("recall@10",
+    "ndcg@10") per user, whose mean is the metric."""
+    kind, k = name.split("@")
+    ranks = ranks.double()
+    inside = (ranks > 0) & (ranks <= int(k))
+    if kind == "recall":
+        return inside.double()
+    return torch.where(inside, 1.0 / torch.log2(ranks.clamp(min=1) + 1), torch.zeros_like(ranks))
+
+
 def ranking_metrics(ranks: torch.Tensor, k_max: int) -> dict[str, float | None]:
     """ranks [N] from target_ranks -> mean Recall/NDCG at every cut-off <= k_max (None above)."""
-    ranks = ranks.double()
-    found = ranks > 0
-    metrics: dict[str, float | None] = {}
-    for k in RECALL_KS:
-        metrics[f"recall@{k}"] = float((found & (ranks <= k)).double().mean()) if k <= k_max else None
-    gain = torch.where(found, 1.0 / torch.log2(ranks.clamp(min=1) + 1), torch.zeros_like(ranks))
-    for k in NDCG_KS:
-        metrics[f"ndcg@{k}"] = float(torch.where(ranks <= k, gain, 0.0).mean()) if k <= k_max else None
-    return metrics
+    return {
+        name: float(per_user(ranks, name).mean()) if int(name.split("@")[1]) <= k_max else None for name in METRIC_NAMES
+    }
+
+
+def ranks_from_hits(hits: dict, users: int) -> torch.Tensor:
+    """A record's sparse hits {"users": [...], "ranks": [...]} -> ranks [users] (0 = missed)."""
+    ranks = torch.zeros(users, dtype=torch.long)
+    ranks[torch.tensor(hits["users"], dtype=torch.long)] = torch.tensor(hits["ranks"], dtype=torch.long)
+    return ranks
+
+
+class Bootstrap:
+    """Percentile bootstrap over users. One set of resamples (users drawn with
+    replacement) serves every interval of a run, so the interval of the difference of
+    two decoders' per-user values is a paired bootstrap: both are resampled on the same
+    users."""
+
+    def __init__(self, users: int, resamples: int = 1000, seed: int = 0):
+        self.index = np.random.default_rng(seed).integers(0, users, size=(resamples, users), dtype=np.int32)
+
+    def interval(self, values, level: float = 0.95) -> tuple[float, float]:
+        """values [N] per user -> (low, high) of the mean's `level` interval."""
+        values = np.asarray(values, dtype=np.float64)
+        means = np.concatenate([values[rows].mean(1) for rows in np.array_split(self.index, 20)])
+        low, high = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+        return float(low), float(high)

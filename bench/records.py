@@ -189,6 +189,8 @@ def build_record(spec, decoder, measured, models: dict, targets, data, settings:
         for key, value in result.stats.items():
             stats[key] = stats.get(key, 0.0) + float(value)
     entries = {role: model_entry(resolved) for role, resolved in models.items()}
+    ranks = target_ranks(items, targets)  # [N], 0 = missed
+    found = ranks.nonzero().flatten()
     main = next((entry for entry in entries.values() if "params" in entry), None)
     latency, floor = summarize(measured.latency_ms), summarize(measured.floor_ms)
     total_s = sum(measured.latency_ms) / 1000.0
@@ -220,7 +222,10 @@ def build_record(spec, decoder, measured, models: dict, targets, data, settings:
         "models": entries,
         "weights": "random: latency only, metrics meaningless" if run.untrained else "trained",
         "candidates_per_user": int(sids.shape[1]),
-        "metrics": ranking_metrics(target_ranks(items, targets), k_max=k),
+        "metrics": ranking_metrics(ranks, k_max=k),
+        # per user (in the order of the split's users), for intervals and paired tests: the
+        # 1-based rank of the held-out item where it was found, every other user missed it
+        "hits": {"users": found.tolist(), "ranks": ranks[found].tolist()},
         "invalid_rate": float((present & (items < 0)).float().mean()),
         "empty_rate": float((~present).float().mean()),
         "latency_ms": latency,

@@ -550,6 +550,12 @@ CASES = [
         write("odd.json", [{**RECORD, "metrics": {**RECORD["metrics"], "recall@1": "high"}}]),
     ),
     case(
+        "leaderboard hits of users beyond the run",
+        "leaderboard {tmp}/odd.json --out {out}",
+        "odd.json: record 1 has malformed hits",
+        write("odd.json", [{**RECORD, "hits": {"users": [0, 10**6], "ranks": [1, 2]}}]),
+    ),
+    case(
         "leaderboard latency not a mapping",
         "leaderboard {tmp}/odd.json --out {out}",
         "odd.json: record 1 has malformed latency_ms",

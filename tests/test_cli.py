@@ -155,11 +155,41 @@ def test_leaderboard_shows_speedup_against_beam(cli, tmp_path):
     assert set(rows) == {"beam", "nezha"}
     assert rows["beam"]["speedup vs beam"] == "1.00"
     assert rows["nezha"]["speedup vs beam"] == "5.00"
-    assert rows["nezha"]["R@10"] == "0.3750"
+    assert rows["nezha"]["R@10 [95% CI]"] == "0.3750"  # no per-user hits: no interval
     assert rows["nezha"]["R@20"] == "-"
     assert rows["nezha"]["mean ms/batch"] == "10.0"
     assert rows["nezha"]["p99 ms"] == "20.0"
     assert rows["nezha"]["commit"] == "0123456789"
+
+
+def test_leaderboard_gives_intervals_and_marks_only_real_differences(cli, tmp_path):
+    """100 users: beam finds users 0-39; nezha the same 40 and 10 more (a paired gain
+    whose interval excludes 0); greedy users 5-44 (as many, others: not different)."""
+
+    def hits(users):
+        return {"users": list(users), "ranks": [1] * len(users)}
+
+    runs = [
+        record("beam", 50.0, 0.4, hits=hits(range(40))),
+        record("nezha", 10.0, 0.5, hits=hits(range(50))),
+        record("greedy", 20.0, 0.4, hits=hits(range(5, 45))),
+    ]
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(runs))
+    code, out, _ = cli("leaderboard", str(results))
+    rows = table_rows(out)
+    assert code == 0
+    low, high = (float(x) for x in rows["beam"]["R@10 [95% CI]"].split("[")[1].rstrip("]").split(","))
+    assert rows["beam"]["R@10 [95% CI]"].startswith("0.4000 [") and low < 0.4 < high
+    assert rows["nezha"]["R@10 - beam [95% CI]"].startswith("+0.1000 [") and rows["nezha"][
+        "R@10 - beam [95% CI]"
+    ].endswith("**")
+    assert (
+        rows["greedy"]["R@10 - beam [95% CI]"].startswith("+0.0000 [")
+        and "**" not in rows["greedy"]["R@10 - beam [95% CI]"]
+    )
+    assert rows["beam"]["R@10 - beam [95% CI]"] == "-"
+    assert "paired" in out
 
 
 def test_leaderboard_writes_its_out_file(cli, tmp_path):

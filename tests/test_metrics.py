@@ -1,12 +1,23 @@
-"""Ranking metrics: hand-computed cases, and agreement with torchmetrics."""
+"""Ranking metrics: hand-computed cases, agreement with torchmetrics, and bootstrap
+intervals on hand-checked cases."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torchmetrics.retrieval import RetrievalNormalizedDCG, RetrievalRecall
 
-from bench.metrics import METRIC_NAMES, NDCG_KS, RECALL_KS, ranking_metrics, target_ranks
+from bench.metrics import (
+    METRIC_NAMES,
+    NDCG_KS,
+    RECALL_KS,
+    Bootstrap,
+    per_user,
+    ranking_metrics,
+    ranks_from_hits,
+    target_ranks,
+)
 
 
 def test_target_ranks_hit_miss_and_padding():
@@ -98,3 +109,49 @@ def test_metrics_equal_torchmetrics():
         assert ours[f"ndcg@{k}"] == pytest.approx(
             torchmetrics_value(RetrievalNormalizedDCG, k, ranked, targets), abs=1e-6
         )
+
+
+# ---------------------------------------------------------------- intervals
+
+
+def test_per_user_values_average_to_the_metrics():
+    ranks = torch.tensor([1, 0, 3, 12, 2])
+    assert per_user(ranks, "recall@10").tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert per_user(ranks, "ndcg@10").tolist() == pytest.approx([1.0, 0.0, 0.5, 0.0, 1 / math.log2(3)])
+    assert ranking_metrics(ranks, 20)["ndcg@10"] == pytest.approx(float(per_user(ranks, "ndcg@10").mean()))
+
+
+def test_hits_round_trip_to_ranks():
+    assert ranks_from_hits({"users": [1, 4], "ranks": [3, 1]}, 6).tolist() == [0, 3, 0, 0, 1, 0]
+
+
+def test_bootstrap_on_hand_checked_cases():
+    # two users, values 0 and 1: a resample's mean is 0, 1/2 or 1 with chances 1/4, 1/2, 1/4,
+    # so the 2.5% and 97.5% quantiles of 1000 resampled means are 0 and 1
+    assert Bootstrap(2, seed=0).interval([0.0, 1.0]) == (0.0, 1.0)
+    boot = Bootstrap(50, seed=1)
+    assert boot.interval([0.25] * 50) == (0.25, 0.25)  # no spread, no interval
+    same = torch.rand(50, generator=torch.Generator().manual_seed(0)).numpy()
+    assert boot.interval(same - same) == (0.0, 0.0)  # paired: a decoder against itself differs by nothing
+
+
+def test_bootstrap_interval_matches_the_normal_approximation_on_many_users():
+    users, p = 20000, 0.1
+    values = (np.random.default_rng(3).random(users) < p).astype(float)
+    low, high = Bootstrap(users, seed=2).interval(values)
+    mean, half = values.mean(), 1.96 * math.sqrt(values.mean() * (1 - values.mean()) / users)
+    assert low < mean < high
+    assert (high - low) / 2 == pytest.approx(half, rel=0.1)
+
+
+def test_paired_bootstrap_separates_a_consistent_gain_that_unpaired_intervals_do_not():
+    """Decoder B finds every user A finds plus 0.8% more: the unpaired intervals overlap,
+    the paired interval of the difference excludes 0."""
+    rng = np.random.default_rng(4)
+    a = (rng.random(5000) < 0.08).astype(float)
+    b = np.maximum(a, (rng.random(5000) < 0.008).astype(float))
+    boot = Bootstrap(5000, seed=0)
+    a_high, b_low = boot.interval(a)[1], boot.interval(b)[0]
+    assert b_low < a_high  # overlapping: unpaired, no verdict
+    low, high = boot.interval(b - a)
+    assert 0 < low < high
