@@ -4,13 +4,15 @@ decoder. Nothing here knows any decoder by name."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from bench.data import RecData, eval_examples
 from bench.data.batches import eval_batches
 from bench.errors import BenchError
 from bench.latency import benchmark
-from bench.records import build_record, cell, git_sha
+from bench.records import build_record, cell, git_sha, write_atomically
 from bench.settings import DataSettings, ModelSettings, RunSettings
 from bench.train import resolve_models
 from decoders import REGISTRY, plan, with_constraint
@@ -109,6 +111,8 @@ def run(
     examples = eval_examples(data, settings.split, model_settings.max_history, settings.limit_users)
     batches = [b.to(device) for b in eval_batches(examples, data.catalog, settings.batch_size)]
     measured = benchmark(decoders, [b.prompt for b in batches], device, warmup=settings.warmup, progress=progress)
+    if settings.profile:
+        write_profiles(decoders, batches[0].prompt, Path(settings.profile))
     targets = torch.cat([b.targets.cpu() for b in batches])
     return [
         build_record(
@@ -124,6 +128,22 @@ def run(
         )
         for spec, resolved in zip(specs, models)
     ]
+
+
+def write_profiles(decoders: dict, prompt, folder: Path) -> None:
+    """Where each decoder's time goes: torch.profiler over 3 decodes of one batch, the
+    operators by their own time; what the operators leave of the wall time is Python."""
+    from torch.profiler import ProfilerActivity, profile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if prompt.history.is_cuda else [])
+    for spec, decoder in decoders.items():
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                decoder.decode(prompt)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+        name = "".join(c if c.isalnum() or c in "-_=" else "_" for c in spec)
+        write_atomically(folder / f"{name}-batch{len(prompt)}.txt", f"{spec}, batch of {len(prompt)}\n{table}\n")
 
 
 def format_table(records: list[dict]) -> str:

@@ -176,6 +176,9 @@ class RunSettings:
         "compilation happens in the untimed warm-up",
     )
     warmup: int = setting(2, "untimed passes over the first batch", low=0)
+    profile: str | None = setting(
+        None, "folder for a torch.profiler table per decoder (3 decodes of the first batch, after the timed ones)"
+    )
     untrained: bool = setting(
         False, "random weights, no training: latency only (metrics are meaningless and the record says so)"
     )

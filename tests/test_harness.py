@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import bench.latency
+from bench.__main__ import main
 from bench.data.batches import Prompt
 from bench.latency import benchmark
 from decoders.base import Decoder, DecodeResult
@@ -99,3 +100,13 @@ def test_memory_is_the_growth_above_what_was_in_use_before_the_call(monkeypatch)
     monkeypatch.setattr(bench.latency, "peak_rss_mb", lambda: next(readings))
     measured = benchmark({"a": FakeDecoder("a", [], calls=1)}, prompts(2), torch.device("cpu"), 0, False)
     assert measured["a"].peak_memory_mb == 30.0  # not 1032: the resident weights and batches are excluded
+
+
+def test_profile_tables_show_where_each_decoders_time_goes(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_RUNS_DIR", str(tmp_path / "runs"))
+    args = ["run", "--decoder", "beam,nezha", "--untrained", "--backbone", "qwen-micro", "--limit-users", "8"]
+    assert main(args + ["--profile", str(tmp_path / "profiles"), "--out", str(tmp_path / "r.json")]) == 0
+    tables = {path.name: path.read_text() for path in (tmp_path / "profiles").iterdir()}
+    assert sorted(tables) == ["beam-batch8.txt", "nezha-batch8.txt"]
+    assert all("Self CPU" in text and "aten::" in text for text in tables.values())
+    assert "aten::topk" in tables["nezha-batch8.txt"]  # the head's beam search
