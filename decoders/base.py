@@ -182,12 +182,23 @@ def level_log_probs(logits: torch.Tensor, catalog: Catalog, level: int) -> torch
     return torch.log_softmax(logits.float(), dim=-1)[..., start : start + catalog.codebook_sizes[level]]
 
 
-def mask_invalid(candidates: torch.Tensor, prefixes: torch.Tensor, catalog: Catalog, level: int) -> torch.Tensor:
-    """candidates [B, K, C] scores of extending each beam's prefix [B, K, level] by each
-    code -> the same with -inf where the extended prefix belongs to no real item."""
-    nodes = catalog.verifier.nodes_of(prefixes)  # [B, K] trie nodes
-    valid = catalog.verifier.child_mask(nodes.flatten(), level).view(candidates.shape)
-    return candidates.masked_fill(~valid, NEG_INF)
+class ValidPrefixes:
+    """Each beam's node in the verifier's trie, carried along a beam search: masking
+    a level is one gather of the beams' rows, following the kept beams one more."""
+
+    def __init__(self, catalog: Catalog, prefixes: torch.Tensor):
+        """prefixes [B, beams, l]: where the search starts (l = 0: at the root)."""
+        self.verifier = catalog.verifier
+        self.nodes = self.verifier.nodes_of(prefixes)  # [B, beams]
+
+    def mask(self, candidates: torch.Tensor, level: int) -> torch.Tensor:
+        """candidates [B, beams, C] scores of extending each beam by each code -> the
+        same with -inf where the extended prefix belongs to no real item."""
+        return candidates.masked_fill(~self.verifier.child_mask(self.nodes, level), NEG_INF)
+
+    def advance(self, parent: torch.Tensor, code: torch.Tensor, level: int) -> None:
+        """parent, code [B, K]: the kept beams (prune's output) -> their nodes one level down."""
+        self.nodes = self.verifier.child(self.nodes.gather(1, parent), code, level)
 
 
 def prune(candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,10 +9,10 @@ import torch
 from decoders.base import (
     DecodeResult,
     NtpDecoder,
+    ValidPrefixes,
     extend_prefixes,
     finish,
     level_log_probs,
-    mask_invalid,
     prune,
     register,
 )
@@ -60,13 +60,16 @@ def continue_beam(catalog, logits, steps, scores, prefixes, k: int, constrained:
     prefixes [B, beams, l]. Returns (prefixes [B, K, L], scores [B, K]); `trail`, when
     given, collects the kept prefixes of every level."""
     size = scores.shape[0]
+    valid = ValidPrefixes(catalog, prefixes) if constrained else None
     for level in range(prefixes.shape[-1], catalog.levels):
         log_probs = level_log_probs(logits, catalog, level).view(size, scores.shape[1], -1)
         candidates = scores.unsqueeze(-1) + log_probs  # [B, beams, C]
-        if constrained:
-            candidates = mask_invalid(candidates, prefixes, catalog, level)
+        if valid:
+            candidates = valid.mask(candidates, level)
         scores, parent, code = prune(candidates, k)  # [B, K] each
         prefixes = extend_prefixes(prefixes, parent, code)
+        if valid and level + 1 < catalog.levels:
+            valid.advance(parent, code, level)
         if trail is not None:
             trail.append((prefixes, scores, parent))
         if level + 1 < catalog.levels:

@@ -27,10 +27,10 @@ from decoders.base import (
     Decoder,
     DecodeResult,
     ModelRequest,
+    ValidPrefixes,
     extend_prefixes,
     finish,
     level_log_probs,
-    mask_invalid,
     prune,
     register,
 )
@@ -148,6 +148,7 @@ class Medusa(Decoder):
 
         scores = logits.new_zeros(size, 1)
         prefixes = torch.zeros(size, 1, 0, dtype=torch.long, device=logits.device)
+        valid = ValidPrefixes(catalog, prefixes) if self.constrained else None
         for level in range(levels):
             if level == 0:
                 log_probs = guesses[0].unsqueeze(1)  # [B, 1, C]
@@ -159,8 +160,10 @@ class Medusa(Decoder):
                 picked = node_logits.gather(1, node.unsqueeze(-1).expand(-1, -1, node_logits.shape[-1]))
                 log_probs = level_log_probs(picked, catalog, level)  # [B, beams, C]
             candidates = (scores.unsqueeze(-1) + log_probs).masked_fill(~allowed[level].unsqueeze(1), NEG_INF)
-            if self.constrained:
-                candidates = mask_invalid(candidates, prefixes, catalog, level)
+            if valid:
+                candidates = valid.mask(candidates, level)
             scores, parent, code = prune(candidates, self.k)
             prefixes = extend_prefixes(prefixes, parent, code)
+            if valid and level + 1 < levels:
+                valid.advance(parent, code, level)
         return finish(prefixes, scores, {"tree_tokens": float(size * tree_mask.shape[0])})

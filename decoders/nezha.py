@@ -14,10 +14,10 @@ from decoders.base import (
     Decoder,
     DecodeResult,
     ModelRequest,
+    ValidPrefixes,
     beam_width,
     extend_prefixes,
     finish,
-    mask_invalid,
     prune,
     register,
 )
@@ -90,15 +90,18 @@ class Nezha(Decoder):
         state = h0.unsqueeze(1)  # [B, beams, d]
         scores = h0.new_zeros(size, 1)
         prefixes = torch.zeros(size, 1, 0, dtype=torch.long, device=h0.device)
+        valid = ValidPrefixes(catalog, prefixes) if self.verifier != "off" else None
         for level in range(levels):
             logits = self.head.level_logits(level, state, placeholder_states[:, level].unsqueeze(1))
             candidates = scores.unsqueeze(-1) + torch.log_softmax(logits.float(), dim=-1)  # [B, beams, C]
-            if self.verifier == "every" or (self.verifier == "last" and level == levels - 1):
-                candidates = mask_invalid(candidates, prefixes, catalog, level)
+            if valid and (self.verifier == "every" or level == levels - 1):
+                candidates = valid.mask(candidates, level)
             width = self.k if level == levels - 1 else self.head_beam
             scores, parent, code = prune(candidates, width)
             prefixes = extend_prefixes(prefixes, parent, code)
             if level + 1 < levels:
+                if valid:
+                    valid.advance(parent, code, level)
                 kept = state.gather(1, parent.unsqueeze(-1).expand(-1, -1, state.shape[-1]))  # [B, width, d]
                 state = self.head.advance(level, kept.flatten(0, 1), code.flatten()).view(size, width, -1)
         return finish(prefixes, scores)

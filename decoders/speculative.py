@@ -21,11 +21,11 @@ from decoders.base import (
     DecodeResult,
     ModelRequest,
     NtpDecoder,
+    ValidPrefixes,
     beam_width,
     extend_prefixes,
     finish,
     level_log_probs,
-    mask_invalid,
     prune,
     register,
 )
@@ -109,6 +109,7 @@ class Speculative(NtpDecoder):
         scores = logits.new_zeros(size, 1)
         prefixes = torch.zeros(size, 1, 0, dtype=torch.long, device=logits.device)
         kept = []  # (scores, prefixes) after each level
+        valid = ValidPrefixes(catalog, prefixes) if self.constrained else None
         accepted = torch.full((size,), levels, dtype=torch.long, device=logits.device)  # levels decided before a miss
         for level in range(levels):
             if level == 0:
@@ -124,10 +125,12 @@ class Speculative(NtpDecoder):
                 picked = node_logits.gather(1, node.unsqueeze(-1).expand(-1, -1, node_logits.shape[-1]))
                 log_probs = level_log_probs(picked, catalog, level)
             candidates = scores.unsqueeze(-1) + log_probs
-            if self.constrained:
-                candidates = mask_invalid(candidates, prefixes, catalog, level)
+            if valid:
+                candidates = valid.mask(candidates, level)
             scores, parent, code = prune(candidates, k)
             prefixes = extend_prefixes(prefixes, parent, code)
+            if valid and level + 1 < levels:
+                valid.advance(parent, code, level)
             kept.append((scores, prefixes))
 
         fallback = (accepted < levels).nonzero().flatten()

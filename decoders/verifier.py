@@ -6,11 +6,15 @@ The valid prefixes form a trie; here it is held as tensors (the idea of STATIC, 
 - the nodes of depth l are the distinct valid prefixes of length l (the root is node
   0 of depth 0), numbered in the order of (parent node, code);
 - a level whose table fits (nodes x codes <= `dense_limit` entries) is a dense table
-  [nodes, C_l] of child node ids (-1: no such child): the mask of a beam is the row of
-  its node, its child the entry of the chosen code;
+  [nodes + 1, C_l] of child node ids (-1: no such child; the last row stands for node
+  -1, an invalid prefix): the mask of a beam is the row of its node, its child the entry
+  of the chosen code;
 - a deeper, sparser level keeps each node's children padded to the level's largest
-  branching (ELL form) [nodes, max children] of codes and of child ids: the mask is one
+  branching (ELL form) [nodes + 1, max children] of codes and of child ids: the mask is one
   scatter of that row.
+
+Decoders carry each beam's node along the search (decoders.base.ValidPrefixes), so a
+level costs a gather for the mask and one for the chosen children, whatever L is.
 
 Full SIDs also live in a Python hash set of mixed-radix integers
 (code = sum_l t_l * prod_{j<l} C_j) for single lookups (`is_valid`).
@@ -44,17 +48,18 @@ class Verifier:
             self.nodes_per_level.append(nodes)
             edge, child = torch.unique(node * size + sids[:, level], return_inverse=True)  # (parent, code) pairs
             ids = torch.arange(len(edge), dtype=torch.int32)
-            if nodes * size <= dense_limit:
-                table = torch.full((nodes * size,), -1, dtype=torch.int32)
+            # one row more than nodes: node -1 (an invalid prefix) indexes it and finds no child
+            if (nodes + 1) * size <= dense_limit:
+                table = torch.full(((nodes + 1) * size,), -1, dtype=torch.int32)
                 table[edge] = ids
-                self.levels_built.append((table.view(nodes, size),))
+                self.levels_built.append((table.view(nodes + 1, size),))
             else:
                 parent, code = edge // size, edge % size
                 count = torch.bincount(parent, minlength=nodes)
                 rank = torch.arange(len(edge)) - (torch.cumsum(count, 0) - count)[parent]  # place among siblings
                 width = int(count.max())
-                codes = torch.full((nodes, width), size, dtype=torch.long)  # `size`: padding, dropped by the mask
-                children = torch.full((nodes, width), -1, dtype=torch.int32)
+                codes = torch.full((nodes + 1, width), size, dtype=torch.long)  # `size`: padding, dropped by the mask
+                children = torch.full((nodes + 1, width), -1, dtype=torch.int32)
                 codes[parent, rank], children[parent, rank] = code, ids
                 self.levels_built.append((codes, children))
             node, nodes = child, len(edge)
@@ -83,40 +88,34 @@ class Verifier:
         return ((sids >= 0) & (sids < sizes)).all(-1)
 
     def child(self, nodes: torch.Tensor, codes: torch.Tensor, level: int) -> torch.Tensor:
-        """nodes [M] of depth `level` (-1: invalid), codes [M] -> child node ids [M] (-1: no such child)."""
+        """nodes [...] of depth `level` (-1: invalid), codes [...] inside the level's
+        codebook -> child node ids [...] (-1: no such child). One gather when dense."""
         tables = self._tables(nodes.device)[level]
-        known = (nodes >= 0) & (codes >= 0) & (codes < self.codebook_sizes[level])
-        row, code = nodes.clamp(min=0), codes.clamp(0, self.codebook_sizes[level] - 1)
         if len(tables) == 1:
-            found = tables[0][row, code].long()
-        else:
-            siblings = tables[0][row]  # [M, width]
-            hit = siblings == code.unsqueeze(-1)
-            found = tables[1][row].gather(1, hit.int().argmax(1, keepdim=True)).squeeze(1).long()
-            found = found.masked_fill(~hit.any(1), -1)
-        return found.masked_fill(~known, -1)
+            return tables[0][nodes, codes]
+        hit = tables[0][nodes] == codes.unsqueeze(-1)  # [..., width]: at most one sibling matches
+        return (tables[1][nodes] + 1).mul(hit).sum(-1, dtype=torch.int32) - 1
 
     def nodes_of(self, prefixes: torch.Tensor) -> torch.Tensor:
-        """[..., l] prefixes -> [...] their node ids of depth l (-1: not a valid prefix)."""
-        shape = prefixes.shape[:-1]
-        flat = prefixes.reshape(shape.numel(), prefixes.shape[-1])
-        nodes = torch.zeros(shape.numel(), dtype=torch.long, device=prefixes.device)  # the root
-        for level in range(flat.shape[1]):
-            nodes = self.child(nodes, flat[:, level], level)
-        return nodes.view(shape)
+        """[..., l] prefixes (any codes) -> [...] their node ids of depth l (-1: not a valid prefix)."""
+        nodes = torch.zeros(prefixes.shape[:-1], dtype=torch.int32, device=prefixes.device)  # the root
+        for level in range(prefixes.shape[-1]):
+            codes = prefixes[..., level]
+            inside = (codes >= 0) & (codes < self.codebook_sizes[level])
+            found = self.child(nodes, codes.clamp(0, self.codebook_sizes[level] - 1), level)
+            nodes = torch.where(inside, found, -1)
+        return nodes
 
     def child_mask(self, nodes: torch.Tensor, level: int) -> torch.Tensor:
-        """nodes [M] of depth `level` (-1: invalid) -> bool [M, C_level]: the codes that
-        extend each node's prefix to a valid one (one gather, or one scatter when sparse)."""
+        """nodes [...] of depth `level` (-1: invalid) -> bool [..., C_level]: the codes
+        that extend each node's prefix to a valid one (one gather, or one scatter when sparse)."""
         tables = self._tables(nodes.device)[level]
-        row = nodes.clamp(min=0)
         if len(tables) == 1:
-            mask = tables[0][row] >= 0
-        else:
-            size = self.codebook_sizes[level]
-            mask = torch.zeros(len(nodes), size + 1, dtype=torch.bool, device=nodes.device)
-            mask = mask.scatter_(1, tables[0][row], True)[:, :size]
-        return mask & (nodes >= 0).unsqueeze(-1)
+            return tables[0][nodes] >= 0
+        size = self.codebook_sizes[level]
+        rows = tables[0][nodes]  # [..., width] child codes, `size` = padding
+        mask = torch.zeros(*rows.shape[:-1], size + 1, dtype=torch.bool, device=nodes.device)
+        return mask.scatter_(-1, rows, True)[..., :size]
 
     def _tables(self, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
         if device not in self._on_device:
