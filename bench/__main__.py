@@ -194,7 +194,15 @@ def cmd_leaderboard(settings) -> None:
     args = settings["leaderboard"]
     if not args.files:
         raise BenchError("leaderboard needs result files: python -m bench leaderboard results/*.json")
-    table = write_leaderboard([Path(p) for p in args.files], Path(args.out) if args.out else None)
+    paths = [Path(p) for p in args.files]
+    if args.out_dir:
+        from bench.leaderboard import run_files
+
+        for path in run_files(paths, Path(args.out_dir)):
+            print(f"written: {path}")
+        if not args.out:
+            return
+    table = write_leaderboard(paths, Path(args.out) if args.out else None)
     print(f"written to {args.out}" if args.out else table)
 
 

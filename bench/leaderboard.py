@@ -5,7 +5,11 @@ never skipped, and an empty table never replaces a written one."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -56,53 +60,196 @@ def malformed(record: dict) -> list[str]:
     return wrong
 
 
-def leaderboard(paths: list[Path]) -> str:
+def run_groups(paths: list[Path]) -> list[tuple[tuple, list[dict]]]:
+    """The records of every input file, grouped by run (dataset, split, device, timestamp, command)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for path in paths:
         for record in board_records(path):
             run = (record["dataset"], record["split"], record["device"], record["timestamp"], record["command"])
             groups[run].append(record)
-    out = []
-    for (dataset, split, device, timestamp, command), records in sorted(groups.items()):
-        beam = [r for r in records if r["decoder"] == "beam" and r.get("latency_ms")]
-        base = beam[-1]["latency_ms"]["mean"] if beam else None
-        intervals = Intervals(records)
-        out.append(f"### {dataset} / {split} / {device} / {timestamp}\n")
+    return sorted(groups.items())
+
+
+def run_rows(records: list[dict]) -> list[dict]:
+    """One row per decoder of a run: quality with intervals, validity, latency and the
+    ratios of the same run (speedups over beam and hf_beam, latency over the floor)."""
+    intervals = Intervals(records)
+
+    def reference(name: str):
+        found = [r for r in records if r["decoder"] == name and r.get("latency_ms")]
+        return found[-1]["latency_ms"] if found else None
+
+    beam, hf_beam = reference("beam"), reference("hf_beam")
+    rows = []
+    for r in records:
+        m, lat = r["metrics"], r.get("latency_ms") or {}
+        over_floor = r.get("latency_over_floor")
+        older = over_floor is None and r.get("latency_over_prefill") is not None
+        row = {
+            "decoder": r["decoder"],
+            "backbone": r["backbone"]["name"] if r.get("backbone") else None,
+            "users": r["users"],
+            "k": r["k"],
+            "batch_size": r["batch_size"],
+            **{name: m[name] for name in METRICS},
+            **intervals.bounds(r),
+            "invalid_rate": r["invalid_rate"],
+            "p50_ms": lat.get("p50"),
+            "p99_ms": lat.get("p99"),
+            "mean_ms": lat.get("mean"),
+            "latency_over_floor": r.get("latency_over_prefill") if older else over_floor,
+            "older_floor": older,
+            "backbone_calls_per_batch": r["backbone_calls_per_batch"],
+            "commit": r["git_sha"][:10],
+        }
+        for name, ref in (("beam", beam), ("hf_beam", hf_beam)):
+            stat = "p50" if ref and ref.get("p50") and lat.get("p50") else "mean"  # older records: means
+            row[f"speedup_vs_{name}"] = ref[stat] / lat[stat] if ref and lat.get(stat) and r.get("backbone") else None
+        rows.append(row)
+    return rows
+
+
+def run_table(run: tuple, records: list[dict]) -> str:
+    """The Markdown table of one run, with its notes."""
+    dataset, split, device, timestamp, command = run
+    rows = run_rows(records)
+    out = [f"### {dataset} / {split} / {device} / {timestamp}\n"]
+    out.append(
+        "| decoder | backbone | users | K | batch | R@1 | R@10 [95% CI] | N@10 [95% CI] | R@10 - beam [95% CI] | "
+        "R@20 | N@20 | invalid | p50 ms/batch | p99 ms | x floor | speedup vs beam | speedup vs hf_beam | "
+        "backbone calls | commit |"
+    )
+    out.append("|" + "---|" * 19)
+    for row in rows:
+        floor = cell(row["latency_over_floor"], ".2f") + ("†" if row["older_floor"] else "")
         out.append(
-            "| decoder | backbone | users | K | batch | R@1 | R@10 [95% CI] | N@10 [95% CI] | R@10 - beam [95% CI] | "
-            "R@20 | N@20 | invalid | mean ms/batch | p99 ms | x floor | speedup vs beam | backbone calls | commit |"
+            f"| {row['decoder']} | {row['backbone'] or '-'} | {row['users']} | {row['k']} | {row['batch_size']} | "
+            f"{cell(row['recall@1'], '.4f')} | {with_interval(row, 'recall@10')} | {with_interval(row, 'ndcg@10')} | "
+            f"{difference(row)} | {cell(row['recall@20'], '.4f')} | {cell(row['ndcg@20'], '.4f')} | "
+            f"{row['invalid_rate']:.3f} | {cell(row['p50_ms'] or row['mean_ms'], '.1f')} | "
+            f"{cell(row['p99_ms'], '.1f')} | {floor} | {cell(row['speedup_vs_beam'], '.2f')} | "
+            f"{cell(row['speedup_vs_hf_beam'], '.2f')} | "
+            f"{row['backbone_calls_per_batch']:.1f} | {row['commit']} |"
         )
-        out.append("|" + "---|" * 18)
-        older = False
-        for r in records:
-            over_floor = cell(r.get("latency_over_floor"), ".2f")
-            if "latency_over_floor" not in r and r.get("latency_over_prefill") is not None:
-                over_floor, older = f"{r['latency_over_prefill']:.2f}†", True
-            m, lat = r["metrics"], r.get("latency_ms") or {}
-            speedup = base / lat["mean"] if base and lat and lat["mean"] and r.get("backbone") else None
-            backbone = r["backbone"]["name"] if r.get("backbone") else "-"
-            out.append(
-                f"| {r['decoder']} | {backbone} | {r['users']} | {r['k']} | {r['batch_size']} | "
-                f"{cell(m['recall@1'], '.4f')} | {intervals.value(r, 'recall@10')} | {intervals.value(r, 'ndcg@10')} | "
-                f"{intervals.against_beam(r, 'recall@10')} | "
-                f"{cell(m['recall@20'], '.4f')} | {cell(m['ndcg@20'], '.4f')} | {r['invalid_rate']:.3f} | "
-                f"{cell(lat.get('mean'), '.1f')} | {cell(lat.get('p99'), '.1f')} | "
-                f"{over_floor} | {cell(speedup, '.2f')} | "
-                f"{r['backbone_calls_per_batch']:.1f} | {r['git_sha'][:10]} |"
-            )
-        if intervals.boot is not None:
-            out.append(
-                "\nIntervals: percentile bootstrap over the users (1000 resamples, seed 0); the difference to beam is "
-                "paired (both resampled on the same users), ** where its interval excludes 0, else the two are not "
-                "called different."
-            )
-        if older:
-            out.append(
-                "\n† an older record: mean over the mean of a bare pass over the decoder's own prompt "
-                "(NEZHA's with its placeholders); newer records give p50 over the p50 of a pass over the history alone"
-            )
-        out.append(f"\nCommand: `{command}`\n")
+    if any(row.get("recall@10_low") is not None for row in rows):
+        out.append(
+            "\nIntervals: percentile bootstrap over the users (1000 resamples, seed 0); the difference to beam is "
+            "paired (both resampled on the same users), ** where its interval excludes 0, else the two are not "
+            "called different."
+        )
+    if any(row["older_floor"] for row in rows):
+        out.append(
+            "\n† an older record: mean over the mean of a bare pass over the decoder's own prompt "
+            "(NEZHA's with its placeholders); newer records give p50 over the p50 of a pass over the history alone"
+        )
+    out.append(f"\nCommand: `{command}`\n")
     return "\n".join(out)
+
+
+def with_interval(row: dict, metric: str) -> str:
+    if row.get(f"{metric}_low") is None:
+        return cell(row[metric], ".4f")
+    return f"{row[metric]:.4f} [{row[f'{metric}_low']:.4f}, {row[f'{metric}_high']:.4f}]"
+
+
+def difference(row: dict) -> str:
+    if row.get("recall@10_minus_beam") is None:
+        return "-"
+    low, high = row["recall@10_minus_beam_low"], row["recall@10_minus_beam_high"]
+    mark = " **" if low > 0 or high < 0 else ""
+    return f"{row['recall@10_minus_beam']:+.4f} [{low:+.4f}, {high:+.4f}]{mark}"
+
+
+def run_header(run: tuple, records: list[dict]) -> dict:
+    """What a run's tables say of how they were made."""
+    first = records[0]
+    return {
+        "dataset": run[0],
+        "split": run[1],
+        "device": run[2],
+        "timestamp": run[3],
+        "command": run[4],
+        "protocol": first.get("protocol"),
+        "torch": first.get("torch"),
+        "transformers": first.get("transformers"),
+        "commit": first["git_sha"],
+        "seed": first.get("seed"),
+    }
+
+
+def run_files(paths: list[Path], out_dir: Path) -> list[Path]:
+    """Per run, <dataset>-<cpu|gpu>.md, .csv, .json and -pareto.png in out_dir (a later
+    run of the same dataset and device kind gets -2, -3, ...), each written atomically."""
+    out_dir = Path(os.path.realpath(out_dir))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BenchError(f"--out-dir {out_dir} is a file; it takes a folder for the tables and plots")
+    groups = run_groups(paths)
+    if not groups:
+        raise BenchError("the input files hold no records; nothing was written")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, taken = [], set()
+    for run, records in groups:
+        stem = f"{run[0]}-{'cpu' if run[2].startswith('cpu') else 'gpu'}"
+        name, number = stem, 1
+        while name in taken:
+            number += 1
+            name = f"{stem}-{number}"
+        taken.add(name)
+        header, rows = run_header(run, records), run_rows(records)
+        plot = out_dir / f"{name}-pareto.png"
+        pareto_plot(rows, header, plot)
+        lines = [
+            f"# {header['dataset']} / {header['split']} / {header['device']}\n",
+            f"Made by `{header['command']}` at commit {header['commit'][:10]} ({header['timestamp']}), seed "
+            f"{header['seed']}, torch {header['torch']}, transformers {header['transformers']}.\n",
+            f"Protocol: {header['protocol']}\n",
+            run_table(run, records),
+            f"![Recall@10 against latency]({plot.name})\n",
+        ]
+        write_atomically(out_dir / f"{name}.md", "\n".join(lines))
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomically(out_dir / f"{name}.csv", table.getvalue())
+        write_atomically(out_dir / f"{name}.json", json.dumps({"run": header, "rows": rows}, indent=1) + "\n")
+        written += [out_dir / f"{name}{suffix}" for suffix in (".md", ".csv", ".json", "-pareto.png")]
+    return written
+
+
+def pareto_plot(rows: list[dict], header: dict, path: Path) -> None:
+    """Recall@10 (with its interval) against p50 latency per batch, one point per decoder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [row for row in rows if row["p50_ms"] and row["recall@10"] is not None]
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for row in timed:
+        low, high = row.get("recall@10_low"), row.get("recall@10_high")
+        error = [[row["recall@10"] - low], [high - row["recall@10"]]] if low is not None else None
+        axes.errorbar(row["p50_ms"], row["recall@10"], yerr=error, fmt="o", capsize=3)
+        axes.annotate(row["decoder"], (row["p50_ms"], row["recall@10"]), textcoords="offset points", xytext=(5, 4))
+    axes.set_xscale("log")
+    axes.set_xlabel(f"p50 ms per batch of {rows[0]['batch_size']} (log)")
+    axes.set_ylabel("Recall@10 (95% interval)")
+    axes.set_title(f"{header['dataset']} / {header['split']} / {header['device']}", fontsize=9)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp.png")
+    os.close(handle)
+    try:
+        figure.savefig(partial, dpi=110)
+        os.replace(partial, path)
+    finally:
+        plt.close(figure)
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def leaderboard(paths: list[Path]) -> str:
+    return "\n".join(run_table(run, records) for run, records in run_groups(paths))
 
 
 class Intervals:
@@ -118,20 +265,24 @@ class Intervals:
     def per_user(self, record: dict, metric: str):
         return per_user(ranks_from_hits(record["hits"], record["users"]), metric).numpy()
 
-    def value(self, record: dict, metric: str) -> str:
-        mean = record["metrics"][metric]
-        if self.boot is None or "hits" not in record or mean is None:
-            return cell(mean, ".4f")
-        low, high = self.boot.interval(self.per_user(record, metric))
-        return f"{mean:.4f} [{low:.4f}, {high:.4f}]"
-
-    def against_beam(self, record: dict, metric: str) -> str:
-        if self.boot is None or self.beam is None or record is self.beam or "hits" not in record:
-            return "-"
-        difference = self.per_user(record, metric) - self.per_user(self.beam, metric)
-        low, high = self.boot.interval(difference)
-        mark = " **" if low > 0 or high < 0 else ""
-        return f"{difference.mean():+.4f} [{low:+.4f}, {high:+.4f}]{mark}"
+    def bounds(self, record: dict) -> dict:
+        """The interval bounds of R@10 and N@10, and the paired difference of R@10 to beam
+        (None where the record holds no per-user hits)."""
+        out = {}
+        usable = self.boot is not None and "hits" in record
+        for metric in ("recall@10", "ndcg@10"):
+            low, high = (
+                self.boot.interval(self.per_user(record, metric))
+                if usable and record["metrics"][metric] is not None
+                else (None, None)
+            )
+            out[f"{metric}_low"], out[f"{metric}_high"] = low, high
+        keys = ("recall@10_minus_beam", "recall@10_minus_beam_low", "recall@10_minus_beam_high")
+        out.update(dict.fromkeys(keys))
+        if usable and self.beam is not None and record is not self.beam:
+            difference = self.per_user(record, "recall@10") - self.per_user(self.beam, "recall@10")
+            out.update(zip(keys, (float(difference.mean()), *self.boot.interval(difference))))
+        return out
 
 
 def board_records(path: Path) -> list[dict]:

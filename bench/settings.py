@@ -268,6 +268,9 @@ class TokenizeSettings:
 class LeaderboardSettings:
     files: list[str] = setting([], "result files", positional=True)
     out: str | None = setting(None, "write the tables to this file")
+    out_dir: str | None = setting(
+        None, "write <dataset>-<cpu|gpu>.md, .csv, .json and -pareto.png per run into this folder"
+    )
 
 
 SECTIONS = {

@@ -157,7 +157,7 @@ def test_leaderboard_shows_speedup_against_beam(cli, tmp_path):
     assert rows["nezha"]["speedup vs beam"] == "5.00"
     assert rows["nezha"]["R@10 [95% CI]"] == "0.3750"  # no per-user hits: no interval
     assert rows["nezha"]["R@20"] == "-"
-    assert rows["nezha"]["mean ms/batch"] == "10.0"
+    assert rows["nezha"]["p50 ms/batch"] == "10.0"  # the mean where an older record has no p50
     assert rows["nezha"]["p99 ms"] == "20.0"
     assert rows["nezha"]["commit"] == "0123456789"
 
@@ -190,6 +190,41 @@ def test_leaderboard_gives_intervals_and_marks_only_real_differences(cli, tmp_pa
     )
     assert rows["beam"]["R@10 - beam [95% CI]"] == "-"
     assert "paired" in out
+
+
+def test_leaderboard_writes_markdown_csv_json_and_a_plot_per_run(cli, tmp_path):
+    later = {"timestamp": "2026-11-23T09:00:00+0000"}
+    hits = {"hits": {"users": list(range(40)), "ranks": [2] * 40}}
+    runs = [record("beam", 50.0, 0.4, **hits), record("hf_beam", 500.0, 0.4, **hits), record("nezha", 10.0, 0.5)]
+    runs += [record("beam", 40.0, 0.4, **later)]
+    results, out_dir = tmp_path / "results.json", tmp_path / "boards"
+    results.write_text(json.dumps(runs))
+    code, out, err = cli("leaderboard", str(results), "--out-dir", str(out_dir))
+    assert code == 0, err
+    names = sorted(path.name for path in out_dir.iterdir())
+    stems = ("synthetic-cpu", "synthetic-cpu-2")  # two runs of the same dataset and device kind
+    assert names == sorted(f"{stem}{suffix}" for stem in stems for suffix in (".md", ".csv", ".json", "-pareto.png"))
+    board = json.loads((out_dir / "synthetic-cpu.json").read_text())
+    assert board["run"]["command"] == runs[0]["command"] and board["run"]["commit"] == "0123456789abcdef"
+    rows = {row["decoder"]: row for row in board["rows"]}
+    assert rows["nezha"]["speedup_vs_beam"] == 5.0 and rows["nezha"]["speedup_vs_hf_beam"] == 50.0
+    assert rows["hf_beam"]["recall@10_low"] <= 0.4 <= rows["hf_beam"]["recall@10_high"]
+    assert rows["hf_beam"]["recall@10_minus_beam"] == 0.0 and rows["nezha"]["recall@10_low"] is None
+    csv_lines = (out_dir / "synthetic-cpu.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("decoder,backbone,") and [line.split(",")[0] for line in csv_lines[1:]] == [
+        "beam",
+        "hf_beam",
+        "nezha",
+    ]
+    markdown = (out_dir / "synthetic-cpu.md").read_text()
+    assert "![Recall@10 against latency](synthetic-cpu-pareto.png)" in markdown and runs[0]["command"] in markdown
+    assert (out_dir / "synthetic-cpu-pareto.png").read_bytes()[:4] == b"\x89PNG"
+    before = {name: (out_dir / name).read_text() for name in names if not name.endswith(".png")}
+    assert cli("leaderboard", str(results), "--out-dir", str(out_dir))[0] == 0  # the same input, the same tables
+    assert before == {name: (out_dir / name).read_text() for name in before}
+    (tmp_path / "taken").write_text("x")
+    code, _, err = cli("leaderboard", str(results), "--out-dir", str(tmp_path / "taken"))
+    assert code == 2 and "is a file" in err and (tmp_path / "taken").read_text() == "x"
 
 
 def test_leaderboard_writes_its_out_file(cli, tmp_path):
