@@ -171,7 +171,7 @@ def model_entry(resolved) -> dict | None:
         "source": resolved.source,
         "attention": model.lm.core.config._attn_implementation,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "compiled": getattr(model, "compiled", False),
+        "compiled": model.compiled,
         "settings": asdict(model.settings),
         # epochs/seconds up to the kept (best) checkpoint; epochs_run/seconds_run until training stopped
         "training": model.training_record,

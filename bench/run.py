@@ -45,21 +45,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-COMPILE_BACKEND = "inductor"
-
-
-def compile_model(model: torch.nn.Module) -> None:
-    """torch.compile in place: the backbone's core (what every decoder calls and the
-    floor times) and every leaf module of the heads; dynamic shapes, so batches of other
-    history lengths reuse the compiled code instead of recompiling."""
-    model.lm.core.compile(dynamic=True, backend=COMPILE_BACKEND)
-    for head in (getattr(model, "head", None), getattr(model, "medusa", None)):
-        for module in head.modules() if head is not None else ():
-            if not list(module.children()):
-                module.compile(dynamic=True, backend=COMPILE_BACKEND)
-    model.compiled = True
-
-
 def check_k(k: int, data: RecData) -> None:
     if k < 1:
         raise BenchError(f"--k {k}: K must be at least 1")
@@ -102,8 +87,8 @@ def run(
         for entry in resolved.values():
             if isinstance(entry.model, torch.nn.Module):
                 entry.model = entry.model.to(device=device, dtype=dtype).eval()
-                if settings.compile and not getattr(entry.model, "compiled", False):
-                    compile_model(entry.model)
+                if settings.compile and not entry.model.compiled:
+                    entry.model.compile_modules()
     decoders = {
         spec: REGISTRY[name](data.catalog, settings.k, {role: m.model for role, m in resolved.items()}, options)
         for spec, (name, options, _), resolved in zip(specs, plans, models)

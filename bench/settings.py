@@ -501,7 +501,8 @@ def settings_from(args: argparse.Namespace, sections: list[str], hidden: dict | 
     for section in sections:
         cls = SECTIONS[section]
         from_dict(cls, preset.get(section) or {}, f"preset {preset_name}, section {section}")
-        values = merged(preset.get(section) or {}, config.get(section) or {})
+        given = config.get(section) or {}
+        values = merged(preset.get(section) or {}, given) if isinstance(given, dict) else given  # from_dict says why
         built = from_dict(cls, values, f"config file {args.config}, section {section}")
         flagless = (hidden or {}).get(section, ())
         given = {

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import random
-import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -231,7 +230,7 @@ def train_model(
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         trainer.fit(model, train_loader, valid_loader, ckpt_path=resume)
     if trainer.is_global_zero:
-        training = record_training_totals(Path(best.best_model_path), trainer.current_epoch, model)
+        training = record_training_totals(Path(best.best_model_path), run_dir / "last.ckpt")
         (run_dir / "settings.json").write_text(
             json.dumps(
                 {
@@ -247,12 +246,14 @@ def train_model(
     return Path(best.best_model_path)
 
 
-def record_training_totals(best: Path, epochs_run: int, model: SidRecommender) -> dict:
-    """Add to the best checkpoint's training record how long the whole run took (it was
-    saved at its best epoch; training went on until early stopping or --max-epochs)."""
+def record_training_totals(best: Path, last: Path) -> dict:
+    """Add to the best checkpoint's training record how long the whole run took: the
+    record of the last checkpoint (saved after every epoch; training went on after the
+    best one until early stopping or --max-epochs)."""
     checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+    final = torch.load(last, map_location="cpu", weights_only=True).get("training") or {}
     training = dict(checkpoint.get("training") or {})
-    training.update(epochs_run=epochs_run, seconds_run=round(time.perf_counter() - model._fit_clock, 1))
+    training.update(epochs_run=final.get("epochs"), seconds_run=final.get("seconds"))
     checkpoint["training"] = training
     partial = best.with_suffix(".ckpt.tmp")
     torch.save(checkpoint, partial)

@@ -22,6 +22,7 @@ from models import objectives
 from models.backbones import DECODER_ONLY, ITEM, backbone_kind, build_backbone
 from models.heads import MedusaHeads, NezhaDraftHead
 
+COMPILE_BACKEND = "inductor"  # torch.compile's; tests use "eager" (tracing without code generation)
 VALIDATION_DECODER = {"ntp": "beam", "nezha": "nezha", "medusa": "medusa", "next_item": "full_rank"}
 
 
@@ -78,6 +79,7 @@ class SidRecommender(L.LightningModule):
         self.catalog = catalog
         self.val_recall = MeanMetric()
         self._val_decoder = None
+        self.compiled = False  # by compile_modules (bench run --compile)
         # epochs and wall seconds of training up to this checkpoint (see on_save_checkpoint)
         self.training_record: dict | None = None
 
@@ -95,6 +97,17 @@ class SidRecommender(L.LightningModule):
             num_items=catalog.num_items,
             catalog=catalog,
         )
+
+    def compile_modules(self) -> None:
+        """torch.compile in place: the backbone's core (what every decoder calls and the
+        floor times) and every leaf module of the heads; dynamic shapes, so batches of
+        other history lengths reuse the compiled code instead of recompiling."""
+        self.lm.core.compile(dynamic=True, backend=COMPILE_BACKEND)
+        for head in (self.head, self.medusa):
+            for module in head.modules() if head is not None else ():
+                if not list(module.children()):
+                    module.compile(dynamic=True, backend=COMPILE_BACKEND)
+        self.compiled = True
 
     def collate(self, windows: list[dict]) -> dict:
         return objectives.collate(self.objective, windows, self.catalog, self.lm.kind, self.settings.placeholders)

@@ -12,9 +12,9 @@ import torch
 import yaml
 from conftest import random_batch, random_catalog, random_model
 
-import bench.run
 import bench.settings
 import bench.train
+import models.module
 from bench.__main__ import main
 from bench.errors import BenchError
 from bench.settings import ModelSettings, from_dict
@@ -280,11 +280,11 @@ def test_bf16_runs_every_model_in_bf16_on_the_cpu(cli, tmp_path):
 def test_compiled_models_decode_exactly_as_eager_ones(catalog, monkeypatch):
     """torch.compile (dynamo traces backbone and heads; the eager backend keeps the test
     to seconds, inductor's code generation is what users get) changes no output."""
-    monkeypatch.setattr(bench.run, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(models.module, "COMPILE_BACKEND", "eager")
     nezha = random_model("nezha", catalog, seed=1)
     batch = random_batch(catalog, users=4, seed=1)
     expected = build_decoder("nezha", catalog, 5, {"nezha": nezha}).decode(batch)
-    bench.run.compile_model(nezha)
+    nezha.compile_modules()
     got = build_decoder("nezha", catalog, 5, {"nezha": nezha}).decode(batch)
     assert torch.equal(got.sids, expected.sids)
     torch.testing.assert_close(got.scores, expected.scores)
@@ -292,7 +292,7 @@ def test_compiled_models_decode_exactly_as_eager_ones(catalog, monkeypatch):
 
 def test_compile_flag_compiles_every_model_and_says_so(cli, tmp_path, monkeypatch):
     compiled = []
-    monkeypatch.setattr(bench.run, "compile_model", lambda model: compiled.append(model.objective))
+    monkeypatch.setattr(models.module.SidRecommender, "compile_modules", lambda model: compiled.append(model.objective))
     out = tmp_path / "results.json"
     args = ["run", "--decoder", "beam", "--untrained", "--backbone", "qwen-micro", "--limit-users", "8", "--compile"]
     code, _, err = cli(*args, "--out", str(out))
