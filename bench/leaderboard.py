@@ -186,15 +186,24 @@ def run_files(paths: list[Path], out_dir: Path) -> list[Path]:
     groups = run_groups(paths)
     if not groups:
         raise BenchError("the input files hold no records; nothing was written")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written, taken = [], set()
-    for run, records in groups:
+    names, taken = [], set()
+    for run, _ in groups:
         stem = f"{run[0]}-{'cpu' if run[2].startswith('cpu') else 'gpu'}"
         name, number = stem, 1
         while name in taken:
             number += 1
             name = f"{stem}-{number}"
         taken.add(name)
+        names.append(name)
+    suffixes = (".md", ".csv", ".json", "-pareto.png")
+    inputs = {Path(os.path.realpath(path)) for path in paths}
+    clashes = [out_dir / f"{n}{suffix}" for n in names for suffix in suffixes if out_dir / f"{n}{suffix}" in inputs]
+    if clashes:  # records are never overwritten by a table made of them
+        raise BenchError(f"--out-dir would write over the input file {clashes[0]}; give another folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, (run, records) in zip(names, groups):
+        targets = [out_dir / f"{name}{suffix}" for suffix in suffixes]
         header, rows = run_header(run, records), run_rows(records)
         plot = out_dir / f"{name}-pareto.png"
         pareto_plot(rows, header, plot)
@@ -213,7 +222,7 @@ def run_files(paths: list[Path], out_dir: Path) -> list[Path]:
         writer.writerows(rows)
         write_atomically(out_dir / f"{name}.csv", table.getvalue())
         write_atomically(out_dir / f"{name}.json", json.dumps({"run": header, "rows": rows}, indent=1) + "\n")
-        written += [out_dir / f"{name}{suffix}" for suffix in (".md", ".csv", ".json", "-pareto.png")]
+        written += targets
     return written
 
 

@@ -12,7 +12,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -178,7 +177,9 @@ def model_entry(resolved) -> dict | None:
     }
 
 
-def build_record(spec, decoder, measured, models: dict, targets, data, settings: dict, device, commit: str) -> dict:
+def build_record(
+    spec, decoder, measured, models: dict, targets, data, settings: dict, device, commit: str, timestamp: str
+) -> dict:
     """One decoder's record: quality, latency, calls, the models it used (by role) and the
     full effective settings, with what it takes to reproduce it."""
     sids = torch.cat([r.sids for r in measured.results])  # [N, K', L]
@@ -212,7 +213,7 @@ def build_record(spec, decoder, measured, models: dict, targets, data, settings:
         "transformers": transformers.__version__,
         "seed": settings["data"].seed,
         "command": " ".join(["python -m bench"] + sys.argv[1:]),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "timestamp": timestamp,  # one per run: the leaderboard groups a run's records by it
         "settings": {section: asdict(value) for section, value in settings.items()},
         "data_source": data.source,
         "data_sha256": data.checksums,

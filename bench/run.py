@@ -4,6 +4,7 @@ decoder. Nothing here knows any decoder by name."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -99,6 +100,7 @@ def run(
     if settings.profile:
         write_profiles(decoders, batches[0].prompt, Path(settings.profile))
     targets = torch.cat([b.targets.cpu() for b in batches])
+    timestamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return [
         build_record(
             spec,
@@ -110,6 +112,7 @@ def run(
             {"data": data_settings, "model": model_settings, "run": settings},
             device,
             commit,
+            timestamp,
         )
         for spec, resolved in zip(specs, models)
     ]
