@@ -222,6 +222,10 @@ def test_leaderboard_writes_markdown_csv_json_and_a_plot_per_run(cli, tmp_path):
     before = {name: (out_dir / name).read_text() for name in names if not name.endswith(".png")}
     assert cli("leaderboard", str(results), "--out-dir", str(out_dir))[0] == 0  # the same input, the same tables
     assert before == {name: (out_dir / name).read_text() for name in before}
+    (out_dir / "synthetic-cpu.json").write_text(json.dumps(runs))  # records named like a table: not overwritten
+    code, _, err = cli("leaderboard", str(out_dir / "synthetic-cpu.json"), "--out-dir", str(out_dir))
+    assert code == 2 and "would write over the input file" in err
+    assert json.loads((out_dir / "synthetic-cpu.json").read_text()) == runs
     (tmp_path / "taken").write_text("x")
     code, _, err = cli("leaderboard", str(results), "--out-dir", str(tmp_path / "taken"))
     assert code == 2 and "is a file" in err and (tmp_path / "taken").read_text() == "x"
