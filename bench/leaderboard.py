@@ -109,10 +109,9 @@ def run_rows(records: list[dict]) -> list[dict]:
     return rows
 
 
-def run_table(run: tuple, records: list[dict]) -> str:
-    """The Markdown table of one run, with its notes."""
+def run_table(run: tuple, rows: list[dict]) -> str:
+    """The Markdown table of one run (its run_rows), with its notes."""
     dataset, split, device, timestamp, command = run
-    rows = run_rows(records)
     out = [f"### {dataset} / {split} / {device} / {timestamp}\n"]
     out.append(
         "| decoder | backbone | users | K | batch | R@1 | R@10 [95% CI] | N@10 [95% CI] | R@10 - beam [95% CI] | "
@@ -212,7 +211,7 @@ def run_files(paths: list[Path], out_dir: Path) -> list[Path]:
             f"Made by `{header['command']}` at commit {header['commit'][:10]} ({header['timestamp']}), seed "
             f"{header['seed']}, torch {header['torch']}, transformers {header['transformers']}.\n",
             f"Protocol: {header['protocol']}\n",
-            run_table(run, records),
+            run_table(run, rows),
             f"![Recall@10 against latency]({plot.name})\n",
         ]
         write_atomically(out_dir / f"{name}.md", "\n".join(lines))
@@ -258,7 +257,7 @@ def pareto_plot(rows: list[dict], header: dict, path: Path) -> None:
 
 
 def leaderboard(paths: list[Path]) -> str:
-    return "\n".join(run_table(run, records) for run, records in run_groups(paths))
+    return "\n".join(run_table(run, run_rows(records)) for run, records in run_groups(paths))
 
 
 class Intervals:
@@ -270,6 +269,7 @@ class Intervals:
         self.boot = Bootstrap(with_hits[0]["users"]) if with_hits else None
         beams = [r for r in with_hits if r["decoder"] == "beam"]
         self.beam = beams[-1] if beams else None
+        self.beam_recall = self.per_user(self.beam, "recall@10") if self.beam else None
 
     def per_user(self, record: dict, metric: str):
         return per_user(ranks_from_hits(record["hits"], record["users"]), metric).numpy()
@@ -277,19 +277,18 @@ class Intervals:
     def bounds(self, record: dict) -> dict:
         """The interval bounds of R@10 and N@10, and the paired difference of R@10 to beam
         (None where the record holds no per-user hits)."""
-        out = {}
         usable = self.boot is not None and "hits" in record
+        values = {metric: self.per_user(record, metric) for metric in ("recall@10", "ndcg@10")} if usable else {}
+        out = {}
         for metric in ("recall@10", "ndcg@10"):
             low, high = (
-                self.boot.interval(self.per_user(record, metric))
-                if usable and record["metrics"][metric] is not None
-                else (None, None)
+                self.boot.interval(values[metric]) if usable and record["metrics"][metric] is not None else (None, None)
             )
             out[f"{metric}_low"], out[f"{metric}_high"] = low, high
         keys = ("recall@10_minus_beam", "recall@10_minus_beam_low", "recall@10_minus_beam_high")
         out.update(dict.fromkeys(keys))
         if usable and self.beam is not None and record is not self.beam:
-            difference = self.per_user(record, "recall@10") - self.per_user(self.beam, "recall@10")
+            difference = values["recall@10"] - self.beam_recall
             out.update(zip(keys, (float(difference.mean()), *self.boot.interval(difference))))
         return out
 

@@ -121,14 +121,8 @@ class DecoderOnlyLM(nn.Module):
         else:
             positions = state.next_position[:, None] + tree_mask.sum(-1).expand(tokens.shape) - 1
             attention = tree_attention(state.mask, tree_mask)
-        out = self.lm(
-            input_ids=tokens,
-            attention_mask=attention,
-            position_ids=positions,
-            past_key_values=state.cache,
-            use_cache=True,
-        )
-        return out.logits, DecodeState(out.past_key_values, mask, positions.max(dim=1).values + 1)
+        logits, cache = self.cached_pass(state, tokens, attention, positions)
+        return logits, DecodeState(cache, mask, positions.max(dim=1).values + 1)
 
     def extend_beams(
         self, state: DecodeState, tokens: torch.Tensor, seen: torch.Tensor
@@ -144,6 +138,11 @@ class DecoderOnlyLM(nn.Module):
         prompt = state.mask.bool()[:, None, :].expand(size, beams, state.mask.shape[1])
         attention = torch.cat([prompt, seen], -1).unsqueeze(1)  # [B, 1, K, T + S + K]
         positions = state.next_position[:, None].expand(size, beams)
+        logits, cache = self.cached_pass(state, tokens, attention, positions)
+        return logits, DecodeState(cache, state.mask, state.next_position + 1), seen
+
+    def cached_pass(self, state: DecodeState, tokens, attention, positions):
+        """tokens [N, m] after the cached ones, with their mask and positions -> logits [N, m, V], cache."""
         out = self.lm(
             input_ids=tokens,
             attention_mask=attention,
@@ -151,7 +150,7 @@ class DecoderOnlyLM(nn.Module):
             past_key_values=state.cache,
             use_cache=True,
         )
-        return out.logits, DecodeState(out.past_key_values, state.mask, state.next_position + 1), seen
+        return out.logits, out.past_key_values
 
     def tree_forward(self, input_ids, attention_mask, tree_tokens, tree_mask):
         """A left-padded prompt [B, T] and a token tree [B, N] after it, in ONE pass.

@@ -279,7 +279,7 @@ def test_bf16_runs_every_model_in_bf16_on_the_cpu(cli, tmp_path):
 
 def test_compiled_models_decode_exactly_as_eager_ones(catalog, monkeypatch):
     """torch.compile (dynamo traces backbone and heads; the eager backend keeps the test
-    to seconds, inductor's code generation is what users get) changes no output."""
+    short, inductor's code generation is what users get) changes no output."""
     monkeypatch.setattr(models.module, "COMPILE_BACKEND", "eager")
     nezha = random_model("nezha", catalog, seed=1)
     batch = random_batch(catalog, users=4, seed=1)
