@@ -480,13 +480,28 @@ def preset_of(args: argparse.Namespace, config: dict) -> tuple[str | None, dict]
     return name, read_config(str(PRESETS / f"{name}.yaml"))
 
 
+def without(per_objective, names) -> dict:
+    """per_objective entries less the given settings: a later source that sets a setting
+    for every objective overrides an earlier source's per-objective value of it."""
+    if not isinstance(per_objective, dict):
+        return per_objective
+    return {
+        objective: {k: v for k, v in entries.items() if k not in names} if isinstance(entries, dict) else entries
+        for objective, entries in per_objective.items()
+    }
+
+
 def merged(preset: dict, config: dict) -> dict:
-    """A config section over a preset's: per_objective entries merge per objective."""
+    """A config section over a preset's: per_objective entries merge per objective, and a
+    setting the config gives for all objectives beats the preset's per-objective value."""
     out = {**preset, **config}
-    if isinstance(preset.get("per_objective"), dict) and isinstance(config.get("per_objective"), dict):
-        objectives = {**preset["per_objective"], **config["per_objective"]}
+    preset_objectives = without(preset.get("per_objective"), set(config))
+    if preset_objectives is not None:
+        out["per_objective"] = preset_objectives
+    if isinstance(preset_objectives, dict) and isinstance(config.get("per_objective"), dict):
+        objectives = {**preset_objectives, **config["per_objective"]}
         out["per_objective"] = {
-            name: {**(preset["per_objective"].get(name) or {}), **(config["per_objective"].get(name) or {})}
+            name: {**(preset_objectives.get(name) or {}), **(config["per_objective"].get(name) or {})}
             for name in objectives
         }
     return out
@@ -512,6 +527,8 @@ def settings_from(args: argparse.Namespace, sections: list[str], hidden: dict | 
         }
         for name, value in given.items():
             check_value(cls, name, value, "command line")
+        if "per_objective" in {f.name for f in fields(cls)}:
+            given["per_objective"] = without(built.per_objective, set(given))
         out[section] = dataclasses.replace(built, **given)
     if "model" in out and "data" in out:
         out["model"] = out["model"].resolved(out["data"])

@@ -335,6 +335,20 @@ def test_config_and_flags_go_over_the_preset_and_per_objective_merges_per_object
     assert model["per_objective"]["next_item"]["dropout"] == 0.5
 
 
+def test_a_setting_given_for_all_objectives_beats_the_presets_per_objective_value(cli, tmp_path):
+    """--max-epochs 3 means 3 for every objective, not 3 except where the preset says otherwise."""
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"model": {"dropout": 0.2}}))
+    code, printed, err = cli(
+        "train", "--dataset", "beauty", "--config", "c.yaml", "--max-epochs", "3", "--print-config"
+    )
+    model = yaml.safe_load(printed)["model"]
+    assert code == 0, err
+    for objective in ("ntp", "nezha", "next_item"):
+        settings = bench.settings.ModelSettings(**model).for_objective(objective)
+        assert (settings.max_epochs, settings.dropout) == (3, 0.2)
+        assert settings.lr_schedule == "cosine"  # what the flags and config leave alone still comes from the preset
+
+
 def test_each_objective_trains_with_its_own_settings_and_no_per_objective_left():
     settings = ModelSettings(
         backbone="qwen-micro", dropout=0.1, per_objective={"next_item": {"dropout": 0.5}, "ntp": {"lr": 0.01}}
