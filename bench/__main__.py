@@ -34,10 +34,9 @@ HIDDEN = {"tune": {"run": ("decoder", "split", "ckpt", "untrained", "out", "cons
 
 
 def load_data(settings):
-    from bench.data import load_dataset
+    from bench.data import load
 
-    d = settings["data"]
-    return load_dataset(d.dataset, d.data_dir, d.collisions, d.seed)
+    return load(settings["data"])
 
 
 def cmd_data(settings) -> None:

@@ -41,10 +41,31 @@ class DataSettings:
         "last_code", "how SIDs shared by several items are made unique"
     )
     seed: int = setting(0, "seed of the synthetic generator, of training and of random weights", low=0, high=2**32 - 1)
+    items: int | None = setting(
+        None,
+        "synthetic only: catalogue size, SIDs from the planted hierarchy (default: 600 items, RQ-KMeans SIDs)",
+        low=100,
+        high=100_000_000,
+    )
+    users: int | None = setting(None, "synthetic only: users generated (default: 3000)", low=10, high=10_000_000)
+    sequence_length: int | None = setting(
+        None, "synthetic only: items per user (default: 5 to 20, geometric)", low=3, high=10_000
+    )
+
+    def __post_init__(self):
+        if not self.is_synthetic:
+            for name in SYNTHETIC_SHAPE:
+                if getattr(self, name) is not None:
+                    raise BenchError(
+                        f"{flag(name)} shapes the synthetic dataset only; {self.dataset} comes from its files"
+                    )
 
     @property
-    def is_synthetic_default(self) -> bool:
+    def is_synthetic(self) -> bool:
         return self.dataset == "synthetic" and self.data_dir is None
+
+
+SYNTHETIC_SHAPE = ("items", "users", "sequence_length")
 
 
 @dataclass
@@ -123,12 +144,12 @@ class ModelSettings:
 
     def resolved(self, data: DataSettings) -> "ModelSettings":
         """The dataset-dependent defaults filled in: what a run actually uses."""
-        backbone = self.backbone or ("qwen-tiny" if data.is_synthetic_default else "qwen-small")
+        backbone = self.backbone or ("qwen-tiny" if data.is_synthetic else "qwen-small")
         family = "llama" if backbone.startswith("llama") else "qwen"
         return dataclasses.replace(
             self,
             backbone=backbone,
-            train_batch_size=self.train_batch_size or (64 if data.is_synthetic_default else 256),
+            train_batch_size=self.train_batch_size or (64 if data.is_synthetic else 256),
             draft_backbone=self.draft_backbone or f"{family}-micro",
         )
 

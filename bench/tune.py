@@ -203,14 +203,13 @@ def worker(settings: dict, study_name: str, storage_url: str, out: str, threads:
     failed trial is not counted, so one worker alone runs at most --trials more)."""
     import optuna
 
-    from bench.data import load_dataset
+    from bench.data import load
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     torch.set_num_threads(threads)
     tune: TuneSettings = settings["tune"]
-    d = settings["data"]
-    data = load_dataset(d.dataset, d.data_dir, d.collisions, d.seed)
+    data = load(settings["data"])
     study = open_study(tune, study_name, storage_url, data.name, create=False)
     target = tune.trials
 

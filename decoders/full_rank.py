@@ -11,6 +11,8 @@ import torch
 from decoders.base import Decoder, DecodeResult, ModelRequest, register
 from models.backbones import ITEM, backbone_kind
 
+SCORES_PER_BLOCK = 2**24  # scores held at once per batch (64 MiB in fp32)
+
 
 @register
 class FullRank(Decoder):
@@ -36,6 +38,19 @@ class FullRank(Decoder):
 
     @torch.no_grad()
     def decode(self, prompt) -> DecodeResult:
-        scores = torch.log_softmax(self.lm.item_scores(prompt.items, prompt.items_mask, last_only=True).float(), -1)
-        top = scores.topk(min(self.k, scores.shape[-1]), dim=-1)  # [B, K]
-        return DecodeResult(sids=self.catalog.on(top.indices.device).sids[top.indices], scores=top.values)
+        """Items scored a block at a time, keeping the running top-K and log-normaliser, so
+        a batch never holds [B, N] scores at once (10^7 items x 256 users would be 10 GB)."""
+        user = self.lm.hidden(prompt.items, prompt.items_mask)[:, -1]  # [B, d]
+        table = self.lm.item_table()  # [N, d]
+        block = max(self.k, SCORES_PER_BLOCK // len(user))
+        best_scores, best_items, normaliser = [], [], []
+        for start in range(0, len(table), block):
+            scores = (user @ table[start : start + block].T).float()  # [B, block]
+            top = scores.topk(min(self.k, scores.shape[-1]), dim=-1)
+            best_scores.append(top.values)
+            best_items.append(top.indices + start)
+            normaliser.append(scores.logsumexp(-1, keepdim=True))
+        scores, order = torch.cat(best_scores, -1).topk(min(self.k, len(table)), dim=-1)  # [B, K]
+        items = torch.cat(best_items, -1).gather(-1, order)
+        scores = scores - torch.cat(normaliser, -1).logsumexp(-1, keepdim=True)
+        return DecodeResult(sids=self.catalog.on(items.device).sids[items], scores=scores)

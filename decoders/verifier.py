@@ -22,7 +22,9 @@ Full SIDs also live in a Python hash set of mixed-radix integers
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 
 import torch
 
@@ -69,6 +71,11 @@ class Verifier:
     def table_bytes(self) -> int:
         """Memory of the trie's tensors."""
         return sum(t.numel() * t.element_size() for level in self.levels_built for t in level)
+
+    @functools.cached_property
+    def hash_set_bytes(self) -> int:
+        """Memory of the Python hash set of full SIDs: its table and its integers."""
+        return sys.getsizeof(self.valid_sids) + sum(map(sys.getsizeof, self.valid_sids))
 
     def encode(self, sids: torch.Tensor) -> torch.Tensor:
         """[..., l] codes of the first l levels -> [...] mixed-radix integers."""

@@ -47,12 +47,13 @@ class ItemSequenceModel(nn.Module):
     def core(self) -> nn.Module:
         return self.model
 
-    def item_scores(self, items: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """items [B, T] (item index + 1, 0 = PAD) -> scores over all items [B, T, N] (or [B, N])."""
-        hidden = self.hidden(items, mask)
-        if last_only:
-            hidden = hidden[:, -1]
-        return hidden @ self.model.wte.weight[1:].T
+    def item_scores(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """items [B, T] (item index + 1, 0 = PAD) -> scores over all items [B, T, N]."""
+        return self.hidden(items, mask) @ self.item_table().T
+
+    def item_table(self) -> torch.Tensor:
+        """[N, d] the item embeddings that score a hidden state (PAD's row left out)."""
+        return self.model.wte.weight[1:]
 
     def hidden(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, T] item ids -> [B, T, d]: one pass of the item transformer."""

@@ -8,7 +8,7 @@ from conftest import random_batch, random_model, training_losses
 from bench.errors import BenchError
 from bench.latency import count_calls
 from bench.settings import ModelSettings
-from decoders import REGISTRY, build_decoder, plan
+from decoders import REGISTRY, build_decoder, full_rank, plan
 from models.backbones import BACKBONES, backbone_kind, build_backbone, parameter_count
 
 GENERATIVE = ["qwen-tiny", "llama-tiny", "t5-tiny"]
@@ -88,8 +88,22 @@ def test_full_rank_scores_every_item_in_one_call(catalog):
     assert calls[0] == 1
     items = catalog.items_of(result.sids)
     with torch.no_grad():
-        scores = model.lm.item_scores(batch.items, batch.items_mask, last_only=True)
-    assert torch.equal(items, scores.topk(7).indices)
+        scores = torch.log_softmax(model.lm.item_scores(batch.items, batch.items_mask)[:, -1], -1)
+    top = scores.topk(7)
+    assert torch.equal(items, top.indices)
+    torch.testing.assert_close(result.scores, top.values)
+
+
+def test_full_rank_in_blocks_of_items_equals_scoring_all_at_once(catalog, monkeypatch):
+    """A large catalogue is scored a block at a time; the top-K and the log-probabilities stay."""
+    model = random_model("next_item", catalog, seed=3, backbone="sasrec-tiny")
+    batch = random_batch(catalog, users=5, seed=3)
+    decoder = build_decoder("full_rank", catalog, 7, {"next_item": model})
+    whole = decoder.decode(batch)
+    monkeypatch.setattr(full_rank, "SCORES_PER_BLOCK", 5 * 13)  # blocks of 13 items, the last one shorter
+    blocks = decoder.decode(batch)
+    assert torch.equal(blocks.sids, whole.sids)
+    torch.testing.assert_close(blocks.scores, whole.scores)
 
 
 def test_sid_decoders_refuse_the_item_model_and_full_rank_refuses_sid_models():

@@ -370,6 +370,55 @@ def test_synthetic_dataset_describe():
     assert info["training_prefixes"] == info["interactions"] - 3 * info["users"]
 
 
+@pytest.mark.parametrize("items", [100, 5_000, 40_000])
+def test_a_synthetic_catalogue_of_any_size_has_unique_hierarchy_sids_from_its_seed(items):
+    data = load_dataset("synthetic", items=items, users=300, seed=4)
+    again = load_dataset("synthetic", items=items, users=300, seed=4)
+    catalog = data.catalog
+    assert catalog.num_items == items and catalog.collisions == 0
+    assert torch.equal(catalog.sids, again.catalog.sids) and data.sequences == again.sequences
+    assert len({tuple(sid) for sid in catalog.sids.tolist()}) == items
+    assert catalog.levels == 3 and all((catalog.sids < torch.tensor(catalog.codebook_sizes)).all(0))
+    assert len(data.sequences) == 300 and all(5 <= len(s) <= 20 for s in data.sequences)
+    assert all(0 <= i < items for s in data.sequences for i in s)
+    other = load_dataset("synthetic", items=items, users=300, seed=5)
+    assert not torch.equal(other.catalog.sids, catalog.sids)
+
+
+def test_the_verifier_of_a_large_catalogue_accepts_exactly_its_sids():
+    catalog = load_dataset("synthetic", items=40_000, users=10).catalog
+    verifier = catalog.verifier
+    assert all(verifier.is_valid(sid) for sid in catalog.sids[::97].tolist())
+    generator = torch.Generator().manual_seed(0)
+    sizes = torch.tensor(catalog.codebook_sizes)
+    random_sids = (torch.rand(20_000, 3, generator=generator) * sizes).long()
+    real = set(map(tuple, catalog.sids.tolist()))
+    expected = torch.tensor([tuple(sid) in real for sid in random_sids.tolist()])
+    assert 0 < expected.sum() < len(expected)
+    assert torch.equal(catalog.items_of(random_sids) >= 0, expected)
+    assert torch.equal(verifier.nodes_of(random_sids) >= 0, expected)
+    info = catalog.describe()["verifier"]
+    assert info["trie_bytes"] == verifier.table_bytes > 0 and info["bytes_per_item"] > 0
+
+
+def test_synthetic_shape_settings_set_users_and_sequence_length_of_the_default_catalogue():
+    data = load_dataset("synthetic", users=50, sequence_length=30)
+    assert len(data.sequences) == 50 and {len(s) for s in data.sequences} == {30}
+    assert data.catalog.num_items == 600 and data.generator == {"users": 50, "sequence_length": 30}
+    assert data.source == "synthetic generator (seed=0, users=50, sequence_length=30)"
+
+
+def test_models_of_differently_shaped_synthetic_data_are_cached_apart():
+    """Same catalogue, other users: a model trained on one must not be reused for the other."""
+    from bench.settings import ModelSettings
+    from bench.train import cache_key
+
+    settings = ModelSettings(backbone="qwen-micro")
+    default, fewer = load_dataset("synthetic"), load_dataset("synthetic", users=500)
+    assert default.catalog.fingerprint == fewer.catalog.fingerprint
+    assert cache_key("ntp", settings, default, 0) != cache_key("ntp", settings, fewer, 0)
+
+
 # ---------------------------------------------------------------- splits
 
 

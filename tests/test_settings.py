@@ -306,6 +306,19 @@ def test_fp16_on_the_cpu_is_refused(cli):
     assert code == 2 and "--dtype fp16 runs on CUDA only" in err and len(err.strip().splitlines()) == 1
 
 
+def test_synthetic_shape_flags_make_the_dataset_and_are_refused_on_real_data(cli):
+    code, out, err = cli("data", "--items", "2000", "--users", "20", "--sequence-length", "6")
+    info = json.loads(out)
+    assert code == 0, err
+    assert (info["items"], info["users"], info["history_length"]["max"]) == (2000, 20, 6)
+    assert set(info["verifier"]) == {"build_seconds", "trie_bytes", "hash_set_bytes", "bytes_per_item"}
+    code, _, err = cli("data", "--dataset", "beauty", "--items", "2000")
+    assert code == 2 and "--items shapes the synthetic dataset only; beauty comes from its files" in err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = cli("data", "--items", "5")
+    assert code == 2 and "--items 5: must be at least 100" in err
+
+
 # ---------------------------------------------------------------- presets
 
 

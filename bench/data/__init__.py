@@ -10,25 +10,47 @@ from bench.data.catalog import Catalog, build_catalog
 from bench.data.splits import RecData, eval_examples, item_popularity, train_windows
 from bench.errors import BenchError
 
-__all__ = ["Catalog", "RecData", "load_dataset", "eval_examples", "train_windows", "item_popularity"]
+__all__ = ["Catalog", "RecData", "load", "load_dataset", "eval_examples", "train_windows", "item_popularity"]
 
 NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # a dataset name also names folders (runs/<name>/): no paths
 
 
+def load(settings) -> RecData:
+    """The dataset of a command's data settings (bench.settings.DataSettings)."""
+    shape = {name: getattr(settings, name) for name in ("items", "users", "sequence_length")}
+    return load_dataset(settings.dataset, settings.data_dir, settings.collisions, settings.seed, **shape)
+
+
 def load_dataset(
-    name: str = "synthetic", data_dir: str | Path | None = None, collisions: str = "last_code", seed: int = 0
+    name: str = "synthetic",
+    data_dir: str | Path | None = None,
+    collisions: str = "last_code",
+    seed: int = 0,
+    items: int | None = None,
+    users: int | None = None,
+    sequence_length: int | None = None,
 ) -> RecData:
-    """Load by name: `synthetic` is generated; a LETTER dataset comes from --data-dir,
-    else ../shared/data/<name>, else the download cache (downloading it once)."""
+    """Load by name: `synthetic` is generated (of `items`, `users`, `sequence_length` when
+    given); a LETTER dataset comes from --data-dir, else ../shared/data/<name>, else the
+    download cache (downloading it once)."""
     if not NAME.fullmatch(name):
         raise BenchError(
             f"dataset name {name!r} is not a name (letters, digits, '-', '_' and '.', not starting with '.'); "
             "a folder comes with --data-dir FOLDER beside --dataset NAME"
         )
-    if name == "synthetic" and data_dir is None:
-        item_ids, codes, user_ids, sequences = synthetic.generate(seed=seed)
-        source = f"synthetic generator (seed={seed})"
-        checksums = {}
+    generated = name == "synthetic" and data_dir is None
+    shape = {k: v for k, v in (("items", items), ("users", users), ("sequence_length", sequence_length)) if v}
+    if generated and items:
+        codes, sizes, sequences = synthetic.generate_scaled(seed, items, users or 3000, sequence_length)
+        catalog = build_catalog(name, [str(i) for i in range(items)], codes, rule=collisions, codebook_sizes=sizes)
+        return RecData(
+            name, catalog, [str(u) for u in range(len(sequences))], sequences, source_of(seed, shape), generator=shape
+        )
+    if generated:
+        item_ids, codes, user_ids, sequences = synthetic.generate(
+            seed=seed, users=users or 3000, sequence_length=sequence_length
+        )
+        source, checksums = source_of(seed, shape), {}
     else:
         folder = Path(data_dir) if data_dir else (letter.shared_dir(name) or _cached_or_download(name))
         inter_path, index_path = letter.find_files(folder)
@@ -36,14 +58,9 @@ def load_dataset(
         letter.check_pinned(name, sums)
         item_ids, codes = letter.parse_index(index_path)
         user_ids, sequences = letter.parse_interactions(inter_path, set(item_ids), index_path)
-        source = str(folder)
-        checksums = {path.name: digest for path, digest in sums.items()}
+        source, checksums = str(folder), {path.name: digest for path, digest in sums.items()}
     catalog = build_catalog(
-        name,
-        item_ids,
-        codes,
-        rule=collisions,
-        codebook_sizes=synthetic.CODEBOOK if name == "synthetic" and data_dir is None else None,
+        name, item_ids, codes, rule=collisions, codebook_sizes=synthetic.CODEBOOK if generated else None
     )
     position = {item: i for i, item in enumerate(item_ids)}
     kept_users, kept = [], []
@@ -63,7 +80,12 @@ def load_dataset(
         source=source,
         checksums=checksums,
         dropped_users=len(sequences) - len(kept),
+        generator=shape,
     )
+
+
+def source_of(seed: int, shape: dict) -> str:
+    return f"synthetic generator (seed={seed}{''.join(f', {k}={v}' for k, v in shape.items())})"
 
 
 def _cached_or_download(name: str) -> Path:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from bench.errors import BenchError
@@ -49,7 +51,9 @@ class Catalog:
                 f"{self.name}: the SID code space {' x '.join(map(str, self.codebook_sizes))} (codes per level) "
                 "is too large for 64-bit SID codes (2**62 at most); use fewer levels or smaller codebooks"
             )
+        started = time.perf_counter()
         self.verifier = Verifier(self.sids, self.codebook_sizes)
+        self.verifier_build_seconds = time.perf_counter() - started
         codes = self.verifier.encode(self.sids)
         self._sorted_codes, self._item_of_sorted = torch.sort(codes)
         starts = [1]
@@ -115,13 +119,19 @@ class Catalog:
             "collisions_resolved": self.collisions,
             "collision_rule": self.collision_rule,
             "valid_share_of_code_space": self.num_items / float(torch.tensor(self.codebook_sizes).prod()),
+            "verifier": {
+                "build_seconds": round(self.verifier_build_seconds, 3),
+                "trie_bytes": self.verifier.table_bytes,
+                "hash_set_bytes": self.verifier.hash_set_bytes,
+                "bytes_per_item": round((self.verifier.table_bytes + self.verifier.hash_set_bytes) / self.num_items, 1),
+            },
         }
 
 
 def build_catalog(
     name: str,
     item_ids: list[str],
-    codes: list[list[int]],
+    codes: list[list[int]] | np.ndarray,
     rule: str = "last_code",
     codebook_sizes: tuple[int, ...] | None = None,
 ) -> Catalog:
@@ -134,8 +144,13 @@ def build_catalog(
     """
     if rule not in COLLISION_RULES:
         raise BenchError(f"unknown collision rule '{rule}'; choose one of {', '.join(COLLISION_RULES)}")
-    levels = len(codes[0])
-    sizes = list(codebook_sizes or [max(sid[level] for sid in codes) + 1 for level in range(levels)])
+    sids = torch.as_tensor(np.asarray(codes), dtype=torch.long)  # [N, L]
+    sizes = list(codebook_sizes or (sids.max(0).values + 1).tolist())
+    if rule == "last_code" and math.prod(sizes) < MAX_SIDS:
+        place = torch.tensor([math.prod(sizes[:level]) for level in range(len(sizes))])
+        if torch.unique((sids * place).sum(-1)).numel() == len(sids):  # nothing to resolve: no Python loop
+            return Catalog(name=name, item_ids=list(item_ids), sids=sids, codebook_sizes=tuple(sizes))
+    codes = sids.tolist()
     groups: dict[tuple, list[int]] = defaultdict(list)
     for item, sid in enumerate(codes):
         groups[tuple(sid)].append(item)

@@ -30,6 +30,7 @@ class RecData:
     source: str  # folder, download cache, or generator settings
     checksums: dict = field(default_factory=dict)
     dropped_users: int = 0  # users with fewer than 3 items (no train/valid/test)
+    generator: dict = field(default_factory=dict)  # synthetic shape settings given (items, users, ...)
 
     def describe(self) -> dict:
         lengths = np.array([len(s) for s in self.sequences])
