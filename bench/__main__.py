@@ -1,7 +1,8 @@
-"""python -m bench {run,ablate,train,tune,tokenize,data,leaderboard}
+"""python -m bench {run,ablate,sweep,train,tune,tokenize,data,leaderboard}
 
 run          decoders on the same batches -> metrics, latency, one JSON record each
 ablate       the NEZHA ablations (verifier, placeholders, transition, head beam) beside beam
+sweep        bench run once per value of one setting (batch size, K, catalogue size, ...) -> records, table, plots
 train        train a model for an objective (ntp: greedy/beam/hf_beam/speculative; nezha; medusa; next_item: full_rank)
 tune         optuna search over an objective's settings on validation metrics (journal file or RDB storage)
 tokenize     SIDs for a catalogue by residual k-means, written in the LETTER format
@@ -23,6 +24,7 @@ from bench.settings import add_settings, explicit_fields, settings_from, to_yaml
 SECTIONS = {
     "run": ["data", "model", "run"],
     "ablate": ["data", "model", "run"],
+    "sweep": ["data", "model", "run", "sweep"],
     "train": ["data", "model", "train"],
     "tune": ["data", "model", "run", "tune"],
     "tokenize": ["data", "tokenize"],
@@ -128,6 +130,27 @@ def cmd_run(settings, command: str) -> None:
     print(f"\n{len(records)} record(s) appended to {out}")
 
 
+def cmd_sweep(settings) -> None:
+    from bench.records import append_records, check_writable, read_records
+    from bench.run import format_table, run
+    from bench.sweep import sweep_points, write_sweep
+
+    out = Path(settings["run"].out)
+    read_records(out)
+    check_writable(out)
+    name, points = sweep_points(settings)  # every value checked before the first run
+    records = []
+    for value, point in points:
+        print(f"\n--- {name} = {value}")
+        data = load_data(point)
+        found = run(data, point["data"], point["model"], point["run"])
+        print(format_table(found))
+        append_records(out, found)  # each point kept as soon as it is measured
+        records += found
+    for path in write_sweep(records, name, out):
+        print(f"written: {path}")
+
+
 def cmd_tokenize(settings) -> None:
     import shutil
 
@@ -215,6 +238,7 @@ class OneLineErrors(argparse.ArgumentParser):
 COMMANDS = {
     "run": ("evaluate decoders: quality and latency on the same batches", lambda s: cmd_run(s, "run")),
     "ablate": ("NEZHA ablations beside beam, on the same batches", lambda s: cmd_run(s, "ablate")),
+    "sweep": ("bench run once per value of one setting; a table and plots of latency against it", cmd_sweep),
     "train": ("train a model (Lightning: progress bar, checkpoints, early stopping)", cmd_train),
     "tune": ("optuna search over the settings of an objective, on validation metrics", cmd_tune),
     "tokenize": ("SIDs by residual k-means (RQ-KMeans), written as a LETTER index", cmd_tokenize),

@@ -286,6 +286,15 @@ class TokenizeSettings:
 
 
 @dataclass
+class SweepSettings:
+    vary: str = setting(
+        "",
+        "the setting swept and its values, e.g. batch_size=1,16,256 or items=10000,1000000 (a data, model or "
+        "run setting); every other setting as for bench run",
+    )
+
+
+@dataclass
 class LeaderboardSettings:
     files: list[str] = setting([], "result files", positional=True)
     out: str | None = setting(None, "write the tables to this file")
@@ -302,6 +311,7 @@ SECTIONS = {
     "tune": TuneSettings,
     "tokenize": TokenizeSettings,
     "leaderboard": LeaderboardSettings,
+    "sweep": SweepSettings,
 }
 _UNSET = object()
 

@@ -299,3 +299,47 @@ def test_constrained_flag_reaches_every_decoder_that_takes_it():
     assert with_constraint("beam:constrained=off") == "beam:constrained=off"  # an explicit choice stays
     assert with_constraint("nezha") == "nezha"
     assert with_constraint("nosuch") == "nosuch"  # left for parse_spec's error line
+
+
+# ---------------------------------------------------------------- sweep
+
+
+@pytest.mark.parametrize(
+    "vary, expected",
+    [
+        ("batch_size", "--vary 'batch_size': give NAME=V1,V2,..., e.g. --vary batch_size=1,16,256"),
+        ("colour=1,2", "--vary colour: not a setting a sweep can vary"),
+        ("out=a.json,b.json", "--vary out: not a setting a sweep can vary"),
+        ("batch_size=1,0", "--vary batch_size: batch_size 0: must be at least 1"),
+        ("batch_size=1,two", "--vary batch_size: batch_size = 'two' is not an integer"),
+        ("items=1000,50", "--vary items: items 50: must be at least 100"),
+    ],
+)
+def test_a_bad_sweep_is_one_error_line_before_anything_runs(cli, tmp_path, vary, expected):
+    code, _, err = cli("sweep", "--vary", vary, "--untrained", "--out", str(tmp_path / "s.json"))
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_a_sweep_over_real_data_refuses_synthetic_shapes(cli, tmp_path):
+    code, _, err = cli("sweep", "--dataset", "beauty", "--vary", "items=1000", "--untrained")
+    assert code == 2 and "--items shapes the synthetic dataset only" in err
+
+
+def test_a_sweep_runs_once_per_value_and_writes_records_table_and_plot(cli, tmp_path):
+    out = tmp_path / "sweep.json"
+    args = ("--decoder", "greedy,nezha", "--untrained", "--limit-users", "8", "--warmup", "0", "--out", str(out))
+    code, printed, err = cli("sweep", "--vary", "batch_size=2,4", *args)
+    assert code == 0, err
+    records = read_records(out)
+    assert [(r["decoder"], r["batch_size"]) for r in records] == [
+        ("greedy", 2),
+        ("nezha", 2),
+        ("greedy", 4),
+        ("nezha", 4),
+    ]
+    assert len({r["timestamp"] for r in records}) == 2  # one run per value
+    table = (tmp_path / "sweep-batch_size.md").read_text()
+    assert "| 2 | greedy | 2 | 20 |" in table and "| 4 | nezha | 4 | 20 |" in table
+    assert (tmp_path / "sweep-batch_size.png").read_bytes()[:4] == b"\x89PNG"
+    assert "written: " in printed
