@@ -29,10 +29,13 @@ SECTIONS = {
     "tune": ["data", "model", "run", "tune"],
     "tokenize": ["data", "tokenize"],
     "data": ["data"],
-    "leaderboard": ["leaderboard"],
+    "leaderboard": ["data", "model", "run", "leaderboard"],
 }
 # settings of a section that a command fixes itself: no flag there (tune scores on the valid split)
-HIDDEN = {"tune": {"run": ("decoder", "split", "ckpt", "untrained", "out", "constrained")}}
+HIDDEN = {
+    "tune": {"run": ("decoder", "split", "ckpt", "untrained", "out", "constrained")},
+    "leaderboard": {"run": ("out",)},  # its records go beside its tables
+}
 
 
 def load_data(settings):
@@ -211,15 +214,27 @@ def cmd_tokenize(settings) -> None:
 
 
 def cmd_leaderboard(settings) -> None:
-    from bench.leaderboard import write_leaderboard
+    from bench.leaderboard import run_files, write_leaderboard
 
     args = settings["leaderboard"]
-    if not args.files:
-        raise BenchError("leaderboard needs result files: python -m bench leaderboard results/*.json")
+    if not args.files:  # run every decoder on the same models and batches, then its tables
+        if not args.out_dir:
+            raise BenchError(
+                "leaderboard needs result files (python -m bench leaderboard results/records/*.json) or --out-dir "
+                "FOLDER to run every decoder on --dataset and write its tables there"
+            )
+        from bench.leaderboard import measure_board
+
+        for path in measure_board(load_data(settings), settings, Path(args.out_dir)):
+            print(f"written: {path}")
+        return
+    if settings["given"]:
+        raise BenchError(
+            f"--{settings['given'][0].replace('_', '-')} applies when the leaderboard runs the decoders; with "
+            "result files it only reads them (drop the files, or the setting)"
+        )
     paths = [Path(p) for p in args.files]
     if args.out_dir:
-        from bench.leaderboard import run_files
-
         for path in run_files(paths, Path(args.out_dir)):
             print(f"written: {path}")
         if not args.out:
@@ -269,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "tune":  # settings given for every trial are not searched
             settings["fixed"] = explicit_fields(args, "model")
+        if args.command == "leaderboard":  # run settings given, which reading files would ignore
+            hidden = HIDDEN["leaderboard"]
+            given = (explicit_fields(args, s) - set(hidden.get(s, ())) for s in ("data", "model", "run"))
+            settings["given"] = sorted(set().union(*given))
         COMMANDS[args.command][1](settings)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)

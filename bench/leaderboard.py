@@ -6,6 +6,7 @@ never skipped, and an empty table never replaces a written one."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -24,6 +25,8 @@ REQUIRED = (
 ).split()
 METRICS = ("recall@1", "recall@10", "ndcg@10", "recall@20", "ndcg@20")
 TEXT = ("dataset", "split", "device", "timestamp", "command", "decoder", "git_sha")  # grouped, sorted, sliced
+# what `bench leaderboard --out-dir` runs when no --decoder is given
+EVERY_DECODER = "greedy,beam,beam:constrained,hf_beam,hf_beam:constrained,medusa,speculative,nezha,popularity,full_rank"
 
 
 def is_number(value, optional: bool = False) -> bool:
@@ -180,8 +183,7 @@ def run_files(paths: list[Path], out_dir: Path) -> list[Path]:
     """Per run, <dataset>-<cpu|gpu>.md, .csv, .json and -pareto.png in out_dir (a later
     run of the same dataset and device kind gets -2, -3, ...), each written atomically."""
     out_dir = Path(os.path.realpath(out_dir))
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BenchError(f"--out-dir {out_dir} is a file; it takes a folder for the tables and plots")
+    check_out_dir(out_dir)
     groups = run_groups(paths)
     if not groups:
         raise BenchError("the input files hold no records; nothing was written")
@@ -199,9 +201,42 @@ def run_files(paths: list[Path], out_dir: Path) -> list[Path]:
     clashes = [out_dir / f"{n}{suffix}" for n in names for suffix in suffixes if out_dir / f"{n}{suffix}" in inputs]
     if clashes:  # records are never overwritten by a table made of them
         raise BenchError(f"--out-dir would write over the input file {clashes[0]}; give another folder")
+    return write_boards(list(zip(names, groups)), out_dir)
+
+
+def measure_board(data, settings: dict, out_dir: Path) -> list[Path]:
+    """Every decoder (or the --decoder given) on the same models and batches: its records
+    appended to out_dir/records/<dataset>-<cpu|gpu>.json (earlier runs kept), this run's
+    tables written as out_dir/<dataset>-<cpu|gpu>.md, .csv, .json and -pareto.png."""
+    from bench.records import append_records, check_writable
+    from bench.run import resolve_device, run
+
+    check_out_dir(Path(out_dir))
+    kind = "cpu" if resolve_device(settings["run"].device).type == "cpu" else "gpu"
+    records_path = Path(out_dir) / "records" / f"{data.name}-{kind}.json"
+    read_records(records_path)  # a broken records file fails before any work
+    check_writable(records_path)
+    run_settings = dataclasses.replace(settings["run"], out=str(records_path))
+    if "decoder" not in settings.get("given", ()):
+        run_settings = dataclasses.replace(run_settings, decoder=EVERY_DECODER)
+    records = run(data, settings["data"], settings["model"], run_settings)
+    append_records(records_path, records)
+    first = records[0]
+    group = ((first["dataset"], first["split"], first["device"], first["timestamp"], first["command"]), records)
+    return [records_path] + write_boards([(f"{data.name}-{kind}", group)], Path(out_dir))
+
+
+def check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BenchError(f"--out-dir {out_dir} is a file; it takes a folder for the tables and plots")
+
+
+def write_boards(named_groups: list[tuple[str, tuple]], out_dir: Path) -> list[Path]:
+    """Per run: <name>.md, .csv, .json and -pareto.png in out_dir, each written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    suffixes = (".md", ".csv", ".json", "-pareto.png")
     written = []
-    for name, (run, records) in zip(names, groups):
+    for name, (run, records) in named_groups:
         targets = [out_dir / f"{name}{suffix}" for suffix in suffixes]
         header, rows = run_header(run, records), run_rows(records)
         plot = out_dir / f"{name}-pareto.png"

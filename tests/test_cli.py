@@ -343,3 +343,28 @@ def test_a_sweep_runs_once_per_value_and_writes_records_table_and_plot(cli, tmp_
     assert "| 2 | greedy | 2 | 20 |" in table and "| 4 | nezha | 4 | 20 |" in table
     assert (tmp_path / "sweep-batch_size.png").read_bytes()[:4] == b"\x89PNG"
     assert "written: " in printed
+
+
+# ---------------------------------------------------------------- leaderboard as a runner
+
+
+def test_the_leaderboard_runs_the_decoders_keeps_every_runs_records_and_tables_the_latest(cli, tmp_path):
+    board = tmp_path / "board"
+    args = ("leaderboard", "--decoder", "greedy,nezha", "--untrained", "--limit-users", "6", "--warmup", "0")
+    for k in ("5", "3"):
+        code, printed, err = cli(*args, "--k", k, "--out-dir", str(board))
+        assert code == 0, err
+    records = read_records(board / "records" / "synthetic-cpu.json")
+    assert [(r["decoder"], r["k"]) for r in records] == [("greedy", 5), ("nezha", 5), ("greedy", 3), ("nezha", 3)]
+    rows = json.loads((board / "synthetic-cpu.json").read_text())["rows"]
+    assert [(row["decoder"], row["k"]) for row in rows] == [("greedy", 3), ("nezha", 3)]
+    assert "| nezha |" in (board / "synthetic-cpu.md").read_text()
+    assert (board / "synthetic-cpu-pareto.png").exists() and (board / "synthetic-cpu.csv").exists()
+
+
+def test_the_leaderboard_refuses_run_settings_beside_files_and_wants_files_or_a_folder(cli, tmp_path):
+    append_records(tmp_path / "r.json", [result_record("beam", 40.0)])
+    code, _, err = cli("leaderboard", str(tmp_path / "r.json"), "--batch-size", "8")
+    assert code == 2 and "--batch-size applies when the leaderboard runs the decoders" in err
+    code, _, err = cli("leaderboard")
+    assert code == 2 and "leaderboard needs result files" in err and "--out-dir FOLDER" in err
