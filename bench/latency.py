@@ -93,9 +93,16 @@ def timed(fn, device: torch.device):
 
 @torch.no_grad()
 def benchmark(
-    decoders: dict[str, Decoder], prompts: list, device: torch.device, warmup: int = 2, progress: bool = True
+    decoders: dict[str, Decoder],
+    prompts: list,
+    device: torch.device,
+    warmup: int = 2,
+    progress: bool = True,
+    repeats: int = 1,
 ) -> dict[str, Measurement]:
-    """Every decoder on every prompt (batch), taking turns; decoders see prompts only."""
+    """Every decoder on every prompt (batch), taking turns; decoders see prompts only.
+    repeats: passes over all batches; the first also keeps the results, calls and memory,
+    each further one only times (per-pass medians show how much a run's speed drifts)."""
     labels = list(decoders)
     for _ in range(warmup):
         for label in labels:
@@ -104,10 +111,16 @@ def benchmark(
                 decoders[label].bare_forward(prompts[0])
                 decoders[label].prompt_forward(prompts[0])
     measured = {label: Measurement() for label in labels}
-    for index, batch in enumerate(tqdm(prompts, desc="decoding", unit="batch", disable=not progress)):
-        shift = index % len(labels)
+    steps = [(rep, index) for rep in range(repeats) for index in range(len(prompts))]
+    for rep, index in tqdm(steps, desc="decoding", unit="batch", disable=not progress):
+        batch, shift = prompts[index], index % len(labels)
         for position, label in enumerate(labels[shift:] + labels[:shift]):
             decoder, record = decoders[label], measured[label]
+            if rep > 0:
+                record.latency_ms.append(timed(partial(decoder.decode, batch), device)[1])
+                if decoder.backbone_core is not None:
+                    record.floor_ms.append(timed(partial(decoder.bare_forward, batch), device)[1])
+                continue
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 before = torch.cuda.memory_allocated(device)
@@ -132,3 +145,8 @@ def benchmark(
                 if own:
                     record.prompt_floor_ms.append(own_ms)
     return measured
+
+
+def pass_medians(values: list[float], batches: int) -> list[float]:
+    """Per-batch times of consecutive passes -> the median of each pass."""
+    return [float(np.median(values[start : start + batches])) for start in range(0, len(values), batches)]

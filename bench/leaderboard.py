@@ -98,6 +98,7 @@ def run_rows(records: list[dict]) -> list[dict]:
             **intervals.bounds(r),
             "invalid_rate": r["invalid_rate"],
             "p50_ms": lat.get("p50"),
+            "p50_per_pass_ms": r.get("latency_p50_per_pass") if (r.get("latency_repeats") or 1) > 1 else None,
             "p99_ms": lat.get("p99"),
             "mean_ms": lat.get("mean"),
             "latency_over_floor": r.get("latency_over_prefill") if older else over_floor,
@@ -128,7 +129,7 @@ def run_table(run: tuple, rows: list[dict]) -> str:
             f"| {row['decoder']} | {row['backbone'] or '-'} | {row['users']} | {row['k']} | {row['batch_size']} | "
             f"{cell(row['recall@1'], '.4f')} | {with_interval(row, 'recall@10')} | {with_interval(row, 'ndcg@10')} | "
             f"{difference(row)} | {cell(row['recall@20'], '.4f')} | {cell(row['ndcg@20'], '.4f')} | "
-            f"{row['invalid_rate']:.3f} | {cell(row['p50_ms'] or row['mean_ms'], '.1f')} | "
+            f"{row['invalid_rate']:.3f} | {latency_cell(row)} | "
             f"{cell(row['p99_ms'], '.1f')} | {floor} | {cell(row['speedup_vs_beam'], '.2f')} | "
             f"{cell(row['speedup_vs_hf_beam'], '.2f')} | "
             f"{row['backbone_calls_per_batch']:.1f} | {row['commit']} |"
@@ -139,6 +140,11 @@ def run_table(run: tuple, rows: list[dict]) -> str:
             "paired (both resampled on the same users), ** where its interval excludes 0, else the two are not "
             "called different."
         )
+    if any(row["p50_per_pass_ms"] for row in rows):
+        out.append(
+            "\np50 over every timed pass, [the lowest, the highest] p50 of a single pass over all batches: how "
+            "much the same decoder's speed moved within the run."
+        )
     if any(row["older_floor"] for row in rows):
         out.append(
             "\n† an older record: mean over the mean of a bare pass over the decoder's own prompt "
@@ -146,6 +152,12 @@ def run_table(run: tuple, rows: list[dict]) -> str:
         )
     out.append(f"\nCommand: `{command}`\n")
     return "\n".join(out)
+
+
+def latency_cell(row: dict) -> str:
+    passes = row.get("p50_per_pass_ms")
+    spread = f" [{min(passes):.1f}, {max(passes):.1f}]" if passes else ""
+    return cell(row["p50_ms"] or row["mean_ms"], ".1f") + spread
 
 
 def with_interval(row: dict, metric: str) -> str:

@@ -96,7 +96,9 @@ def run(
     }
     examples = eval_examples(data, settings.split, model_settings.max_history, settings.limit_users)
     batches = [b.to(device) for b in eval_batches(examples, data.catalog, settings.batch_size)]
-    measured = benchmark(decoders, [b.prompt for b in batches], device, warmup=settings.warmup, progress=progress)
+    measured = benchmark(
+        decoders, [b.prompt for b in batches], device, settings.warmup, progress, repeats=settings.repeats
+    )
     if settings.profile:
         write_profiles(decoders, batches[0].prompt, Path(settings.profile))
     targets = torch.cat([b.targets.cpu() for b in batches])

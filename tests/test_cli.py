@@ -351,6 +351,7 @@ def test_a_sweep_runs_once_per_value_and_writes_records_table_and_plot(cli, tmp_
 def test_the_leaderboard_runs_the_decoders_keeps_every_runs_records_and_tables_the_latest(cli, tmp_path):
     board = tmp_path / "board"
     args = ("leaderboard", "--decoder", "greedy,nezha", "--untrained", "--limit-users", "6", "--warmup", "0")
+    args += ("--repeats", "2", "--batch-size", "2")
     for k in ("5", "3"):
         code, printed, err = cli(*args, "--k", k, "--out-dir", str(board))
         assert code == 0, err
@@ -358,7 +359,11 @@ def test_the_leaderboard_runs_the_decoders_keeps_every_runs_records_and_tables_t
     assert [(r["decoder"], r["k"]) for r in records] == [("greedy", 5), ("nezha", 5), ("greedy", 3), ("nezha", 3)]
     rows = json.loads((board / "synthetic-cpu.json").read_text())["rows"]
     assert [(row["decoder"], row["k"]) for row in rows] == [("greedy", 3), ("nezha", 3)]
+    assert all(r["latency_repeats"] == 2 and len(r["latency_p50_per_pass"]) == 2 for r in records)
+    for r in records:  # throughput counts one pass over the users, however many passes were timed
+        assert r["users"] == 6 and r["throughput_users_per_s"] * r["latency_ms_per_user"] == pytest.approx(1000)
     assert "| nezha |" in (board / "synthetic-cpu.md").read_text()
+    assert "[the lowest, the highest] p50 of a single pass" in (board / "synthetic-cpu.md").read_text()
     assert (board / "synthetic-cpu-pareto.png").exists() and (board / "synthetic-cpu.csv").exists()
 
 

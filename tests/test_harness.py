@@ -95,6 +95,17 @@ def test_every_decoder_gets_the_same_floor_and_nezha_like_ones_their_own_prompt_
     assert [x.shape[1] for x in own_inputs[:3]] == [3, 3, 5]
 
 
+def test_repeated_passes_time_every_batch_again_in_the_same_rotation_and_keep_one_result_per_batch():
+    log = []
+    decoders = {label: FakeDecoder(label, log, calls=1) for label in "ab"}
+    measured = benchmark(decoders, prompts(3), torch.device("cpu"), warmup=0, progress=False, repeats=3)
+    assert log == list("abbaab") * 3
+    a = measured["a"]
+    assert len(a.latency_ms) == len(a.floor_ms) == 9
+    assert len(a.results) == len(a.backbone_calls) == len(a.order) == 3
+    assert bench.latency.pass_medians([1.0, 5.0, 2.0, 7.0, 8.0, 9.0, 4.0, 4.0, 6.0], 3) == [2.0, 8.0, 4.0]
+
+
 def test_memory_is_the_growth_above_what_was_in_use_before_the_call(monkeypatch):
     readings = iter([1000.0, 1030.0, 1030.0, 1032.0])  # before/after for two batches, in MiB
     monkeypatch.setattr(bench.latency, "peak_rss_mb", lambda: next(readings))
