@@ -141,6 +141,9 @@ def cmd_sweep(settings) -> None:
     out = Path(settings["run"].out)
     read_records(out)
     check_writable(out)
+    tables = settings["sweep"].out_dir
+    if tables and Path(tables).exists() and not Path(tables).is_dir():
+        raise BenchError(f"--out-dir {tables} is a file; it takes a folder for the table and plot")
     name, points = sweep_points(settings)  # every value checked before the first run
     records = []
     for value, point in points:
@@ -150,7 +153,7 @@ def cmd_sweep(settings) -> None:
         print(format_table(found))
         append_records(out, found)  # each point kept as soon as it is measured
         records += found
-    for path in write_sweep(records, name, out):
+    for path in write_sweep(records, name, out, settings["sweep"].out_dir):
         print(f"written: {path}")
 
 

@@ -295,6 +295,7 @@ class SweepSettings:
         "the setting swept and its values, e.g. batch_size=1,16,256 or items=10000,1000000 (a data, model or "
         "run setting); every other setting as for bench run",
     )
+    out_dir: str | None = setting(None, "folder for the table and plot (default: beside the --out records)")
 
 
 @dataclass

@@ -152,12 +152,14 @@ def sweep_plot(rows: list[dict], name: str, title: str, path: Path) -> None:
             os.remove(partial)
 
 
-def write_sweep(records: list[dict], name: str, out: Path) -> list[Path]:
-    """<out stem>-<name>.md and .png beside the results file, written atomically."""
+def write_sweep(records: list[dict], name: str, out: Path, out_dir: Path | None = None) -> list[Path]:
+    """<out stem>-<name>.md and .png in out_dir (default: beside the records), written atomically."""
     if not records:
         raise BenchError("the sweep measured nothing; no table was written")
     rows = sweep_rows(records, name)
-    stem = out.parent / f"{out.stem}-{name}"
+    folder = Path(out_dir) if out_dir else out.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"{out.stem}-{name}"
     table, plot = stem.with_suffix(".md"), stem.with_suffix(".png")
     first = records[0]
     sweep_plot(rows, name, f"{first['dataset']} / {first['device']} / weights {first['weights']}", plot)

@@ -329,7 +329,7 @@ def test_a_sweep_over_real_data_refuses_synthetic_shapes(cli, tmp_path):
 def test_a_sweep_runs_once_per_value_and_writes_records_table_and_plot(cli, tmp_path):
     out = tmp_path / "sweep.json"
     args = ("--decoder", "greedy,nezha", "--untrained", "--limit-users", "8", "--warmup", "0", "--out", str(out))
-    code, printed, err = cli("sweep", "--vary", "batch_size=2,4", *args)
+    code, printed, err = cli("sweep", "--vary", "batch_size=2,4", *args, "--out-dir", str(tmp_path / "tables"))
     assert code == 0, err
     records = read_records(out)
     assert [(r["decoder"], r["batch_size"]) for r in records] == [
@@ -339,9 +339,9 @@ def test_a_sweep_runs_once_per_value_and_writes_records_table_and_plot(cli, tmp_
         ("nezha", 4),
     ]
     assert len({r["timestamp"] for r in records}) == 2  # one run per value
-    table = (tmp_path / "sweep-batch_size.md").read_text()
+    table = (tmp_path / "tables" / "sweep-batch_size.md").read_text()
     assert "| 2 | greedy | 2 | 20 |" in table and "| 4 | nezha | 4 | 20 |" in table
-    assert (tmp_path / "sweep-batch_size.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "tables" / "sweep-batch_size.png").read_bytes()[:4] == b"\x89PNG"
     assert "written: " in printed
 
 
