@@ -70,7 +70,25 @@ def run_groups(paths: list[Path]) -> list[tuple[tuple, list[dict]]]:
         for record in board_records(path):
             run = (record["dataset"], record["split"], record["device"], record["timestamp"], record["command"])
             groups[run].append(record)
+    for run, records in groups.items():
+        check_one_protocol(run, records)
     return sorted(groups.items())
+
+
+# what every record of one table shares: the same users, batches, protocol, data and settings
+SHARED = ("users", "k", "batch_size", "protocol", "data_source", "data_sha256", "git_sha", "weights", "settings")
+
+
+def check_one_protocol(run: tuple, records: list[dict]) -> None:
+    """Records that claim one run (same dataset, split, device, timestamp and command) but
+    differ in what makes their figures comparable are refused, never tabled together."""
+    for name in SHARED:
+        values = {json.dumps(r.get(name), sort_keys=True) for r in records}
+        if len(values) > 1:
+            raise BenchError(
+                f"records of the run at {run[3]} ({run[0]}, {run[2]}) differ in '{name}': they come from different "
+                "runs or models and are not compared in one table; keep each run's records in its own file"
+            )
 
 
 def run_rows(records: list[dict]) -> list[dict]:

@@ -373,3 +373,25 @@ def test_the_leaderboard_refuses_run_settings_beside_files_and_wants_files_or_a_
     assert code == 2 and "--batch-size applies when the leaderboard runs the decoders" in err
     code, _, err = cli("leaderboard")
     assert code == 2 and "leaderboard needs result files" in err and "--out-dir FOLDER" in err
+
+
+@pytest.mark.parametrize("field, other", [("k", 10), ("batch_size", 1), ("weights", "trained"), ("git_sha", "f" * 16)])
+def test_records_claiming_one_run_but_made_differently_are_never_tabled_together(cli, tmp_path, field, other):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([result_record("beam", 40.0), result_record("nezha", 20.0, **{field: other})]))
+    code, out, err = cli("leaderboard", str(results), "--out-dir", str(tmp_path / "board"))
+    assert code == 2 and f"differ in '{field}'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "board").exists()
+
+
+def test_the_same_seed_on_the_same_machine_gives_identical_metrics(cli, tmp_path):
+    runs = []
+    for name in ("a.json", "b.json"):
+        args = ("--decoder", "beam:constrained,nezha", "--untrained", "--limit-users", "100", "--k", "60")
+        code, _, err = cli("run", *args, "--out", name)
+        assert code == 0, err
+        runs.append(read_records(tmp_path / name))
+    for first, second in zip(*runs):
+        assert len(first["hits"]["users"]) > 5  # enough users found that a different ranking would show
+        assert first["metrics"] == second["metrics"] and first["hits"] == second["hits"]
+        assert first["invalid_rate"] == second["invalid_rate"]
