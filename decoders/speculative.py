@@ -8,16 +8,24 @@ on those distributions: at each level, if every prefix the backbone keeps was dr
 the level is accepted without a call; at the first level where a kept prefix is
 missing, the request falls back to the backbone's own beam steps from there. The output
 is therefore exactly `beam`'s top-K (lossless), only the number of backbone calls varies.
+
+`accept=relaxed` never falls back: the backbone's beam search runs inside the draft
+tree, keeping at each level the best extensions (by the backbone's scores) that the draft
+also drafted, so a request costs the draft's steps and one backbone pass. Lossy where
+the backbone's own top-K leaves the tree. (AtSpeed-R relaxes acceptance with a
+probabilistic rule; this is its deterministic, tree-restricted cousin.)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 
 from bench.settings import setting
 from decoders.base import (
+    NEG_INF,
     DecodeResult,
     ModelRequest,
     NtpDecoder,
@@ -36,6 +44,9 @@ from decoders.beam import CopiedCache, beam_search, continue_beam
 class SpeculativeOptions:
     constrained: bool = setting(False, "mask prefixes that belong to no real item")
     draft_beam: int = setting(0, "beams the draft keeps (0: K)", low=0)
+    accept: Literal["strict", "relaxed"] = setting(
+        "strict", "strict: exactly beam's top-K (falls back where drafts miss); relaxed: the best drafted beams"
+    )
 
 
 @register
@@ -50,7 +61,8 @@ class Speculative(NtpDecoder):
     Options = SpeculativeOptions
     description = (
         "draft model beam-searches K beams, the backbone verifies the draft tree in one pass and keeps "
-        "exactly beam's top-K, falling back to its own steps where drafts miss; :draft_beam=N drafts N >= K beams"
+        "exactly beam's top-K, falling back to its own steps where drafts miss; :draft_beam=N drafts N >= K beams; "
+        ":accept=relaxed keeps the backbone's best drafted beams, one backbone pass, lossy"
     )
 
     @classmethod
@@ -99,6 +111,16 @@ class Speculative(NtpDecoder):
             tree_mask[:, depth * k : (depth + 1) * k, : block.shape[-1]] = block
         return torch.cat(tokens, 1), tree_mask, torch.cat(codes, 1)
 
+    def inside_tree(self, candidates, prefixes, drafted):
+        """candidates [B, K, C] extending prefixes [B, K, l] -> -inf where the extended
+        prefix is none of the drafted ones of length l + 1 (drafted [B, W] codes, -1: none)."""
+        level = prefixes.shape[-1]
+        place = self.catalog.verifier.place_values[level]
+        codes = torch.arange(candidates.shape[-1], device=candidates.device)
+        extended = self.catalog.verifier.encode(prefixes).unsqueeze(-1) + codes * place  # [B, K, C]
+        hit = (extended.unsqueeze(-1) == drafted[:, None, None, :]) & (drafted[:, None, None, :] >= 0)
+        return candidates.masked_fill(~hit.any(-1), NEG_INF)
+
     @torch.no_grad()
     def decode(self, prompt) -> DecodeResult:
         catalog, k, levels, size = self.catalog, self.k, self.catalog.levels, len(prompt)
@@ -127,6 +149,8 @@ class Speculative(NtpDecoder):
             candidates = scores.unsqueeze(-1) + log_probs
             if valid:
                 candidates = valid.mask(candidates, level)
+            if self.options.accept == "relaxed" and level + 1 < levels:
+                candidates = self.inside_tree(candidates, prefixes, node_codes[:, level * width : (level + 1) * width])
             scores, parent, code = prune(candidates, k)
             prefixes = extend_prefixes(prefixes, parent, code)
             if valid and level + 1 < levels:

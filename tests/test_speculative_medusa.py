@@ -112,6 +112,34 @@ def test_a_wider_draft_beam_is_accepted_more_often_and_stays_lossless(catalog, n
         speculate(catalog, 3, ntp, draft, batch, "speculative:draft_beam=2")
 
 
+def test_relaxed_acceptance_equals_beam_when_the_draft_is_the_backbone(catalog, ntp):
+    batch = random_batch(catalog, users=6, seed=1)
+    result, calls = speculate(catalog, 5, ntp, copy.deepcopy(ntp), batch, "speculative:accept=relaxed")
+    assert_same(result, beam(catalog, 5, ntp, batch))
+    assert calls == 1
+
+
+@pytest.mark.parametrize("noise", [0.1, 0.5])
+def test_relaxed_acceptance_keeps_one_backbone_pass_and_only_drafted_prefixes(catalog, ntp, noise):
+    draft = random_model("ntp", catalog, seed=10)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(noise * torch.randn_like(p))
+    batch = random_batch(catalog, users=12, seed=4)
+    k = 4
+    strict, _ = speculate(catalog, k, ntp, draft, batch)
+    relaxed, calls = speculate(catalog, k, ntp, draft, batch, "speculative:accept=relaxed")
+    assert calls == 1 and relaxed.stats["fallback_requests"] == 0
+    trail = []
+    beam_search(draft.lm, catalog, batch.history, batch.mask, k, False, trail)
+    drafted = trail[catalog.levels - 2][0]  # [B, k, L-1] the draft's kept prefixes one level short of a SID
+    for user in range(len(batch)):
+        allowed = {tuple(p) for p in drafted[user].tolist()}
+        assert {tuple(sid[:-1]) for sid in relaxed.sids[user].tolist()} <= allowed
+    assert strict.stats["fallback_requests"] > 0  # the draft did miss, so relaxed had something to relax
+
+
 def test_constrained_speculative_equals_constrained_beam(catalog, ntp):
     draft = random_model("ntp", catalog, seed=3, backbone="qwen-micro")
     batch = random_batch(catalog, users=6, seed=4)
