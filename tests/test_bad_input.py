@@ -50,13 +50,13 @@ _generate = synthetic.generate
 
 
 @functools.cache
-def _generated(seed: int):
-    return _generate(seed=seed)
+def _generated(seed: int, users: int, sequence_length: int | None):
+    return _generate(seed=seed, users=users, sequence_length=sequence_length)
 
 
-def cached_generate(seed: int = 0):
-    """The synthetic data, generated once per seed for the whole module (a copy each time)."""
-    return copy.deepcopy(_generated(seed))
+def cached_generate(seed: int = 0, users: int = 3000, sequence_length: int | None = None):
+    """The synthetic data, generated once per shape for the whole module (a copy each time)."""
+    return copy.deepcopy(_generated(seed, users, sequence_length))
 
 
 # ---------------------------------------------------------------- file builders (setups)
