@@ -10,13 +10,12 @@ import dataclasses
 import io
 import json
 import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 from bench.errors import BenchError
 from bench.metrics import Bootstrap, per_user, ranks_from_hits
-from bench.records import cell, read_records, write_atomically
+from bench.records import cell, read_records, save_figure_atomically, write_atomically
 
 # the fields a table row reads
 REQUIRED = (
@@ -310,15 +309,7 @@ def pareto_plot(rows: list[dict], header: dict, path: Path) -> None:
     axes.set_title(f"{header['dataset']} / {header['split']} / {header['device']}", fontsize=9)
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp.png")
-    os.close(handle)
-    try:
-        figure.savefig(partial, dpi=110)
-        os.replace(partial, path)
-    finally:
-        plt.close(figure)
-        if os.path.exists(partial):
-            os.remove(partial)
+    save_figure_atomically(figure, path)
 
 
 def leaderboard(paths: list[Path]) -> str:

@@ -117,6 +117,21 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
+def save_figure_atomically(figure, path: Path) -> None:
+    """A matplotlib figure saved as PNG the way write_atomically writes text, then closed."""
+    import matplotlib.pyplot as plt
+
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp.png")
+    os.close(handle)
+    try:
+        figure.savefig(partial, dpi=110)
+        os.replace(partial, path)
+    finally:
+        plt.close(figure)
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
 def append_records(path: Path, new: list[dict]) -> None:
     """Read, append and replace under a lock file beside the results file, so runs
     writing the same file keep each other's records. A symlink is written through to its

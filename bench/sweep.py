@@ -9,13 +9,11 @@ hold within a value and the curves show how each one's cost grows."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 
 from bench.errors import BenchError
-from bench.records import cell, write_atomically
+from bench.records import cell, save_figure_atomically, write_atomically
 from bench.settings import SECTIONS, check_value
 
 SWEPT_SECTIONS = ("data", "model", "run")
@@ -141,15 +139,7 @@ def sweep_plot(rows: list[dict], name: str, title: str, path: Path) -> None:
     latency_axes.legend(fontsize=8)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp.png")
-    os.close(handle)
-    try:
-        figure.savefig(partial, dpi=110)
-        os.replace(partial, path)
-    finally:
-        plt.close(figure)
-        if os.path.exists(partial):
-            os.remove(partial)
+    save_figure_atomically(figure, path)
 
 
 def write_sweep(records: list[dict], name: str, out: Path, out_dir: Path | None = None) -> list[Path]:
