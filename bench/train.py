@@ -119,9 +119,11 @@ def runs_dir() -> Path:
     return Path(os.environ.get(RUNS_ENV, "runs"))
 
 
-def cache_key(objective: str, settings: ModelSettings, data: RecData, seed: int, init_key: str = "") -> str:
-    """Names the cached run: same catalogue, seed, objective, shaping settings and
-    starting model -> same folder."""
+def cache_key(
+    objective: str, settings: ModelSettings, data: RecData, seed: int, init_key: str = "", teacher_key: str = ""
+) -> str:
+    """Names the cached run: same catalogue, seed, objective, shaping settings, starting
+    model and teacher -> same folder."""
     blob = json.dumps(
         {
             "objective": objective,
@@ -129,6 +131,7 @@ def cache_key(objective: str, settings: ModelSettings, data: RecData, seed: int,
             "seed": seed,
             "init": init_key,
             **({"generator": data.generator} if data.generator else {}),
+            **({"teacher": teacher_key} if teacher_key else {}),
             **objectives.shaping_settings(objective, asdict(settings)),
         },
         sort_keys=True,
@@ -166,6 +169,7 @@ def train_model(
     resume: str | None = None,
     progress: bool = True,
     init_from: SidRecommender | None = None,
+    teacher: SidRecommender | None = None,
     callbacks: list | None = None,
     devices: int = 1,
     strategy: str = "auto",
@@ -174,7 +178,8 @@ def train_model(
     """Train and return the path of the best checkpoint (by val/recall@10), on every rank.
 
     init_from: a trained NTP model whose backbone weights the new model starts from
-    (Medusa heads are trained on top of the NTP backbone); callbacks: more Lightning
+    (Medusa heads are trained on top of the NTP backbone); teacher: a trained NTP model
+    the new one is distilled from (an aligned draft); callbacks: more Lightning
     callbacks (a search's pruning callback).
 
     devices, strategy, num_nodes go to Lightning's Trainer as they are: devices x
@@ -189,6 +194,8 @@ def train_model(
         check_resumable(resume, model, data)
     if init_from is not None:
         model.lm.load_state_dict(init_from.lm.state_dict())
+    if teacher is not None:
+        model.distil_from(teacher)
     windows = train_windows(data, settings.max_history, per_target=model.lm.kind == ENCODER_DECODER)
     train_loader = DataLoader(
         windows,
@@ -299,10 +306,12 @@ def resolve_models(
     for per_decoder in requests:
         for role, request in per_decoder.items():
             wanted.add(role)
-            start = request.init_from
-            while start is not None:
-                wanted.add(start.objective)
-                start = start.init_from
+            pending = [request.init_from, request.teacher]
+            while pending:
+                start = pending.pop()
+                if start is not None:
+                    wanted.add(start.objective)
+                    pending += [start.init_from, start.teacher]
     for path, model in given:
         if model.objective not in wanted:
             roles = ", ".join(sorted(r for r in wanted if r not in objectives.FITTED)) or "none"
@@ -318,17 +327,27 @@ def resolve_models(
                 return ResolvedModel(model, path, path)
         if request.objective in objectives.FITTED:
             return ResolvedModel(objectives.FITTED[request.objective](data), "training split counts", "")
-        init = None
+        init = teacher = None
         if request.init_from is not None and not untrained:
             init = provide(request.init_from.objective, request.init_from)
-        key = cache_key(request.objective, request.settings, data, data_settings.seed, init.key if init else "")
+        if request.teacher is not None and not untrained:
+            teacher = provide(request.teacher.objective, request.teacher)
+        key = cache_key(
+            request.objective,
+            request.settings,
+            data,
+            data_settings.seed,
+            init.key if init else "",
+            teacher.key if teacher else "",
+        )
         if key not in built:
             if untrained:
                 model = build_model(data, request.objective, request.settings, data_settings)
                 built[key] = ResolvedModel(model, "random weights (--untrained)", key)
             else:
-                model = ensure_model(data, request, data_settings, key, progress, init.model if init else None)
-                source = f"trained by bench run ({request.settings.backbone}, runs cache {key})"
+                model = ensure_model(data, request, data_settings, key, progress, init.model if init else None, teacher)
+                how = f"aligned to {teacher.key}" if teacher else "trained"
+                source = f"{how} by bench run ({request.settings.backbone}, runs cache {key})"
                 built[key] = ResolvedModel(model, source, key)
         return built[key]
 
@@ -342,13 +361,22 @@ def ensure_model(
     key: str,
     progress: bool = True,
     init_from: SidRecommender | None = None,
+    teacher: ResolvedModel | None = None,
 ) -> SidRecommender:
     """The cached model under this key, training it first when there is none."""
     run_dir = runs_dir() / data.name / key
     best = cached_checkpoint(run_dir)
     if best is None:
-        print(f"training a {request.objective} model ({request.settings.backbone}) on {data.name}; cached in {run_dir}")
+        what = f"{request.objective} model" + (f" aligned to {teacher.key}" if teacher else "")
+        print(f"training a {what} ({request.settings.backbone}) on {data.name}; cached in {run_dir}")
         best = train_model(
-            data, request.objective, request.settings, data_settings, run_dir, progress=progress, init_from=init_from
+            data,
+            request.objective,
+            request.settings,
+            data_settings,
+            run_dir,
+            progress=progress,
+            init_from=init_from,
+            teacher=teacher.model if teacher else None,
         )
     return load_checkpoint(best, data.catalog)

@@ -36,11 +36,13 @@ class DecodeResult:
 @dataclass
 class ModelRequest:
     """A model a decoder needs: the objective it is trained with, the settings that shape
-    it, and the model it starts from (Medusa heads sit on a trained NTP backbone)."""
+    it, the model it starts from (Medusa heads sit on a trained NTP backbone) and the
+    model it is distilled from (an aligned draft learns its backbone's top-K)."""
 
     objective: str
     settings: ModelSettings
     init_from: ModelRequest | None = None
+    teacher: ModelRequest | None = None
 
     def __post_init__(self):
         self.settings = self.settings.for_objective(self.objective)  # a preset's per-objective settings

@@ -47,6 +47,11 @@ class SpeculativeOptions:
     accept: Literal["strict", "relaxed"] = setting(
         "strict", "strict: exactly beam's top-K (falls back where drafts miss); relaxed: the best drafted beams"
     )
+    draft: Literal["data", "aligned"] = setting(
+        "data",
+        "data: the draft is trained on the data; aligned: distilled on the backbone's distributions along "
+        "the backbone's own top-K beams",
+    )
 
 
 @register
@@ -67,10 +72,13 @@ class Speculative(NtpDecoder):
 
     @classmethod
     def requests(cls, options, settings):
-        """The NTP backbone, and a smaller NTP model (--draft-backbone) trained on the same data."""
+        """The NTP backbone, and a smaller NTP model (--draft-backbone) trained on the same
+        data, or (draft=aligned) distilled from the backbone."""
         shape = dict(width=None, layers=None, heads=None)  # the draft keeps its own size preset
-        draft = ModelRequest("ntp", replace(settings, backbone=settings.draft_backbone, **shape))
-        return {"ntp": ModelRequest("ntp", settings), "draft": draft}
+        backbone = ModelRequest("ntp", settings)
+        teacher = backbone if options.draft == "aligned" else None
+        draft = ModelRequest("ntp", replace(settings, backbone=settings.draft_backbone, **shape), teacher=teacher)
+        return {"ntp": backbone, "draft": draft}
 
     @classmethod
     def check_options(cls, options, catalog, k):
@@ -87,29 +95,7 @@ class Speculative(NtpDecoder):
         return self.draft.core
 
     def draft_tree(self, prompt):
-        """-> node tokens [B, N], tree mask [B, N, N], node prefix codes [B, N] (-1 where
-        the draft had no candidate); nodes come in blocks of draft_beam, one per depth."""
-        catalog, k = self.catalog, self.draft_beam
-        trail = []
-        beam_search(self.draft, catalog, prompt.history, prompt.mask, k, self.constrained, trail)
-        size, levels = len(prompt), catalog.levels
-        tokens, codes, masks = [], [], []
-        eye = torch.eye(k, dtype=torch.bool, device=prompt.history.device).expand(size, k, k)
-        for depth in range(1, levels):
-            prefixes, scores, parent = trail[depth - 1]  # [B, K, depth], [B, K], [B, K]
-            tokens.append(prefixes[:, :, -1] + catalog.offsets[depth - 1])
-            codes.append(catalog.verifier.encode(prefixes).masked_fill(torch.isinf(scores), -1))
-            if depth == 1:
-                masks.append(eye)
-            else:
-                # a node sees itself and what its parent (one depth up, same block layout) sees
-                above = masks[-1].gather(1, parent.unsqueeze(-1).expand(-1, -1, masks[-1].shape[-1]))
-                masks.append(torch.cat([above, eye], dim=-1))
-        nodes = k * (levels - 1)
-        tree_mask = torch.zeros(size, nodes, nodes, dtype=torch.bool, device=prompt.history.device)
-        for depth, block in enumerate(masks):
-            tree_mask[:, depth * k : (depth + 1) * k, : block.shape[-1]] = block
-        return torch.cat(tokens, 1), tree_mask, torch.cat(codes, 1)
+        return beam_tree(self.draft, self.catalog, prompt.history, prompt.mask, self.draft_beam, self.constrained)
 
     def inside_tree(self, candidates, prefixes, drafted):
         """candidates [B, K, C] extending prefixes [B, K, l] -> -inf where the extended
@@ -133,6 +119,7 @@ class Speculative(NtpDecoder):
         kept = []  # (scores, prefixes) after each level
         valid = ValidPrefixes(catalog, prefixes) if self.constrained else None
         accepted = torch.full((size,), levels, dtype=torch.long, device=logits.device)  # levels decided before a miss
+        drafted = checked = 0  # the backbone's kept prefixes that the draft kept too, of those checked
         for level in range(levels):
             if level == 0:
                 log_probs = level_log_probs(logits, catalog, 0).unsqueeze(1)
@@ -141,6 +128,9 @@ class Speculative(NtpDecoder):
                 wanted = catalog.verifier.encode(prefixes)  # [B, K]
                 match = (wanted.unsqueeze(-1) == block.unsqueeze(1)) & (block.unsqueeze(1) >= 0)
                 needed = ~torch.isinf(scores)
+                exact = (accepted == levels).unsqueeze(-1)  # the replay is the backbone's own beam up to here
+                drafted = drafted + (needed & match.any(-1) & exact).sum()  # tensors: no sync per level
+                checked = checked + (needed & exact).sum()
                 missing = (needed & ~match.any(-1)).any(-1) & (accepted == levels)
                 accepted[missing] = level
                 node = (level - 1) * width + match.float().argmax(-1)  # [B, K]
@@ -177,4 +167,35 @@ class Speculative(NtpDecoder):
             prefixes, scores = prefixes.clone(), scores.clone()
             prefixes[fallback], scores[fallback] = redo_prefixes, redo_scores
         stats = {"accepted_levels": float(accepted.sum()), "fallback_requests": float(len(fallback))}
+        if self.options.accept == "strict":  # relaxed keeps only drafted prefixes: its agreement is 1 by rule
+            stats |= {"backbone_beams_drafted": float(drafted), "backbone_beams_checked": float(checked)}
         return finish(prefixes, scores, stats)
+
+
+def beam_tree(lm, catalog, history, mask, width: int, constrained: bool):
+    """The prefixes a beam search of `width` beams keeps at levels 1..L-1, as a token tree.
+
+    -> node tokens [B, N], tree mask [B, N, N] (a node sees itself and its ancestors),
+    node prefix codes [B, N] (-1 where the search had no candidate); N = width * (L - 1),
+    nodes in blocks of `width`, one block per depth. The draft's tree in `speculative`,
+    and the teacher's tree an aligned draft is distilled along."""
+    trail = []
+    beam_search(lm, catalog, history, mask, width, constrained, trail)
+    size, levels, device = history.shape[0], catalog.levels, history.device
+    tokens, codes, masks = [], [], []
+    eye = torch.eye(width, dtype=torch.bool, device=device).expand(size, width, width)
+    for depth in range(1, levels):
+        prefixes, scores, parent = trail[depth - 1]  # [B, W, depth], [B, W], [B, W]
+        tokens.append(prefixes[:, :, -1] + catalog.offsets[depth - 1])
+        codes.append(catalog.verifier.encode(prefixes).masked_fill(torch.isinf(scores), -1))
+        if depth == 1:
+            masks.append(eye)
+        else:
+            # a node sees itself and what its parent (one depth up, same block layout) sees
+            above = masks[-1].gather(1, parent.unsqueeze(-1).expand(-1, -1, masks[-1].shape[-1]))
+            masks.append(torch.cat([above, eye], dim=-1))
+    nodes = width * (levels - 1)
+    tree_mask = torch.zeros(size, nodes, nodes, dtype=torch.bool, device=device)
+    for depth, block in enumerate(masks):
+        tree_mask[:, depth * width : (depth + 1) * width, : block.shape[-1]] = block
+    return torch.cat(tokens, 1), tree_mask, torch.cat(codes, 1)

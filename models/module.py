@@ -30,6 +30,9 @@ class SidRecommender(L.LightningModule):
     """A backbone over SID tokens, plus the NEZHA draft head (objective 'nezha') or the
     Medusa heads (objective 'medusa').
 
+    An NTP model given a teacher (distil_from) trains as an aligned draft (objectives'
+    aligned_loss); the teacher is not part of the module, so checkpoints hold the draft only.
+
     Its hyperparameters are plain data (the objective, the full ModelSettings and
     DataSettings as dicts, the catalogue's fingerprint), so checkpoints load with
     torch.load(weights_only=True). Validation decodes the valid split with the
@@ -109,8 +112,27 @@ class SidRecommender(L.LightningModule):
                     module.compile(dynamic=True, backend=COMPILE_BACKEND)
         self.compiled = True
 
+    teacher: SidRecommender | None = None
+
+    def distil_from(self, teacher: SidRecommender) -> None:
+        """Train as a draft aligned to `teacher` (a trained NTP model of the same catalogue)."""
+        if self.objective != "ntp" or teacher.objective != "ntp" or self.lm.kind != DECODER_ONLY:
+            raise BenchError("an aligned draft is a decoder-only NTP model distilled from an NTP model")
+        object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))  # not a submodule: not saved
+
+    def on_fit_start(self):
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+
     def collate(self, windows: list[dict]) -> dict:
-        return objectives.collate(self.objective, windows, self.catalog, self.lm.kind, self.settings.placeholders)
+        return objectives.collate(
+            self.objective,
+            windows,
+            self.catalog,
+            self.lm.kind,
+            self.settings.placeholders,
+            aligned=self.teacher is not None,
+        )
 
     def training_step(self, batch, batch_idx):
         loss = objectives.loss(self.objective, self, batch)

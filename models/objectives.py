@@ -11,6 +11,13 @@ nezha: the window is laid out as  SID(i_1) P SID(i_2) P ... SID(i_{w-1}) P  wher
        from all tokens outside it and position ids skip the Ps, so each P sees exactly
        the prompt [history, <sp_1..sp_L>] it sees at inference; the draft head is
        teacher-forced with cross-entropy per level on the next item's codes.
+aligned (an NTP draft with a teacher): the draft is distilled on its backbone, AtSpeed's
+       alignment: the teacher beam-searches K beams from a training window's history; the
+       prefixes it keeps at levels 1..L-1 form a token tree; teacher and draft read history +
+       tree in one pass each, and the loss is KL(teacher || draft) at the root and at every
+       kept prefix, over the next level's codes and one outcome for every other token
+       (what beam search reads: each code's log-probability under the full softmax). The draft learns the backbone's top-K where
+       speculative decoding checks it, not the data's next item.
 next_item: the SASRec reference: item ids in one causal pass, cross-entropy over all
        items at every position after the first.
 popularity: no network: item counts of the training split (fitted, not trained).
@@ -33,6 +40,7 @@ from models.backbones import ENCODER_DECODER
 OBJECTIVES = ("ntp", "nezha", "medusa", "next_item")
 FITTED = {"popularity": item_popularity}  # objectives with no network: a function of the data
 IGNORE = -100
+ALIGNED_BEAMS = 20  # the teacher's beams an aligned draft learns along: bench run's default K
 # the model settings only one objective reads; every other model setting shapes every model,
 # except those that pick another model's backbone
 OWN_SETTINGS = {"nezha": ("transition", "placeholders"), "medusa": ("medusa_mode",)}
@@ -137,6 +145,48 @@ def nezha_loss(model, batch: dict) -> torch.Tensor:
     return torch.stack([F.cross_entropy(lg, codes[:, level]) for level, lg in enumerate(logits)]).mean()
 
 
+def collate_aligned(windows: list[list[int]], catalog: Catalog) -> dict:
+    """A window's items but the last as a left-padded history, as a decoder's prompt reads it."""
+    history, mask = pad_rows([catalog.item_tokens(torch.tensor(w[:-1])).flatten() for w in windows], left=True)
+    return {"history": history, "mask": mask}
+
+
+def level_outcomes(logits: torch.Tensor, catalog: Catalog, level: int) -> torch.Tensor:
+    """[..., V] -> [..., C + 1] log-probabilities of the level's C codes and of 'any other token'."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    codes = log_probs[..., catalog.offsets[level] : catalog.offsets[level] + catalog.codebook_sizes[level]]
+    elsewhere = torch.log1p(-codes.logsumexp(-1, keepdim=True).exp().clamp(max=1 - 1e-6))
+    return torch.cat([codes, elsewhere], -1)
+
+
+def aligned_loss(model, batch: dict) -> torch.Tensor:
+    from decoders.speculative import beam_tree  # decoders build on models: imported when used
+
+    teacher, catalog = model.teacher, model.catalog
+    history, mask = batch["history"], batch["mask"]  # [B, T]
+    with torch.no_grad():
+        tokens, tree_mask, codes = beam_tree(teacher.lm, catalog, history, mask, ALIGNED_BEAMS, constrained=False)
+        teacher_root, teacher_nodes, _ = teacher.lm.tree_forward(history, mask, tokens, tree_mask)  # [B, V], [B, N, V]
+    root, nodes, _ = model.lm.tree_forward(history, mask, tokens, tree_mask)
+
+    def divergence(teacher_logits, logits, level):  # [..., V] -> [...]
+        return F.kl_div(
+            level_outcomes(logits, catalog, level),
+            level_outcomes(teacher_logits, catalog, level),
+            log_target=True,
+            reduction="none",
+        ).sum(-1)
+
+    terms = [divergence(teacher_root, root, 0).mean()]
+    width = ALIGNED_BEAMS
+    for depth in range(1, catalog.levels):
+        block = slice((depth - 1) * width, depth * width)
+        kept = codes[:, block] >= 0  # [B, W]; a level with fewer codes than beams keeps fewer
+        kl = divergence(teacher_nodes[:, block], nodes[:, block], depth)  # [B, W]
+        terms.append((kl * kept).sum() / kept.sum().clamp(min=1))
+    return torch.stack(terms).mean()
+
+
 def collate_medusa(windows: list[list[int]], catalog: Catalog) -> dict:
     batch = collate_ntp(windows, catalog)
     rows, ends, targets = [], [], []
@@ -179,7 +229,16 @@ def next_item_loss(model, batch: dict) -> torch.Tensor:
     return F.cross_entropy(scores[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
 
 
-def collate(objective: str, windows: list[list[int]], catalog: Catalog, kind: str, placeholders: bool = True) -> dict:
+def collate(
+    objective: str,
+    windows: list[list[int]],
+    catalog: Catalog,
+    kind: str,
+    placeholders: bool = True,
+    aligned: bool = False,
+) -> dict:
+    if aligned:
+        return collate_aligned(windows, catalog)
     if objective == "next_item":
         return collate_next_item(windows)
     if kind == ENCODER_DECODER:
@@ -192,5 +251,7 @@ def collate(objective: str, windows: list[list[int]], catalog: Catalog, kind: st
 
 
 def loss(objective: str, model, batch: dict) -> torch.Tensor:
+    if model.teacher is not None:
+        return aligned_loss(model, batch)
     losses = {"ntp": ntp_loss, "nezha": nezha_loss, "medusa": medusa_loss, "next_item": next_item_loss}
     return losses[objective](model, batch)

@@ -419,6 +419,15 @@ def test_models_of_differently_shaped_synthetic_data_are_cached_apart():
     assert cache_key("ntp", settings, default, 0) != cache_key("ntp", settings, fewer, 0)
 
 
+def test_a_draft_distilled_from_a_backbone_is_cached_apart_from_one_trained_on_the_data():
+    from bench.settings import ModelSettings
+    from bench.train import cache_key
+
+    settings, data = ModelSettings(backbone="qwen-micro"), load_dataset("synthetic")
+    plain = cache_key("ntp", settings, data, 0)
+    assert cache_key("ntp", settings, data, 0, teacher_key="ntp-qwen-tiny-0123456789") != plain
+
+
 # ---------------------------------------------------------------- splits
 
 

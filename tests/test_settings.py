@@ -113,6 +113,9 @@ def test_decoders_request_their_models():
         "ntp": ("ntp", "llama-small"),
         "draft": ("ntp", "llama-micro"),
     }
+    assert requests["draft"].teacher is None
+    aligned = REGISTRY["speculative"].requests(REGISTRY["speculative"].Options(draft="aligned"), settings)
+    assert aligned["draft"].teacher == requests["ntp"] and aligned["draft"].settings == requests["draft"].settings
     requests = REGISTRY["medusa"].requests(REGISTRY["medusa"].Options(mode="joint"), settings)
     assert requests["medusa"].settings.medusa_mode == "joint"
     assert requests["medusa"].init_from == ModelRequest("ntp", settings)

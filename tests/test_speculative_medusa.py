@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import random_batch, random_eval_batch, random_model, training_losses
 
+from bench.data.batches import collate_eval
 from bench.errors import BenchError
 from bench.latency import count_calls
 from decoders import build_decoder
@@ -62,7 +63,13 @@ def test_every_draft_accepted_when_the_draft_is_the_backbone(catalog, ntp):
     result, calls = speculate(catalog, 5, ntp, copy.deepcopy(ntp), batch)
     assert_same(result, beam(catalog, 5, ntp, batch))
     assert calls == 1
-    assert result.stats == {"accepted_levels": 6.0 * catalog.levels, "fallback_requests": 0.0}
+    # levels 1 and 2 each check the backbone's 5 kept prefixes of 6 users: all drafted
+    assert result.stats == {
+        "accepted_levels": 6.0 * catalog.levels,
+        "fallback_requests": 0.0,
+        "backbone_beams_drafted": 60.0,
+        "backbone_beams_checked": 60.0,
+    }
 
 
 def test_every_draft_rejected_still_equals_beam(catalog, ntp):
@@ -70,7 +77,14 @@ def test_every_draft_rejected_still_equals_beam(catalog, ntp):
     k = 2  # the negated draft's 2 level-1 codes are the backbone's 2 worst of 6
     result, calls = speculate(catalog, k, ntp, AsModel(NegatedLM(ntp.lm)), batch)
     assert_same(result, beam(catalog, k, ntp, batch))
-    assert result.stats == {"accepted_levels": 6.0, "fallback_requests": 6.0}  # only level 1, from the prompt
+    # only level 1 is accepted (from the prompt); its 2 kept prefixes per user are checked, none drafted,
+    # and no later level is the backbone's own beam any more
+    assert result.stats == {
+        "accepted_levels": 6.0,
+        "fallback_requests": 6.0,
+        "backbone_beams_drafted": 0.0,
+        "backbone_beams_checked": 12.0,
+    }
     assert calls == 1 + catalog.levels - 1  # verification, the refed prefixes, the remaining steps
 
 
@@ -145,6 +159,39 @@ def test_constrained_speculative_equals_constrained_beam(catalog, ntp):
     batch = random_batch(catalog, users=6, seed=4)
     result, _ = speculate(catalog, 6, ntp, draft, batch, "speculative:constrained")
     assert_same(result, beam(catalog, 6, ntp, batch, "beam:constrained"))
+
+
+def agreement(result) -> float:
+    return result.stats["backbone_beams_drafted"] / result.stats["backbone_beams_checked"]
+
+
+def test_an_aligned_draft_learns_the_backbones_beams_and_stays_lossless(catalog):
+    """Distilled along the backbone's beams on some histories, the draft keeps more of the
+    backbone's beams on them (the teacher is first trained a little, so that it puts its
+    mass on each level's codes as a trained model does)."""
+    teacher = random_model("ntp", catalog, seed=10)
+    training_losses(teacher, "ntp", steps=30)
+    teacher.eval()
+    gen = torch.Generator().manual_seed(0)  # the windows training_losses trains on
+    windows = [torch.randint(0, catalog.num_items, (4,), generator=gen).tolist() for _ in range(16)]
+    batch = collate_eval([{"user": u, "history": w[:-1], "target": w[-1]} for u, w in enumerate(windows)], catalog)
+    draft = random_model("ntp", catalog, seed=41, backbone="qwen-micro")
+    before, _ = speculate(catalog, 4, teacher, draft, batch.prompt)
+    draft.distil_from(teacher)
+    teacher_weights = {n: p.clone() for n, p in teacher.named_parameters()}
+    losses = training_losses(draft, "ntp", steps=60)
+    assert losses[-1] < 0.1 * losses[0]
+    assert all(torch.equal(teacher_weights[n], p) for n, p in teacher.named_parameters())  # the teacher stays frozen
+    assert not any(name.startswith("teacher") for name in draft.state_dict())  # checkpoints hold the draft only
+    after, _ = speculate(catalog, 4, teacher, draft.eval(), batch.prompt)
+    assert agreement(after) > agreement(before) + 0.1
+    assert_same(after, beam(catalog, 4, teacher, batch.prompt))
+
+
+def test_an_aligned_draft_is_distilled_from_an_ntp_model_only(catalog, ntp):
+    nezha = random_model("nezha", catalog, seed=3)
+    with pytest.raises(BenchError, match="decoder-only NTP model distilled from an NTP model"):
+        random_model("ntp", catalog, seed=4, backbone="qwen-micro").distil_from(nezha)
 
 
 @pytest.fixture(scope="module")
