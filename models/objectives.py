@@ -16,8 +16,9 @@ aligned (an NTP draft with a teacher): the draft is distilled on its backbone, A
        prefixes it keeps at levels 1..L-1 form a token tree; teacher and draft read history +
        tree in one pass each, and the loss is KL(teacher || draft) at the root and at every
        kept prefix, over the next level's codes and one outcome for every other token
-       (what beam search reads: each code's log-probability under the full softmax). The draft learns the backbone's top-K where
-       speculative decoding checks it, not the data's next item.
+       (what beam search reads: each code's log-probability under the full softmax). The
+       draft learns the backbone's top-K where speculative decoding checks it, not the
+       data's next item.
 next_item: the SASRec reference: item ids in one causal pass, cross-entropy over all
        items at every position after the first.
 popularity: no network: item counts of the training split (fitted, not trained).
