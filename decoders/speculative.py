@@ -119,6 +119,7 @@ class Speculative(NtpDecoder):
         kept = []  # (scores, prefixes) after each level
         valid = ValidPrefixes(catalog, prefixes) if self.constrained else None
         accepted = torch.full((size,), levels, dtype=torch.long, device=logits.device)  # levels decided before a miss
+        strict = self.options.accept == "strict"  # relaxed keeps only drafted prefixes: agreement 1 by rule
         drafted = checked = 0  # the backbone's kept prefixes that the draft kept too, of those checked
         for level in range(levels):
             if level == 0:
@@ -127,11 +128,12 @@ class Speculative(NtpDecoder):
                 block = node_codes[:, (level - 1) * width : level * width]  # drafted prefixes of this length
                 wanted = catalog.verifier.encode(prefixes)  # [B, K]
                 match = (wanted.unsqueeze(-1) == block.unsqueeze(1)) & (block.unsqueeze(1) >= 0)
-                needed = ~torch.isinf(scores)
-                exact = (accepted == levels).unsqueeze(-1)  # the replay is the backbone's own beam up to here
-                drafted = drafted + (needed & match.any(-1) & exact).sum()  # tensors: no sync per level
-                checked = checked + (needed & exact).sum()
-                missing = (needed & ~match.any(-1)).any(-1) & (accepted == levels)
+                needed, hit = ~torch.isinf(scores), match.any(-1)  # [B, K] each
+                if strict:
+                    exact = (accepted == levels).unsqueeze(-1)  # the replay is the backbone's own beam up to here
+                    drafted = drafted + (needed & hit & exact).sum()  # tensors: no sync per level
+                    checked = checked + (needed & exact).sum()
+                missing = (needed & ~hit).any(-1) & (accepted == levels)
                 accepted[missing] = level
                 node = (level - 1) * width + match.float().argmax(-1)  # [B, K]
                 picked = node_logits.gather(1, node.unsqueeze(-1).expand(-1, -1, node_logits.shape[-1]))
@@ -167,7 +169,7 @@ class Speculative(NtpDecoder):
             prefixes, scores = prefixes.clone(), scores.clone()
             prefixes[fallback], scores[fallback] = redo_prefixes, redo_scores
         stats = {"accepted_levels": float(accepted.sum()), "fallback_requests": float(len(fallback))}
-        if self.options.accept == "strict":  # relaxed keeps only drafted prefixes: its agreement is 1 by rule
+        if strict:
             stats |= {"backbone_beams_drafted": float(drafted), "backbone_beams_checked": float(checked)}
         return finish(prefixes, scores, stats)
 
