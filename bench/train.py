@@ -210,17 +210,15 @@ def train_model(
         )
     valid_loader = validation_loader(valid, data.catalog)
     best = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=run_dir,
-        filename="best",
-        monitor="val/recall@10",
-        mode="max",
-        save_last=True,
-        enable_version_counter=False,
+        dirpath=run_dir, filename="best", monitor="val/recall@10", mode="max", enable_version_counter=False
     )
+    # every epoch's end, overwritten: Lightning's save_last writes only when `best` improves,
+    # which would resume a run from its last gain and under-count its epochs
+    last = L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir, filename="last", enable_version_counter=False)
     stop = L.pytorch.callbacks.EarlyStopping(monitor="val/recall@10", mode="max", patience=settings.patience)
     trainer = L.Trainer(
         max_epochs=settings.max_epochs,
-        callbacks=[best, stop, *(callbacks or [])],
+        callbacks=[best, last, stop, *(callbacks or [])],
         default_root_dir=run_dir,
         accelerator="auto",
         devices=devices,

@@ -99,6 +99,19 @@ def test_training_resumes_from_its_last_checkpoint(first_run, tmp_path):
     assert resumed["training"]["epochs"] == 5 and resumed["training"]["seconds"] > first["training"]["seconds"]
 
 
+def test_last_checkpoint_and_run_totals_count_epochs_after_the_best(tmp_path):
+    """With a learning rate of 0 no epoch after the first improves val/recall@10: the
+    best checkpoint stays at epoch 1, while last.ckpt and the run totals reach epoch 3."""
+    run_dir = tmp_path / "flat"
+    args = ["train", "--objective", "ntp", "--lr", "0", "--max-epochs", "3", "--val-users", "50"]
+    assert main(args + ["--run-dir", str(run_dir)]) == 0
+    assert torch.load(run_dir / "best.ckpt", weights_only=True)["epoch"] == 0
+    assert torch.load(run_dir / "last.ckpt", weights_only=True)["epoch"] == 2
+    training = json.loads((run_dir / "settings.json").read_text())["training"]
+    assert training["epochs"] == 1 and training["epochs_run"] == 3
+    assert training["seconds"] < training["seconds_run"]
+
+
 def test_resuming_with_other_settings_is_refused(first_run, tmp_path, capsys):
     root, _, _ = first_run
     last = next((root / "runs" / "synthetic").glob("ntp-*/last.ckpt"))
