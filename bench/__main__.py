@@ -49,12 +49,13 @@ def cmd_data(settings) -> None:
 
 
 def cmd_train(settings) -> None:
-    from bench.train import cache_key, cached_checkpoint, runs_dir, train_model
+    from bench.train import cache_key, cached_checkpoint, check_precision, runs_dir, train_model
     from models.module import check_pairing, load_checkpoint
 
     job = settings["train"]
     model_settings = settings["model"].for_objective(job.objective)
     check_pairing(job.objective, model_settings.backbone)
+    check_precision(model_settings)
     if job.resume and not Path(job.resume).is_file():
         raise BenchError(f"--resume {job.resume}: no such checkpoint")
     if job.run_dir and Path(job.run_dir).exists() and not Path(job.run_dir).is_dir():

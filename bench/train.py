@@ -145,6 +145,12 @@ def build_model(data: RecData, objective: str, settings: ModelSettings, data_set
     return SidRecommender.for_catalog(objective, settings, data.catalog, data_settings)
 
 
+def check_precision(settings: ModelSettings) -> None:
+    """A training precision this machine cannot train in, refused before any work."""
+    if settings.precision == "16-mixed" and not torch.cuda.is_available():
+        raise BenchError("--precision 16-mixed trains on CUDA only; use bf16-mixed or 32-true on the CPU")
+
+
 def check_resumable(path: str, model: SidRecommender, data: RecData) -> None:
     """A resumed checkpoint must hold the model these settings build, on this catalogue."""
     saved = load_checkpoint(path, data.catalog)
@@ -189,6 +195,7 @@ def train_model(
     own shard of the windows (LengthBucketSampler; train_batch_size is per process) and
     validates its own users (ShardSampler, no user twice); Lightning's rank 0 writes the
     checkpoints and logs, and settings.json."""
+    check_precision(settings)
     model = build_model(data, objective, settings, data_settings)
     if resume:
         check_resumable(resume, model, data)
@@ -218,6 +225,7 @@ def train_model(
     stop = L.pytorch.callbacks.EarlyStopping(monitor="val/recall@10", mode="max", patience=settings.patience)
     trainer = L.Trainer(
         max_epochs=settings.max_epochs,
+        precision=settings.precision,
         callbacks=[best, last, stop, *(callbacks or [])],
         default_root_dir=run_dir,
         accelerator="auto",
@@ -304,11 +312,15 @@ def resolve_models(
     for per_decoder in requests:
         for role, request in per_decoder.items():
             wanted.add(role)
+            if not untrained:
+                check_precision(request.settings)
             pending = [request.init_from, request.teacher]
             while pending:
                 start = pending.pop()
                 if start is not None:
                     wanted.add(start.objective)
+                    if not untrained:
+                        check_precision(start.settings)
                     pending += [start.init_from, start.teacher]
     for path, model in given:
         if model.objective not in wanted:

@@ -597,6 +597,9 @@ CASES = [
     case("tokenize levels above z", "tokenize --levels 27", "--levels 27: must be at most 26"),
     case("tokenize code space too large", "tokenize --codes 256 --levels 20", "too large for 64-bit SID codes"),
     case("train unknown backbone", "train --backbone nosuch", "unknown backbone 'nosuch'"),
+    case("train fp16 on the CPU", "train --precision 16-mixed", "--precision 16-mixed trains on CUDA only"),
+    case("run training fp16 on the CPU", RUN + " --precision 16-mixed", "--precision 16-mixed trains on CUDA only"),
+    case("precision not a choice", "train --precision fp8", "argument --precision: 'fp8' is not one of"),
     case("train run-dir a file", "train --run-dir {tmp}/taken", "--run-dir {tmp}/taken is a file", write("taken", "")),
     case(
         "train init-from a text file",

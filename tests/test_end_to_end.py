@@ -152,3 +152,20 @@ def test_untrained_runs_measure_latency_without_training(tmp_path, monkeypatch, 
     records = json.loads(out.read_text())
     assert [r["weights"] for r in records] == ["random: latency only, metrics meaningless"] * 2
     assert records[0]["backbone"]["name"] == "llama-micro"
+
+
+def test_bf16_mixed_training_runs_on_the_cpu(tmp_path):
+    """--precision bf16-mixed trains under bf16 autocast (other numerics than 32-true from
+    the same seed) and keeps fp32 weights; the checkpoint records the precision."""
+    weights = {}
+    for precision in ("32-true", "bf16-mixed"):
+        run_dir = tmp_path / precision
+        args = ["train", "--objective", "ntp", "--backbone", "qwen-micro", "--max-epochs", "1", "--val-users", "50"]
+        assert main(args + ["--precision", precision, "--run-dir", str(run_dir)]) == 0
+        checkpoint = torch.load(run_dir / "last.ckpt", weights_only=True)
+        assert checkpoint["hyper_parameters"]["settings"]["precision"] == precision
+        weights[precision] = checkpoint["state_dict"]
+    for name, fp32 in weights["32-true"].items():
+        mixed = weights["bf16-mixed"][name]
+        assert mixed.dtype == fp32.dtype and torch.isfinite(mixed).all()
+    assert any(not torch.equal(fp32, weights["bf16-mixed"][n]) for n, fp32 in weights["32-true"].items())
