@@ -105,7 +105,7 @@ class DecoderOnlyLM(nn.Module):
         positions = positions_from_mask(attention_mask)
         out = self.core(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
         last = out.last_hidden_state[:, -1]
-        return self.lm.lm_head(last), DecodeState(out.past_key_values, attention_mask, positions[:, -1] + 1, last)
+        return self.lm.lm_head(last), DecodeState(out.cache, attention_mask, positions[:, -1] + 1, last)
 
     def extend(
         self, state: DecodeState, tokens: torch.Tensor, tree_mask: torch.Tensor | None = None
@@ -147,10 +147,10 @@ class DecoderOnlyLM(nn.Module):
             input_ids=tokens,
             attention_mask=attention,
             position_ids=positions,
-            past_key_values=state.cache,
+            cache=state.cache,
             use_cache=True,
         )
-        return out.logits, out.past_key_values
+        return out.logits, out.cache
 
     def tree_forward(self, input_ids, attention_mask, tree_tokens, tree_mask):
         """A left-padded prompt [B, T] and a token tree [B, N] after it, in ONE pass.
@@ -171,7 +171,7 @@ class DecoderOnlyLM(nn.Module):
             position_ids=torch.cat([positions, tree_positions], 1),
             use_cache=True,
         )
-        state = DecodeState(out.past_key_values, attention_mask, positions[:, -1] + 1)
+        state = DecodeState(out.cache, attention_mask, positions[:, -1] + 1)
         return out.logits[:, length - 1], out.logits[:, length:], state
 
     @staticmethod

@@ -84,7 +84,7 @@ class EncoderDecoderLM(nn.Module):
             use_cache=True,
         )
         state = DecodeState(
-            out.past_key_values,
+            out.cache,
             mask,
             torch.ones(history.shape[0], dtype=torch.long, device=history.device),
             memory=encoded,
@@ -96,11 +96,11 @@ class EncoderDecoderLM(nn.Module):
             encoder_outputs=(state.memory,),
             attention_mask=state.mask,
             decoder_input_ids=tokens,
-            past_key_values=state.cache,
+            cache=state.cache,
             use_cache=True,
         )
         return out.logits, DecodeState(
-            out.past_key_values, state.mask, state.next_position + tokens.shape[1], memory=state.memory
+            out.cache, state.mask, state.next_position + tokens.shape[1], memory=state.memory
         )
 
     @staticmethod
