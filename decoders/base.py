@@ -196,11 +196,15 @@ class ValidPrefixes:
     def mask(self, candidates: torch.Tensor, level: int) -> torch.Tensor:
         """candidates [B, beams, C] scores of extending each beam by each code -> the
         same with -inf where the extended prefix belongs to no real item."""
-        return candidates.masked_fill(~self.verifier.child_mask(self.nodes, level), NEG_INF)
+        return candidates.masked_fill(self.verifier.missing_children(self.nodes, level), NEG_INF)
 
     def advance(self, parent: torch.Tensor, code: torch.Tensor, level: int) -> None:
         """parent, code [B, K]: the kept beams (prune's output) -> their nodes one level down."""
         self.nodes = self.verifier.child(self.nodes.gather(1, parent), code, level)
+
+    def sids(self) -> torch.Tensor:
+        """After the last level's advance: each beam's SID [B, K, L], read off its trie node."""
+        return self.verifier.sids_of(self.nodes)
 
 
 def prune(candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -209,10 +213,12 @@ def prune(candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor,
     When fewer than k candidates exist the rest are -inf placeholders."""
     batch, beams, codes = candidates.shape
     flat = candidates.reshape(batch, beams * codes)
-    if flat.shape[1] < k:
+    padded = flat.shape[1] < k
+    if padded:
         flat = torch.cat([flat, flat.new_full((batch, k - flat.shape[1]), NEG_INF)], dim=1)
     scores, index = flat.topk(k, dim=1)
-    index = index.clamp(max=beams * codes - 1)
+    if padded:  # a placeholder's index points past the candidates
+        index = index.clamp(max=beams * codes - 1)
     return scores, index // codes, index % codes
 
 

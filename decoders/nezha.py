@@ -88,20 +88,24 @@ class Nezha(Decoder):
         if placeholder_states is None:
             placeholder_states = h0.new_zeros(size, levels, h0.shape[-1])
         state = h0.unsqueeze(1)  # [B, beams, d]
-        scores = h0.new_zeros(size, 1)
-        prefixes = torch.zeros(size, 1, 0, dtype=torch.long, device=h0.device)
-        valid = ValidPrefixes(catalog, prefixes) if self.verifier != "off" else None
+        scores = h0.new_zeros(size, 1, 1, dtype=torch.float32)  # [B, beams, 1]
+        valid = ValidPrefixes(catalog, h0.new_zeros(size, 1, 0, dtype=torch.long)) if self.verifier != "off" else None
+        # verified at every level, a beam's trie node names its prefix: the SIDs are read off
+        # the leaves at the end instead of being carried along
+        prefixes = None if self.verifier == "every" else torch.zeros(size, 1, 0, dtype=torch.long, device=h0.device)
         for level in range(levels):
-            logits = self.head.level_logits(level, state, placeholder_states[:, level].unsqueeze(1))
-            candidates = scores.unsqueeze(-1) + torch.log_softmax(logits.float(), dim=-1)  # [B, beams, C]
+            logits = self.head.level_logits(level, state, placeholder_states[:, level : level + 1])  # [B, beams, C]
+            candidates = torch.log_softmax(logits.float(), dim=-1).add_(scores)
             if valid and (self.verifier == "every" or level == levels - 1):
                 candidates = valid.mask(candidates, level)
             width = self.k if level == levels - 1 else self.head_beam
-            scores, parent, code = prune(candidates, width)
-            prefixes = extend_prefixes(prefixes, parent, code)
+            best, parent, code = prune(candidates, width)
+            scores = best.unsqueeze(-1)
+            if prefixes is not None:
+                prefixes = extend_prefixes(prefixes, parent, code)
+            if valid and (self.verifier == "every" or level + 1 < levels):
+                valid.advance(parent, code, level)
             if level + 1 < levels:
-                if valid:
-                    valid.advance(parent, code, level)
                 kept = state.gather(1, parent.unsqueeze(-1).expand(-1, -1, state.shape[-1]))  # [B, width, d]
                 state = self.head.advance(level, kept.flatten(0, 1), code.flatten()).view(size, width, -1)
-        return finish(prefixes, scores)
+        return finish(valid.sids() if prefixes is None else prefixes, scores.squeeze(-1))

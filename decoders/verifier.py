@@ -7,14 +7,16 @@ The valid prefixes form a trie; here it is held as tensors (the idea of STATIC, 
   0 of depth 0), numbered in the order of (parent node, code);
 - a level whose table fits (nodes x codes <= `dense_limit` entries) is a dense table
   [nodes + 1, C_l] of child node ids (-1: no such child; the last row stands for node
-  -1, an invalid prefix): the mask of a beam is the row of its node, its child the entry
-  of the chosen code;
+  -1, an invalid prefix) beside the same table as a bool mask of the missing children:
+  the mask of a beam is the row of its node, its child the entry of the chosen code;
 - a deeper, sparser level keeps each node's children padded to the level's largest
   branching (ELL form) [nodes + 1, max children] of codes and of child ids: the mask is one
   scatter of that row.
 
 Decoders carry each beam's node along the search (decoders.base.ValidPrefixes), so a
-level costs a gather for the mask and one for the chosen children, whatever L is.
+level costs a gather for the mask and one for the chosen children, whatever L is. The
+nodes of depth L are the real SIDs themselves: `leaf_sids` reads a full SID off its
+node, so a search verified at every level need not carry its prefixes.
 
 Full SIDs also live in a Python hash set of mixed-radix integers
 (code = sum_l t_l * prod_{j<l} C_j) for single lookups (`is_valid`).
@@ -42,7 +44,9 @@ class Verifier:
         sids = sids.long().cpu()
         self._on_device: dict[torch.device, list[tuple[torch.Tensor, ...]]] = {}
         self._constants_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.levels_built: list[tuple[torch.Tensor, ...]] = []  # per level: (table,) dense or (codes, ids) sparse
+        self._leaves_on: dict[torch.device, torch.Tensor] = {}
+        self.dense: list[bool] = []  # per level: a dense table (else padded sibling rows)
+        self.levels_built: list[tuple[torch.Tensor, ...]] = []  # per level: (table, missing) dense or (codes, ids) sparse
         self.nodes_per_level: list[int] = []  # nodes of depth l, l = 0 .. L-1
         node = torch.zeros(len(sids), dtype=torch.long)  # every item's prefix node at the current depth
         nodes = 1
@@ -52,9 +56,10 @@ class Verifier:
             ids = torch.arange(len(edge), dtype=torch.int32)
             # one row more than nodes: node -1 (an invalid prefix) indexes it and finds no child
             if (nodes + 1) * size <= dense_limit:
-                table = torch.full(((nodes + 1) * size,), -1, dtype=torch.int32)
-                table[edge] = ids
-                self.levels_built.append((table.view(nodes + 1, size),))
+                table = torch.full(((nodes + 1) * size,), -1, dtype=torch.int32).view(nodes + 1, size)
+                table.view(-1)[edge] = ids
+                self.levels_built.append((table, table < 0))
+                self.dense.append(True)
             else:
                 parent, code = edge // size, edge % size
                 count = torch.bincount(parent, minlength=nodes)
@@ -64,13 +69,17 @@ class Verifier:
                 children = torch.full((nodes + 1, width), -1, dtype=torch.int32)
                 codes[parent, rank], children[parent, rank] = code, ids
                 self.levels_built.append((codes, children))
+                self.dense.append(False)
             node, nodes = child, len(edge)
+        self.leaf_sids = torch.full((nodes + 1, self.levels), -1, dtype=torch.long)  # [leaves + 1, L]; row -1: none
+        self.leaf_sids[node] = sids
         self.valid_sids = set(self.encode(sids).tolist())
 
     @property
     def table_bytes(self) -> int:
         """Memory of the trie's tensors."""
-        return sum(t.numel() * t.element_size() for level in self.levels_built for t in level)
+        tensors = [t for level in self.levels_built for t in level] + [self.leaf_sids]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @functools.cached_property
     def hash_set_bytes(self) -> int:
@@ -98,7 +107,7 @@ class Verifier:
         """nodes [...] of depth `level` (-1: invalid), codes [...] inside the level's
         codebook -> child node ids [...] (-1: no such child). One gather when dense."""
         tables = self._tables(nodes.device)[level]
-        if len(tables) == 1:
+        if self.dense[level]:
             return tables[0][nodes, codes]
         hit = tables[0][nodes] == codes.unsqueeze(-1)  # [..., width]: at most one sibling matches
         return (tables[1][nodes] + 1).mul(hit).sum(-1, dtype=torch.int32) - 1
@@ -115,14 +124,27 @@ class Verifier:
 
     def child_mask(self, nodes: torch.Tensor, level: int) -> torch.Tensor:
         """nodes [...] of depth `level` (-1: invalid) -> bool [..., C_level]: the codes
-        that extend each node's prefix to a valid one (one gather, or one scatter when sparse)."""
+        that extend each node's prefix to a valid one."""
+        return ~self.missing_children(nodes, level)
+
+    def missing_children(self, nodes: torch.Tensor, level: int) -> torch.Tensor:
+        """nodes [...] of depth `level` (-1: invalid) -> bool [..., C_level]: the codes
+        that extend no node's prefix to a valid one, what a search masks (one gather, or
+        one scatter when the level is sparse)."""
         tables = self._tables(nodes.device)[level]
-        if len(tables) == 1:
-            return tables[0][nodes] >= 0
+        if self.dense[level]:
+            return tables[1][nodes]
         size = self.codebook_sizes[level]
         rows = tables[0][nodes]  # [..., width] child codes, `size` = padding
-        mask = torch.zeros(*rows.shape[:-1], size + 1, dtype=torch.bool, device=nodes.device)
-        return mask.scatter_(-1, rows, True)[..., :size]
+        mask = torch.ones(*rows.shape[:-1], size + 1, dtype=torch.bool, device=nodes.device)
+        return mask.scatter_(-1, rows, False)[..., :size]
+
+    def sids_of(self, nodes: torch.Tensor) -> torch.Tensor:
+        """nodes [...] of depth L (-1: none) -> their SIDs [..., L] (-1 codes for none)."""
+        device = nodes.device
+        if device not in self._leaves_on:
+            self._leaves_on[device] = self.leaf_sids.to(device)
+        return self._leaves_on[device][nodes]
 
     def _tables(self, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
         if device not in self._on_device:

@@ -154,12 +154,32 @@ def test_nezha_beam_ranks_by_head_scores(catalog, nezha):
             torch.testing.assert_close(best.values, result.scores[user], atol=1e-4, rtol=1e-4)
 
 
-def test_k_above_candidates_leaves_empty_slots(catalog, ntp):
+def test_verified_nezha_ranks_the_real_items_by_head_scores(catalog, nezha):
+    """Verified at every level with an exhaustive head beam, NEZHA returns the top-K of
+    the catalogue's own SIDs by the head's joint score (read off the trie's leaves)."""
+    batch = random_batch(catalog, users=2, seed=6)
+    result, _ = decode(f"nezha:head_beam={6 * 5 * 8}", catalog, 5, {"nezha": nezha}, batch)
+    sids = catalog.sids  # [60, 3]
+    with torch.no_grad():
+        h0_all, hp_all = nezha.lm.nezha_states(batch.history, batch.mask, torch.tensor(catalog.placeholder_tokens))
+        for user in range(2):
+            h0, hp = h0_all[user].expand(len(sids), -1), hp_all[user].expand(len(sids), -1, -1)
+            logits = nezha.head.teacher_forced_logits(h0, hp, sids)
+            joint = sum(torch.log_softmax(lg, -1).gather(1, sids[:, [lv]]).squeeze(1) for lv, lg in enumerate(logits))
+            best = joint.topk(5)
+            assert torch.equal(sids[best.indices], result.sids[user])
+            torch.testing.assert_close(best.values, result.scores[user], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["beam:constrained", "nezha"])
+def test_k_above_candidates_leaves_empty_slots(catalog, ntp, nezha, spec):
     batch = random_batch(catalog, users=2, seed=7)
-    result, _ = decode("beam:constrained", catalog, catalog.num_items + 5, {"ntp": ntp}, batch)
+    result, _ = decode(spec, catalog, catalog.num_items + 5, {"ntp": ntp, "nezha": nezha}, batch)
     empty = (result.sids < 0).all(-1)
     assert empty.sum(1).tolist() == [5, 5]
     assert torch.isinf(result.scores[empty]).all()
+    assert valid_rows(catalog, result.sids[~empty].unsqueeze(0)).all()
+    assert len({tuple(sid) for sid in result.sids[0][~empty[0]].tolist()}) == catalog.num_items
 
 
 def test_decoder_specs_are_parsed_and_checked():
