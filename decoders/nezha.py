@@ -106,6 +106,5 @@ class Nezha(Decoder):
             if valid and (self.verifier == "every" or level + 1 < levels):
                 valid.advance(parent, code, level)
             if level + 1 < levels:
-                kept = state.gather(1, parent.unsqueeze(-1).expand(-1, -1, state.shape[-1]))  # [B, width, d]
-                state = self.head.advance(level, kept.flatten(0, 1), code.flatten()).view(size, width, -1)
+                state = self.head.advance_beams(level, state, parent, code)  # [B, width, d]
         return finish(valid.sids() if prefixes is None else prefixes, scores.squeeze(-1))

@@ -21,6 +21,7 @@ class NezhaDraftHead(nn.Module):
         if transition not in TRANSITIONS:
             raise ValueError(f"unknown transition '{transition}'; choose one of {', '.join(TRANSITIONS)}")
         self.transition = transition
+        self._input_tables: dict[int, tuple] = {}  # level -> (weights' identity, table): see input_table
         self.classifiers = nn.ModuleList(nn.Linear(hidden_size, size) for size in codebook_sizes)
         if transition != "none":
             self.code_embeddings = nn.ModuleList(nn.Embedding(size, hidden_size) for size in codebook_sizes[:-1])
@@ -36,6 +37,34 @@ class NezhaDraftHead(nn.Module):
         if self.transition == "none":
             return state
         return self.cells[level](self.code_embeddings[level](codes), state)
+
+    def advance_beams(self, level: int, state: torch.Tensor, parent: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """A beam search's step: state [B, beams, d], the kept beams' parents and codes
+        [B, width] -> their states for level + 1 [B, width, d].
+
+        The tanh cell is advance's arithmetic regrouped for inference: the input side
+        Embed(t) W_ih^T + b_ih + b_hh is one row of a per-code table (built once per
+        weights), and the recurrent side s W_hh^T is computed on the parent beams before
+        they are copied (1 row per user at the first level instead of `width`)."""
+        if self.transition == "rnn":
+            recurrent = state @ self.cells[level].weight_hh.T  # [B, beams, d]
+            kept = recurrent.gather(1, parent.unsqueeze(-1).expand(-1, -1, state.shape[-1]))
+            return torch.tanh(kept + self.input_table(level)[codes])
+        kept = state.gather(1, parent.unsqueeze(-1).expand(-1, -1, state.shape[-1]))
+        return self.advance(level, kept.flatten(0, 1), codes.flatten()).view_as(kept)
+
+    def input_table(self, level: int) -> torch.Tensor:
+        """[C_level, d]: the tanh cell's input side for every code of `level`, rebuilt
+        whenever a weight it is made of changes (training steps, loading, casting)."""
+        cell, embedding = self.cells[level], self.code_embeddings[level]
+        parts = (embedding.weight, cell.weight_ih, cell.bias_ih, cell.bias_hh)
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in parts)
+        cached = self._input_tables.get(level)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                table = torch.addmm(cell.bias_ih + cell.bias_hh, embedding.weight, cell.weight_ih.T)
+            self._input_tables[level] = cached = (key, table)
+        return cached[1]
 
     def teacher_forced_logits(
         self, h0: torch.Tensor, placeholders: torch.Tensor, codes: torch.Tensor

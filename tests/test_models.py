@@ -96,3 +96,42 @@ def test_unknown_backbone_is_refused(catalog):
 )
 def test_learning_rate_warms_up_then_stays_or_decays_to_zero(step, cosine, share):
     assert lr_factor(step, warmup=10, total=110, cosine=cosine) == pytest.approx(share, abs=1e-12)
+
+
+@pytest.mark.parametrize("transition", ["rnn", "gru", "none"])
+def test_beam_step_of_the_head_equals_its_training_step(transition):
+    """advance_beams (inference: parents gathered, the rnn cell's input side from a
+    per-code table) gives the states advance gives (training: teacher forcing)."""
+    from models.heads import NezhaDraftHead
+
+    torch.manual_seed(0)
+    head = NezhaDraftHead(16, (6, 5, 8), transition)
+    state = torch.randn(3, 4, 16)  # [B, beams, d]
+    parent, codes = torch.randint(0, 4, (3, 7)), torch.randint(0, 6, (3, 7))
+    kept = state.gather(1, parent.unsqueeze(-1).expand(-1, -1, 16))
+    expected = head.advance(0, kept.flatten(0, 1), codes.flatten()).view(3, 7, 16)
+    torch.testing.assert_close(head.advance_beams(0, state, parent, codes), expected)
+
+
+def test_head_input_table_follows_the_weights():
+    """The rnn cell's per-code table is rebuilt after a training step changes the
+    weights it is made of, and after a cast."""
+    from models.heads import NezhaDraftHead
+
+    torch.manual_seed(0)
+    head = NezhaDraftHead(16, (6, 5, 8), "rnn")
+    state, parent, codes = torch.randn(2, 1, 16), torch.zeros(2, 3, dtype=torch.long), torch.tensor([[0, 1, 2]] * 2)
+
+    def reference():
+        return head.advance(0, state.gather(1, parent.unsqueeze(-1).expand(-1, -1, 16)).flatten(0, 1), codes.flatten())
+
+    before = head.advance_beams(0, state, parent, codes)
+    optimizer = torch.optim.SGD(head.parameters(), lr=1.0)
+    reference().sum().backward()
+    optimizer.step()
+    after = head.advance_beams(0, state, parent, codes)
+    assert not torch.allclose(before, after)
+    with torch.no_grad():
+        torch.testing.assert_close(after, reference().view_as(after))
+    head.double()
+    assert head.advance_beams(0, state.double(), parent, codes).dtype == torch.float64
