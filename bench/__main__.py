@@ -229,7 +229,7 @@ def cmd_leaderboard(settings) -> None:
             )
         from bench.leaderboard import measure_board
 
-        for path in measure_board(load_data(settings), settings, Path(args.out_dir)):
+        for path in measure_board(load_data(settings), settings, Path(args.out_dir), args.name):
             print(f"written: {path}")
         return
     if settings["given"]:
@@ -239,10 +239,12 @@ def cmd_leaderboard(settings) -> None:
         )
     paths = [Path(p) for p in args.files]
     if args.out_dir:
-        for path in run_files(paths, Path(args.out_dir)):
+        for path in run_files(paths, Path(args.out_dir), args.name):
             print(f"written: {path}")
         if not args.out:
             return
+    if args.name:
+        raise BenchError("--name names the files of --out-dir; give --out-dir FOLDER with it")
     table = write_leaderboard(paths, Path(args.out) if args.out else None)
     print(f"written to {args.out}" if args.out else table)
 

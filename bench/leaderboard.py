@@ -208,9 +208,9 @@ def run_header(run: tuple, records: list[dict]) -> dict:
     }
 
 
-def run_files(paths: list[Path], out_dir: Path) -> list[Path]:
-    """Per run, <dataset>-<cpu|gpu>.md, .csv, .json and -pareto.png in out_dir (a later
-    run of the same dataset and device kind gets -2, -3, ...), each written atomically."""
+def run_files(paths: list[Path], out_dir: Path, name: str | None = None) -> list[Path]:
+    """Per run, <dataset>-<cpu|gpu>.md (or <name>.md), .csv, .json and -pareto.png in
+    out_dir (a later run of the same stem gets -2, -3, ...), each written atomically."""
     out_dir = Path(os.path.realpath(out_dir))
     check_out_dir(out_dir)
     groups = run_groups(paths)
@@ -218,13 +218,13 @@ def run_files(paths: list[Path], out_dir: Path) -> list[Path]:
         raise BenchError("the input files hold no records; nothing was written")
     names, taken = [], set()
     for run, _ in groups:
-        stem = f"{run[0]}-{'cpu' if run[2].startswith('cpu') else 'gpu'}"
-        name, number = stem, 1
-        while name in taken:
+        stem = name or f"{run[0]}-{'cpu' if run[2].startswith('cpu') else 'gpu'}"
+        unique, number = stem, 1
+        while unique in taken:
             number += 1
-            name = f"{stem}-{number}"
-        taken.add(name)
-        names.append(name)
+            unique = f"{stem}-{number}"
+        taken.add(unique)
+        names.append(unique)
     suffixes = (".md", ".csv", ".json", "-pareto.png")
     inputs = {Path(os.path.realpath(path)) for path in paths}
     clashes = [out_dir / f"{n}{suffix}" for n in names for suffix in suffixes if out_dir / f"{n}{suffix}" in inputs]
@@ -233,16 +233,17 @@ def run_files(paths: list[Path], out_dir: Path) -> list[Path]:
     return write_boards(list(zip(names, groups)), out_dir)
 
 
-def measure_board(data, settings: dict, out_dir: Path) -> list[Path]:
+def measure_board(data, settings: dict, out_dir: Path, name: str | None = None) -> list[Path]:
     """Every decoder (or the --decoder given) on the same models and batches: its records
-    appended to out_dir/records/<dataset>-<cpu|gpu>.json (earlier runs kept), this run's
-    tables written as out_dir/<dataset>-<cpu|gpu>.md, .csv, .json and -pareto.png."""
+    appended to out_dir/records/<stem>.json (earlier runs kept), this run's tables written
+    as out_dir/<stem>.md, .csv, .json and -pareto.png; stem: `name`, else <dataset>-<cpu|gpu>."""
     from bench.records import append_records, check_writable
     from bench.run import resolve_device, run
 
     check_out_dir(Path(out_dir))
     kind = "cpu" if resolve_device(settings["run"].device).type == "cpu" else "gpu"
-    records_path = Path(out_dir) / "records" / f"{data.name}-{kind}.json"
+    stem = name or f"{data.name}-{kind}"
+    records_path = Path(out_dir) / "records" / f"{stem}.json"
     read_records(records_path)  # a broken records file fails before any work
     check_writable(records_path)
     run_settings = dataclasses.replace(settings["run"], out=str(records_path))
@@ -252,7 +253,7 @@ def measure_board(data, settings: dict, out_dir: Path) -> list[Path]:
     append_records(records_path, records)
     first = records[0]
     group = ((first["dataset"], first["split"], first["device"], first["timestamp"], first["command"]), records)
-    return [records_path] + write_boards([(f"{data.name}-{kind}", group)], Path(out_dir))
+    return [records_path] + write_boards([(stem, group)], Path(out_dir))
 
 
 def check_out_dir(out_dir: Path) -> None:

@@ -310,6 +310,13 @@ class LeaderboardSettings:
     out_dir: str | None = setting(
         None, "write <dataset>-<cpu|gpu>.md, .csv, .json and -pareto.png per run into this folder"
     )
+    name: str | None = setting(
+        None, "the stem of the files written to --out-dir instead of <dataset>-<cpu|gpu>, e.g. beauty-cpu-ablation"
+    )
+
+    def __post_init__(self):
+        if self.name is not None and (not self.name or any(c in self.name for c in "/\\") or self.name[0] == "."):
+            raise BenchError(f"--name {self.name!r}: give a file name stem, without folders")
 
 
 SECTIONS = {

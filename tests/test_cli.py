@@ -231,6 +231,24 @@ def test_leaderboard_writes_markdown_csv_json_and_a_plot_per_run(cli, tmp_path):
     assert code == 2 and "is a file" in err and (tmp_path / "taken").read_text() == "x"
 
 
+def test_leaderboard_names_its_files_with_name(cli, tmp_path):
+    results, out_dir = tmp_path / "results.json", tmp_path / "boards"
+    results.write_text(json.dumps([record("beam", 40.0, 0.4), record("nezha", 10.0, 0.5)]))
+    code, _, err = cli("leaderboard", str(results), "--out-dir", str(out_dir), "--name", "synthetic-cpu-ablation")
+    assert code == 0, err
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+        f"synthetic-cpu-ablation{suffix}" for suffix in (".md", ".csv", ".json", "-pareto.png")
+    )
+    assert "![Recall@10 against latency](synthetic-cpu-ablation-pareto.png)" in (
+        out_dir / "synthetic-cpu-ablation.md"
+    ).read_text()
+    for bad, fragment in (("../x", "without folders"), ("", "without folders")):
+        code, _, err = cli("leaderboard", str(results), "--out-dir", str(out_dir), "--name", bad)
+        assert code == 2 and fragment in err, err
+    code, _, err = cli("leaderboard", str(results), "--name", "x")
+    assert code == 2 and "give --out-dir FOLDER with it" in err
+
+
 def test_leaderboard_writes_its_out_file(cli, tmp_path):
     results, table = tmp_path / "results.json", tmp_path / "board.md"
     results.write_text(json.dumps([record("beam", 40.0, 0.4), record("greedy", 20.0, 0.3)]))
