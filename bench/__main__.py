@@ -54,7 +54,7 @@ def cmd_train(settings) -> None:
 
     job = settings["train"]
     model_settings = settings["model"].for_objective(job.objective)
-    check_pairing(job.objective, model_settings.backbone)
+    check_pairing(job.objective, model_settings.backbone, model_settings.history_loss)
     check_precision(model_settings)
     if job.resume and not Path(job.resume).is_file():
         raise BenchError(f"--resume {job.resume}: no such checkpoint")

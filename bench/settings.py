@@ -101,6 +101,12 @@ class ModelSettings:
     placeholders: bool = setting(
         True, "NEZHA reads placeholder states (--no-placeholders: only the last history state)"
     )
+    history_loss: float = setting(
+        0.0,
+        "NEZHA on a decoder-only backbone: weight of a next-token loss on the history tokens of its training "
+        "layout, beside the head's loss (0: the head's loss alone)",
+        low=0.0,
+    )
     medusa_mode: Literal["frozen", "joint"] = setting(
         "frozen", "Medusa heads on a frozen backbone (Medusa-1) or trained with it (Medusa-2)"
     )

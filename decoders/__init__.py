@@ -21,6 +21,9 @@ __all__ = [
 def plan(spec: str, settings) -> tuple[str, object, dict[str, ModelRequest]]:
     """A decoder spec -> (name, options, the models it requests by role), refusing a
     backbone the decoder cannot use before anything is trained."""
+    from models.module import check_pairing
+    from models.objectives import OBJECTIVES
+
     name, options = parse_spec(spec)
     cls = REGISTRY[name]
     requests = cls.requests(options, settings)
@@ -32,6 +35,9 @@ def plan(spec: str, settings) -> tuple[str, object, dict[str, ModelRequest]]:
                 f"{' or '.join(cls.backbone_kinds)} backbone; "
                 f"{cls.kind_reason or 'it decodes SID tokens with a generative backbone'}"
             )
+    for request in requests.values():  # settings a backbone cannot be trained with
+        if request.objective in OBJECTIVES:
+            check_pairing(request.objective, request.settings.backbone, request.settings.history_loss)
     return name, options, requests
 
 

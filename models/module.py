@@ -58,7 +58,7 @@ class SidRecommender(L.LightningModule):
         self.objective = objective
         self.settings = from_dict(ModelSettings, settings, "model settings")
         self.data_settings = from_dict(DataSettings, data, "data settings")
-        check_pairing(objective, self.settings.backbone)
+        check_pairing(objective, self.settings.backbone, self.settings.history_loss)
         levels = len(codebook_sizes)
         vocab_size = 1 + sum(codebook_sizes) + levels
         max_history = self.settings.max_history
@@ -196,7 +196,7 @@ def lr_factor(step: int, warmup: int, total: int, cosine: bool) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
 
 
-def check_pairing(objective: str, backbone: str) -> None:
+def check_pairing(objective: str, backbone: str, history_loss: float = 0.0) -> None:
     """Which objectives a backbone can be trained with, as one clear error."""
     kind = backbone_kind(backbone)
     if (objective == "next_item") != (kind == ITEM):
@@ -206,6 +206,11 @@ def check_pairing(objective: str, backbone: str) -> None:
                 "next_item and decodes with full_rank"
             )
         raise BenchError(f"objective next_item needs an item-embedding backbone (sasrec-*), not {backbone}")
+    if objective == "nezha" and history_loss and kind != DECODER_ONLY:
+        raise BenchError(
+            f"--history-loss trains the history tokens of NEZHA's one-pass layout, which only a decoder-only "
+            f"backbone has; {backbone} is {kind}"
+        )
     if objective == "medusa" and kind != DECODER_ONLY:
         raise BenchError(
             f"Medusa heads need a decoder-only backbone (their tree check uses tree attention); {backbone} is {kind}"

@@ -10,7 +10,10 @@ nezha: the window is laid out as  SID(i_1) P SID(i_2) P ... SID(i_{w-1}) P  wher
        P = <sp_1> .. <sp_L> predicts the next item. A 4D attention mask hides every P
        from all tokens outside it and position ids skip the Ps, so each P sees exactly
        the prompt [history, <sp_1..sp_L>] it sees at inference; the draft head is
-       teacher-forced with cross-entropy per level on the next item's codes.
+       teacher-forced with cross-entropy per level on the next item's codes. With
+       history_loss > 0 the history tokens also predict the next history token (the ntp
+       loss on the same pass, weighted): denser supervision for the backbone, at the
+       price of one lm-head product over the history positions.
 aligned (an NTP draft with a teacher): the draft is distilled on its backbone, AtSpeed's
        alignment: the teacher beam-searches K beams from a training window's history; the
        prefixes it keeps at levels 1..L-1 form a token tree; teacher and draft read history +
@@ -44,7 +47,7 @@ IGNORE = -100
 ALIGNED_BEAMS = 20  # the teacher's beams an aligned draft learns along: bench run's default K
 # the model settings only one objective reads; every other model setting shapes every model,
 # except those that pick another model's backbone
-OWN_SETTINGS = {"nezha": ("transition", "placeholders"), "medusa": ("medusa_mode",)}
+OWN_SETTINGS = {"nezha": ("transition", "placeholders", "history_loss"), "medusa": ("medusa_mode",)}
 OTHER_MODELS = ("draft_backbone", "item_backbone")
 
 
@@ -96,6 +99,7 @@ def collate_nezha(windows: list[list[int]], catalog: Catalog, placeholders: bool
     input_ids = torch.full((n, width), PAD, dtype=torch.long)
     positions = torch.zeros((n, width), dtype=torch.long)
     group = torch.full((n, width), -1, dtype=torch.long)  # 0 history, j >= 1 placeholder group j, -1 pad
+    history_labels = torch.full((n, width), IGNORE, dtype=torch.long)  # the next history token, where known
     rows, h0_index, placeholder_index, target_items = [], [], [], []
     sp = torch.tensor(catalog.placeholder_tokens)
     for b, items in enumerate(windows):
@@ -103,6 +107,9 @@ def collate_nezha(windows: list[list[int]], catalog: Catalog, placeholders: bool
         for j in range(len(items) - 1):
             start = j * group_len
             input_ids[b, start : start + L] = tokens[j]
+            if j > 0:  # the first item is context only, as in ntp
+                history_labels[b, start - group_len + L - 1] = tokens[j, 0]
+                history_labels[b, start : start + L - 1] = tokens[j, 1:]
             positions[b, start : start + L] = torch.arange(j * L, (j + 1) * L)
             group[b, start : start + L] = 0
             if placeholders:
@@ -123,6 +130,7 @@ def collate_nezha(windows: list[list[int]], catalog: Catalog, placeholders: bool
         "rows": torch.tensor(rows),
         "h0_index": torch.tensor(h0_index),
         "target_codes": catalog.sids[torch.tensor(target_items)],
+        "history_labels": history_labels,
     }
     if placeholders:
         batch["placeholder_index"] = torch.stack(placeholder_index)  # [N_targets, L]
@@ -143,7 +151,12 @@ def nezha_loss(model, batch: dict) -> torch.Tensor:
         placeholders = h0.new_zeros(h0.shape[0], len(model.head.classifiers), h0.shape[1])
     codes = batch["target_codes"]
     logits = model.head.teacher_forced_logits(h0, placeholders, codes)
-    return torch.stack([F.cross_entropy(lg, codes[:, level]) for level, lg in enumerate(logits)]).mean()
+    head = torch.stack([F.cross_entropy(lg, codes[:, level]) for level, lg in enumerate(logits)]).mean()
+    if not model.settings.history_loss or "history_labels" not in batch:
+        return head
+    labeled = batch["history_labels"] != IGNORE  # [B, T]
+    history = F.cross_entropy(model.lm.lm.lm_head(hidden[labeled]), batch["history_labels"][labeled])
+    return head + model.settings.history_loss * history
 
 
 def collate_aligned(windows: list[list[int]], catalog: Catalog) -> dict:

@@ -600,6 +600,13 @@ CASES = [
     case("train fp16 on the CPU", "train --precision 16-mixed", "--precision 16-mixed trains on CUDA only"),
     case("run training fp16 on the CPU", RUN + " --precision 16-mixed", "--precision 16-mixed trains on CUDA only"),
     case("precision not a choice", "train --precision fp8", "argument --precision: 'fp8' is not one of"),
+    case("history loss on t5", RUN + " --backbone t5-micro --history-loss 0.5", "only a decoder-only backbone has"),
+    case(
+        "train history loss on t5",
+        "train --objective nezha --backbone t5-micro --history-loss 0.5",
+        "only a decoder-only backbone has",
+    ),
+    case("history loss negative", RUN + " --history-loss -1", "--history-loss -1"),
     case("train run-dir a file", "train --run-dir {tmp}/taken", "--run-dir {tmp}/taken is a file", write("taken", "")),
     case(
         "train init-from a text file",

@@ -46,6 +46,23 @@ def test_ntp_batch_predicts_every_item_after_the_first(catalog):
     assert batch["attention_mask"][1].tolist() == [1] * (2 * L) + [0] * L
 
 
+@pytest.mark.parametrize("placeholders", [True, False])
+def test_nezha_history_loss_is_the_ntp_loss_of_the_history(catalog, placeholders):
+    """The history tokens of NEZHA's layout see exactly the plain history (placeholders
+    hidden, positions skipping them), so their next-token loss equals the ntp loss of
+    the windows without their last item; the total adds it with its weight."""
+    model = random_model("nezha", catalog, seed=2, history_loss=0.5, placeholders=placeholders)
+    windows = [[3, 17, 42, 8, 25], [11, 2, 9], [5, 5, 40]]
+    batch = objectives.collate_nezha(windows, catalog, placeholders)
+    with torch.no_grad():
+        ntp = objectives.ntp_loss(model, objectives.collate_ntp([w[:-1] for w in windows], catalog))
+        total = objectives.nezha_loss(model, batch)
+        model.settings.history_loss = 0.0
+        head = objectives.nezha_loss(model, batch)
+    torch.testing.assert_close(total, head + 0.5 * ntp, atol=1e-5, rtol=1e-5)
+    assert (batch["history_labels"] != objectives.IGNORE).sum() == sum(len(w) - 2 for w in windows) * catalog.levels
+
+
 def test_nezha_without_placeholders_reads_history_only(catalog):
     batch = objectives.collate_nezha([[3, 17, 42]], catalog, placeholders=False)
     assert "placeholder_index" not in batch
