@@ -4,6 +4,7 @@ decoder. Nothing here knows any decoder by name."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -125,6 +126,7 @@ def write_profiles(decoders: dict, prompt, folder: Path) -> None:
     operators by their own time; what the operators leave of the wall time is Python."""
     from torch.profiler import ProfilerActivity, profile
 
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # kineto's own start/stop lines are not for our users
     folder.mkdir(parents=True, exist_ok=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if prompt.history.is_cuda else [])
     for spec, decoder in decoders.items():
