@@ -119,11 +119,21 @@ def runs_dir() -> Path:
     return Path(os.environ.get(RUNS_ENV, "runs"))
 
 
+# settings added after models were cached: at these values they change nothing the
+# model learns, so they stay out of its key and the runs trained before them still match
+KEYLESS_WHEN = {"history_loss": 0.0}
+
+
 def cache_key(
     objective: str, settings: ModelSettings, data: RecData, seed: int, init_key: str = "", teacher_key: str = ""
 ) -> str:
     """Names the cached run: same catalogue, seed, objective, shaping settings, starting
     model and teacher -> same folder."""
+    shaping = {
+        name: value
+        for name, value in objectives.shaping_settings(objective, asdict(settings)).items()
+        if name not in KEYLESS_WHEN or value != KEYLESS_WHEN[name]
+    }
     blob = json.dumps(
         {
             "objective": objective,
@@ -132,7 +142,7 @@ def cache_key(
             "init": init_key,
             **({"generator": data.generator} if data.generator else {}),
             **({"teacher": teacher_key} if teacher_key else {}),
-            **objectives.shaping_settings(objective, asdict(settings)),
+            **shaping,
         },
         sort_keys=True,
     )

@@ -428,6 +428,27 @@ def test_a_draft_distilled_from_a_backbone_is_cached_apart_from_one_trained_on_t
     assert cache_key("ntp", settings, data, 0, teacher_key="ntp-qwen-tiny-0123456789") != plain
 
 
+def test_a_nezha_model_without_history_loss_keeps_the_key_it_had_before_the_setting_existed():
+    """Runs cached before --history-loss (which then meant 0) must still be found; any
+    other weight trains another model."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from bench.settings import ModelSettings
+    from bench.train import cache_key
+    from models import objectives
+
+    data = load_dataset("synthetic")
+    settings = ModelSettings(backbone="qwen-micro")
+    before = objectives.shaping_settings("nezha", asdict(settings))
+    del before["history_loss"]
+    blob = json.dumps({"objective": "nezha", "catalog": data.catalog.fingerprint, "seed": 0, "init": "", **before}, sort_keys=True)
+    assert cache_key("nezha", settings, data, 0) == f"nezha-qwen-micro-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+    weighted = ModelSettings(backbone="qwen-micro", history_loss=0.5)
+    assert cache_key("nezha", weighted, data, 0) != cache_key("nezha", settings, data, 0)
+
+
 # ---------------------------------------------------------------- splits
 
 
