@@ -229,6 +229,9 @@ def cmd_leaderboard(settings) -> None:
             )
         from bench.leaderboard import measure_board
 
+        if args.only:
+            raise BenchError("--only selects rows of result files; when the leaderboard runs, pass --decoder")
+
         for path in measure_board(load_data(settings), settings, Path(args.out_dir), args.name):
             print(f"written: {path}")
         return
@@ -238,14 +241,15 @@ def cmd_leaderboard(settings) -> None:
             "result files it only reads them (drop the files, or the setting)"
         )
     paths = [Path(p) for p in args.files]
+    only = [decoder.strip() for decoder in args.only.split(",") if decoder.strip()] if args.only else None
     if args.out_dir:
-        for path in run_files(paths, Path(args.out_dir), args.name):
+        for path in run_files(paths, Path(args.out_dir), args.name, only):
             print(f"written: {path}")
         if not args.out:
             return
     if args.name:
         raise BenchError("--name names the files of --out-dir; give --out-dir FOLDER with it")
-    table = write_leaderboard(paths, Path(args.out) if args.out else None)
+    table = write_leaderboard(paths, Path(args.out) if args.out else None, only)
     print(f"written to {args.out}" if args.out else table)
 
 

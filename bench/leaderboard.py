@@ -62,13 +62,24 @@ def malformed(record: dict) -> list[str]:
     return wrong
 
 
-def run_groups(paths: list[Path]) -> list[tuple[tuple, list[dict]]]:
-    """The records of every input file, grouped by run (dataset, split, device, timestamp, command)."""
+def run_groups(paths: list[Path], only: list[str] | None = None) -> list[tuple[tuple, list[dict]]]:
+    """The records of every input file (of the decoders in `only`, when given), grouped by
+    run (dataset, split, device, timestamp, command)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
+    found = set()
     for path in paths:
         for record in board_records(path):
+            found.add(record["decoder"])
+            if only and record["decoder"] not in only:
+                continue
             run = (record["dataset"], record["split"], record["device"], record["timestamp"], record["command"])
             groups[run].append(record)
+    absent = [decoder for decoder in only or () if decoder not in found]
+    if absent:
+        raise BenchError(
+            f"--only {','.join(absent)}: no record of that decoder in the input files (they hold "
+            f"{', '.join(sorted(found)) or 'none'}); nothing was written"
+        )
     for run, records in groups.items():
         check_one_protocol(run, records)
     return sorted(groups.items())
@@ -208,12 +219,13 @@ def run_header(run: tuple, records: list[dict]) -> dict:
     }
 
 
-def run_files(paths: list[Path], out_dir: Path, name: str | None = None) -> list[Path]:
+def run_files(paths: list[Path], out_dir: Path, name: str | None = None, only: list[str] | None = None) -> list[Path]:
     """Per run, <dataset>-<cpu|gpu>.md (or <name>.md), .csv, .json and -pareto.png in
-    out_dir (a later run of the same stem gets -2, -3, ...), each written atomically."""
+    out_dir (a later run of the same stem gets -2, -3, ...), each written atomically;
+    `only`: the rows of these decoders alone (an ablation table cut from a full run)."""
     out_dir = Path(os.path.realpath(out_dir))
     check_out_dir(out_dir)
-    groups = run_groups(paths)
+    groups = run_groups(paths, only)
     if not groups:
         raise BenchError("the input files hold no records; nothing was written")
     names, taken = [], set()
@@ -313,8 +325,8 @@ def pareto_plot(rows: list[dict], header: dict, path: Path) -> None:
     save_figure_atomically(figure, path)
 
 
-def leaderboard(paths: list[Path]) -> str:
-    return "\n".join(run_table(run, run_rows(records)) for run, records in run_groups(paths))
+def leaderboard(paths: list[Path], only: list[str] | None = None) -> str:
+    return "\n".join(run_table(run, run_rows(records)) for run, records in run_groups(paths, only))
 
 
 class Intervals:
@@ -376,11 +388,11 @@ def board_records(path: Path) -> list[dict]:
     return records
 
 
-def write_leaderboard(paths: list[Path], out: Path | None = None) -> str:
+def write_leaderboard(paths: list[Path], out: Path | None = None, only: list[str] | None = None) -> str:
     """The tables of `paths` -> the Markdown text, also written atomically to `out` when
     given. An empty table never replaces a non-empty file: a wrong glob must not wipe a
     leaderboard."""
-    table = leaderboard(paths)
+    table = leaderboard(paths, only)
     if out is None:
         return table
     out = Path(os.path.realpath(out))  # a symlink is written through to its target

@@ -319,6 +319,9 @@ class LeaderboardSettings:
     name: str | None = setting(
         None, "the stem of the files written to --out-dir instead of <dataset>-<cpu|gpu>, e.g. beauty-cpu-ablation"
     )
+    only: str | None = setting(
+        None, "with result files: the rows of these decoders alone (comma-separated), e.g. beam,nezha,nezha:verifier=off"
+    )
 
     def __post_init__(self):
         if self.name is not None and (not self.name or any(c in self.name for c in "/\\") or self.name[0] == "."):

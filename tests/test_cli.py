@@ -249,6 +249,23 @@ def test_leaderboard_names_its_files_with_name(cli, tmp_path):
     assert code == 2 and "give --out-dir FOLDER with it" in err
 
 
+def test_leaderboard_only_cuts_the_rows_of_some_decoders_from_a_run(cli, tmp_path):
+    results, out_dir = tmp_path / "results.json", tmp_path / "boards"
+    runs = [record("beam", 40.0, 0.4), record("greedy", 20.0, 0.3), record("nezha", 10.0, 0.5)]
+    results.write_text(json.dumps(runs))
+    code, _, err = cli("leaderboard", str(results), "--out-dir", str(out_dir), "--name", "ablation", "--only", "beam,nezha")
+    assert code == 0, err
+    rows = table_rows((out_dir / "ablation.md").read_text())
+    assert sorted(rows) == ["beam", "nezha"] and rows["nezha"]["speedup vs beam"] == "4.00"
+    code, out, _ = cli("leaderboard", str(results), "--only", "greedy")
+    assert code == 0 and sorted(table_rows(out)) == ["greedy"]
+    code, _, err = cli("leaderboard", str(results), "--out-dir", str(out_dir), "--name", "ablation", "--only", "beam,medusa")
+    assert code == 2 and "--only medusa: no record of that decoder" in err and "beam, greedy, nezha" in err
+    assert sorted(table_rows((out_dir / "ablation.md").read_text())) == ["beam", "nezha"]  # kept as it was
+    code, _, err = cli("leaderboard", "--out-dir", str(out_dir), "--only", "beam")
+    assert code == 2 and "pass --decoder" in err
+
+
 def test_leaderboard_writes_its_out_file(cli, tmp_path):
     results, table = tmp_path / "results.json", tmp_path / "board.md"
     results.write_text(json.dumps([record("beam", 40.0, 0.4), record("greedy", 20.0, 0.3)]))
