@@ -348,7 +348,8 @@ def test_config_and_flags_go_over_the_preset_and_per_objective_merges_per_object
     assert model["lr"] == 0.004
     assert model["per_objective"]["ntp"]["dropout"] == 0.3 and model["per_objective"]["ntp"]["lr_schedule"] == "cosine"
     assert model["per_objective"]["nezha"]["transition"] == "gru"
-    assert model["per_objective"]["next_item"]["dropout"] == 0.5
+    preset = yaml.safe_load((Path(bench.settings.__file__).parent / "presets" / "beauty.yaml").read_text())
+    assert model["per_objective"]["next_item"]["dropout"] == preset["model"]["per_objective"]["next_item"]["dropout"]
 
 
 def test_a_setting_given_for_all_objectives_beats_the_presets_per_objective_value(cli, tmp_path):
