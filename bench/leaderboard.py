@@ -10,6 +10,7 @@ import dataclasses
 import io
 import json
 import os
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -222,7 +223,8 @@ def run_header(run: tuple, records: list[dict]) -> dict:
 def run_files(paths: list[Path], out_dir: Path, name: str | None = None, only: list[str] | None = None) -> list[Path]:
     """Per run, <dataset>-<cpu|gpu>.md (or <name>.md), .csv, .json and -pareto.png in
     out_dir (a later run of the same stem gets -2, -3, ...), each written atomically;
-    `only`: the rows of these decoders alone (an ablation table cut from a full run)."""
+    `only`: the rows of these decoders alone (an ablation table cut from a full run),
+    the command that cut them named under the run's own."""
     out_dir = Path(os.path.realpath(out_dir))
     check_out_dir(out_dir)
     groups = run_groups(paths, only)
@@ -242,7 +244,8 @@ def run_files(paths: list[Path], out_dir: Path, name: str | None = None, only: l
     clashes = [out_dir / f"{n}{suffix}" for n in names for suffix in suffixes if out_dir / f"{n}{suffix}" in inputs]
     if clashes:  # records are never overwritten by a table made of them
         raise BenchError(f"--out-dir would write over the input file {clashes[0]}; give another folder")
-    return write_boards(list(zip(names, groups)), out_dir)
+    cut_by = " ".join(["python -m bench"] + sys.argv[1:]) if only else None
+    return write_boards(list(zip(names, groups)), out_dir, cut_by)
 
 
 def measure_board(data, settings: dict, out_dir: Path, name: str | None = None) -> list[Path]:
@@ -273,20 +276,24 @@ def check_out_dir(out_dir: Path) -> None:
         raise BenchError(f"--out-dir {out_dir} is a file; it takes a folder for the tables and plots")
 
 
-def write_boards(named_groups: list[tuple[str, tuple]], out_dir: Path) -> list[Path]:
-    """Per run: <name>.md, .csv, .json and -pareto.png in out_dir, each written atomically."""
+def write_boards(named_groups: list[tuple[str, tuple]], out_dir: Path, cut_by: str | None = None) -> list[Path]:
+    """Per run: <name>.md, .csv, .json and -pareto.png in out_dir, each written atomically;
+    cut_by: the command that chose some of the run's rows, said under the run's own."""
     out_dir.mkdir(parents=True, exist_ok=True)
     suffixes = (".md", ".csv", ".json", "-pareto.png")
     written = []
     for name, (run, records) in named_groups:
         targets = [out_dir / f"{name}{suffix}" for suffix in suffixes]
         header, rows = run_header(run, records), run_rows(records)
+        if cut_by:
+            header["rows_cut_by"] = cut_by
         plot = out_dir / f"{name}-pareto.png"
         pareto_plot(rows, header, plot)
         lines = [
             f"# {header['dataset']} / {header['split']} / {header['device']}\n",
             f"Made by `{header['command']}` at commit {header['commit'][:10]} ({header['timestamp']}), seed "
             f"{header['seed']}, torch {header['torch']}, transformers {header['transformers']}.\n",
+            *([f"Rows of that run chosen by `{cut_by}`.\n"] if cut_by else []),
             f"Protocol: {header['protocol']}\n",
             run_table(run, rows),
             f"![Recall@10 against latency]({plot.name})\n",

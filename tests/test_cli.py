@@ -4,6 +4,7 @@ any training; `data` and `leaderboard`; appending result records."""
 import json
 import os
 import stat
+import sys
 
 import pytest
 from conftest import result_record
@@ -30,6 +31,7 @@ def cli(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench.train, "train_model", no_training)
 
     def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["bench", *args])  # what records and tables quote as the command
         code = main(list(args))
         out, err = capsys.readouterr()
         return code, out, err
@@ -257,6 +259,8 @@ def test_leaderboard_only_cuts_the_rows_of_some_decoders_from_a_run(cli, tmp_pat
     assert code == 0, err
     rows = table_rows((out_dir / "ablation.md").read_text())
     assert sorted(rows) == ["beam", "nezha"] and rows["nezha"]["speedup vs beam"] == "4.00"
+    assert "Rows of that run chosen by `python -m bench leaderboard " in (out_dir / "ablation.md").read_text()
+    assert "--only beam,nezha" in json.loads((out_dir / "ablation.json").read_text())["run"]["rows_cut_by"]
     code, out, _ = cli("leaderboard", str(results), "--only", "greedy")
     assert code == 0 and sorted(table_rows(out)) == ["greedy"]
     code, _, err = cli("leaderboard", str(results), "--out-dir", str(out_dir), "--name", "ablation", "--only", "beam,medusa")
