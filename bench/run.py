@@ -103,7 +103,9 @@ def run(
     if settings.profile:
         write_profiles(decoders, batches[0].prompt, Path(settings.profile))
     targets = torch.cat([b.targets.cpu() for b in batches])
-    timestamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    now = time.time()  # milliseconds: the runs of a fast sweep can end within one second
+    timestamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
+    timestamp += time.strftime("%z", time.localtime(now))
     return [
         build_record(
             spec,
