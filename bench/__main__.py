@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from bench.errors import BenchError
-from bench.settings import add_settings, explicit_fields, settings_from, to_yaml
+from bench.settings import add_settings, comma_list, explicit_fields, settings_from, to_yaml
 
 # which settings each command reads (bench/settings.py defines them once)
 SECTIONS = {
@@ -241,7 +241,7 @@ def cmd_leaderboard(settings) -> None:
             "result files it only reads them (drop the files, or the setting)"
         )
     paths = [Path(p) for p in args.files]
-    only = [decoder.strip() for decoder in args.only.split(",") if decoder.strip()] if args.only else None
+    only = comma_list(args.only) if args.only else None
     if args.out_dir:
         for path in run_files(paths, Path(args.out_dir), args.name, only):
             print(f"written: {path}")

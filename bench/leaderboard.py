@@ -10,13 +10,12 @@ import dataclasses
 import io
 import json
 import os
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 from bench.errors import BenchError
 from bench.metrics import Bootstrap, per_user, ranks_from_hits
-from bench.records import cell, read_records, save_figure_atomically, write_atomically
+from bench.records import cell, command_line, read_records, save_figure_atomically, write_atomically
 
 # the fields a table row reads
 REQUIRED = (
@@ -244,7 +243,7 @@ def run_files(paths: list[Path], out_dir: Path, name: str | None = None, only: l
     clashes = [out_dir / f"{n}{suffix}" for n in names for suffix in suffixes if out_dir / f"{n}{suffix}" in inputs]
     if clashes:  # records are never overwritten by a table made of them
         raise BenchError(f"--out-dir would write over the input file {clashes[0]}; give another folder")
-    cut_by = " ".join(["python -m bench"] + sys.argv[1:]) if only else None
+    cut_by = command_line() if only else None
     return write_boards(list(zip(names, groups)), out_dir, cut_by)
 
 

@@ -48,6 +48,11 @@ def git_sha() -> str:
         return "unknown"
 
 
+def command_line() -> str:
+    """The command as the user typed it, quoted by records and tables."""
+    return " ".join(["python -m bench"] + sys.argv[1:])
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -227,7 +232,7 @@ def build_record(
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "seed": settings["data"].seed,
-        "command": " ".join(["python -m bench"] + sys.argv[1:]),
+        "command": command_line(),
         "timestamp": timestamp,  # one per run: the leaderboard groups a run's records by it
         "settings": {section: asdict(value) for section, value in settings.items()},
         "data_source": data.source,

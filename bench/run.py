@@ -15,7 +15,7 @@ from bench.data.batches import eval_batches
 from bench.errors import BenchError
 from bench.latency import benchmark
 from bench.records import build_record, cell, git_sha, write_atomically
-from bench.settings import DataSettings, ModelSettings, RunSettings
+from bench.settings import DataSettings, ModelSettings, RunSettings, comma_list
 from bench.train import resolve_models
 from decoders import REGISTRY, plan, with_constraint
 
@@ -58,7 +58,7 @@ def check_k(k: int, data: RecData) -> None:
 
 
 def decoder_specs(settings: RunSettings) -> list[str]:
-    specs = [s.strip() for s in settings.decoder.split(",") if s.strip()]
+    specs = comma_list(settings.decoder)
     if not specs:
         raise BenchError(f"--decoder names no decoder; give comma-separated specs of: {', '.join(sorted(REGISTRY))}")
     return [with_constraint(s) for s in specs] if settings.constrained else specs
@@ -103,9 +103,9 @@ def run(
     if settings.profile:
         write_profiles(decoders, batches[0].prompt, Path(settings.profile))
     targets = torch.cat([b.targets.cpu() for b in batches])
-    now = time.time()  # milliseconds: the runs of a fast sweep can end within one second
-    timestamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
-    timestamp += time.strftime("%z", time.localtime(now))
+    now = time.time()  # to the millisecond: the runs of a fast sweep can end within one second
+    local = time.localtime(now)
+    timestamp = f"{time.strftime('%Y-%m-%dT%H:%M:%S', local)}.{int(now * 1000) % 1000:03d}{time.strftime('%z', local)}"
     return [
         build_record(
             spec,

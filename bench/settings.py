@@ -454,6 +454,11 @@ class _TypedValue(argparse.Action):
         setattr(namespace, self.dest, value)
 
 
+def comma_list(text: str) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']: how --decoder and --only list decoder specs."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def add_settings(parser: argparse.ArgumentParser, sections: list[str], hidden: dict | None = None) -> None:
     """A flag per field of each section's dataclass, and --config / --print-config.
 

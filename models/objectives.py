@@ -152,7 +152,7 @@ def nezha_loss(model, batch: dict) -> torch.Tensor:
     codes = batch["target_codes"]
     logits = model.head.teacher_forced_logits(h0, placeholders, codes)
     head = torch.stack([F.cross_entropy(lg, codes[:, level]) for level, lg in enumerate(logits)]).mean()
-    if not model.settings.history_loss or "history_labels" not in batch:
+    if not model.settings.history_loss:
         return head
     labeled = batch["history_labels"] != IGNORE  # [B, T]
     history = F.cross_entropy(model.lm.lm.lm_head(hidden[labeled]), batch["history_labels"][labeled])
