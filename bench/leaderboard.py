@@ -212,6 +212,7 @@ def run_header(run: tuple, records: list[dict]) -> dict:
         "timestamp": run[3],
         "command": run[4],
         "protocol": first.get("protocol"),
+        "users_chosen": first.get("users_chosen"),
         "torch": first.get("torch"),
         "transformers": first.get("transformers"),
         "commit": first["git_sha"],
@@ -293,6 +294,7 @@ def write_boards(named_groups: list[tuple[str, tuple]], out_dir: Path, cut_by: s
             f"Made by `{header['command']}` at commit {header['commit'][:10]} ({header['timestamp']}), seed "
             f"{header['seed']}, torch {header['torch']}, transformers {header['transformers']}.\n",
             *([f"Rows of that run chosen by `{cut_by}`.\n"] if cut_by else []),
+            *([f"Users: {header['users_chosen']}.\n"] if header["users_chosen"] else []),
             f"Protocol: {header['protocol']}\n",
             run_table(run, rows),
             f"![Recall@10 against latency]({plot.name})\n",

@@ -197,6 +197,15 @@ def model_entry(resolved) -> dict | None:
     }
 
 
+def users_chosen(run, users: int, seed: int) -> str:
+    """Which users of the split a record's figures are over, in words for its tables."""
+    if run.sample_users is not None and run.sample_users == users:
+        return f"{users} users of the {run.split} split drawn at random (seed {seed})"
+    if run.limit_users is not None and run.limit_users == users:
+        return f"the first {users} users of the {run.split} split"
+    return f"all {users} users of the {run.split} split"
+
+
 def build_record(
     spec, decoder, measured, models: dict, targets, data, settings: dict, device, commit: str, timestamp: str
 ) -> dict:
@@ -225,6 +234,7 @@ def build_record(
         "dataset": data.name,
         "split": run.split,
         "users": users,
+        "users_chosen": users_chosen(run, users, settings["data"].seed),
         "k": k,
         "batch_size": run.batch_size,
         "device": device_name(device),

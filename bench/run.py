@@ -78,6 +78,9 @@ def run(
     specs = specs or decoder_specs(settings)
     plans = [plan(spec, model_settings) for spec in specs]  # unknown decoders and refusals before training
     check_k(settings.k, data)
+    examples = eval_examples(
+        data, settings.split, model_settings.max_history, settings.limit_users, settings.sample_users, data_settings.seed
+    )
     for name, options, _ in plans:  # options that cannot work with this catalogue and K, before training
         REGISTRY[name].check_options(options, data.catalog, settings.k)
     device = resolve_device(settings.device)
@@ -95,7 +98,6 @@ def run(
         spec: REGISTRY[name](data.catalog, settings.k, {role: m.model for role, m in resolved.items()}, options)
         for spec, (name, options, _), resolved in zip(specs, plans, models)
     }
-    examples = eval_examples(data, settings.split, model_settings.max_history, settings.limit_users)
     batches = [b.to(device) for b in eval_batches(examples, data.catalog, settings.batch_size)]
     measured = benchmark(
         decoders, [b.prompt for b in batches], device, settings.warmup, progress, repeats=settings.repeats

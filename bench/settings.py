@@ -197,6 +197,12 @@ class RunSettings:
         "and cached under runs/",
     )
     limit_users: int | None = setting(None, "evaluate the first N users of the split", low=1)
+    sample_users: int | None = setting(
+        None,
+        "evaluate N users of the split drawn at random (seeded by --seed): a cheaper run that stays "
+        "representative, where the first N users need not be; not with --limit-users",
+        low=1,
+    )
     device: str = setting("auto", "auto, cpu or cuda")
     dtype: Literal["fp32", "bf16", "fp16"] = setting(
         "fp32",

@@ -210,6 +210,8 @@ CASES = [
     case("max-epochs 0", RUN + " --max-epochs 0", "--max-epochs 0: must be at least 1"),
     case("warmup -1", RUN + " --warmup -1", "--warmup -1: must be at least 0"),
     case("limit-users 0", RUN.replace("3", "0"), "--limit-users 0: must be at least 1"),
+    case("sample-users 0", RUN + " --sample-users 0", "--sample-users 0: must be at least 1"),
+    case("limit and sample users", RUN + " --sample-users 5", "--limit-users and --sample-users both choose the users"),
     case("device meta", RUN + " --device meta", "--device meta: decoding runs on cpu or cuda"),
     case("device nosuch", RUN + " --device nosuch", "unknown device 'nosuch'"),
     case("device cuda without a GPU", RUN + " --device cuda", "torch sees no CUDA device", marks=no_gpu),

@@ -402,8 +402,18 @@ def test_the_leaderboard_runs_the_decoders_keeps_every_runs_records_and_tables_t
     for r in records:  # throughput counts one pass over the users, however many passes were timed
         assert r["users"] == 6 and r["throughput_users_per_s"] * r["latency_ms_per_user"] == pytest.approx(1000)
     assert "| nezha |" in (board / "synthetic-cpu.md").read_text()
+    assert "Users: the first 6 users of the test split." in (board / "synthetic-cpu.md").read_text()
     assert "[the lowest, the highest] p50 of a single pass" in (board / "synthetic-cpu.md").read_text()
     assert (board / "synthetic-cpu-pareto.png").exists() and (board / "synthetic-cpu.csv").exists()
+
+
+def test_a_board_over_users_drawn_at_random_says_so(cli, tmp_path):
+    args = ("leaderboard", "--decoder", "greedy", "--untrained", "--sample-users", "7", "--warmup", "0")
+    code, _, err = cli(*args, "--out-dir", str(tmp_path))
+    assert code == 0, err
+    (record,) = read_records(tmp_path / "records" / "synthetic-cpu.json")
+    assert record["users"] == 7 and record["settings"]["run"]["sample_users"] == 7
+    assert "Users: 7 users of the test split drawn at random (seed 0)." in (tmp_path / "synthetic-cpu.md").read_text()
 
 
 def test_the_leaderboard_refuses_run_settings_beside_files_and_wants_files_or_a_folder(cli, tmp_path):

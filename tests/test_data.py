@@ -485,6 +485,22 @@ def test_eval_examples_full_history_and_user_limit():
     assert examples(make_data(SPLIT_DATA), "test", max_history=20, limit_users=1) == [(0, [0, 1, 2, 3, 4, 5], 6)]
 
 
+def test_sampled_users_are_distinct_in_split_order_and_follow_the_seed():
+    data = make_data([[u, u + 1, u + 2] for u in range(0, 300, 3)])  # 100 users, targets u + 2
+    drawn = examples(data, "test", sample_users=10, seed=3)
+    users = [user for user, _, _ in drawn]
+    assert len(set(users)) == 10 and users == sorted(users)
+    assert all(target == 3 * user + 2 for user, _, target in drawn)
+    assert examples(data, "test", sample_users=10, seed=3) == drawn
+    assert [u for u, _, _ in examples(data, "test", sample_users=10, seed=4)] != users
+    assert len(examples(data, "test", sample_users=500)) == 100  # more than there are: every user
+
+
+def test_limit_and_sample_users_together_are_refused():
+    with pytest.raises(BenchError, match="--limit-users and --sample-users both choose the users; give one"):
+        eval_examples(make_data(SPLIT_DATA), "test", limit_users=1, sample_users=1)
+
+
 def test_unknown_split_is_refused():
     with pytest.raises(BenchError, match="unknown split 'train'; choose one of valid, test"):
         eval_examples(make_data(SPLIT_DATA), "train")

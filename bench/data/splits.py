@@ -68,12 +68,25 @@ def train_windows(data: RecData, max_history: int = 20, per_target: bool = False
     return windows
 
 
-def eval_examples(data: RecData, split: str, max_history: int = 20, limit_users: int | None = None) -> list[dict]:
-    """One example per user: the history before the split's target item, and the target."""
+def eval_examples(
+    data: RecData,
+    split: str,
+    max_history: int = 20,
+    limit_users: int | None = None,
+    sample_users: int | None = None,
+    seed: int = 0,
+) -> list[dict]:
+    """One example per user: the history before the split's target item, and the target;
+    of every user, the first `limit_users`, or `sample_users` drawn without replacement by
+    `seed` (in the split's order)."""
     if split not in SPLITS:
         raise BenchError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
+    if limit_users is not None and sample_users is not None:
+        raise BenchError("--limit-users and --sample-users both choose the users; give one of them")
     cut = 1 if split == "test" else 2
     users = range(len(data.sequences)) if limit_users is None else range(min(limit_users, len(data.sequences)))
+    if sample_users is not None and sample_users < len(data.sequences):
+        users = np.sort(np.random.default_rng(seed).choice(len(data.sequences), sample_users, replace=False)).tolist()
     examples = []
     for u in users:
         seq = data.sequences[u]
