@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import random
+import sys
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +36,25 @@ RUNS_ENV = "BENCH_RUNS_DIR"
 # deprecation inside its own pytree helper are not for our users to read
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+
+
+class EpochLines(L.Callback):
+    """Progress where the output is no terminal (a log file, CI): one printed line per
+    epoch, since a progress bar drawn in place shows nothing in a file until the run ends."""
+
+    def __init__(self):
+        self.started = 0.0
+
+    def on_train_start(self, trainer, module):
+        self.started = time.monotonic()
+
+    def on_validation_epoch_end(self, trainer, module):
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        logged = trainer.callback_metrics
+        figures = ", ".join(f"{name} {float(logged[name]):.4f}" for name in ("train/loss", "val/recall@10") if name in logged)
+        minutes = (time.monotonic() - self.started) / 60
+        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {figures} ({minutes:.1f} min)", flush=True)
 
 
 def process_shard(shard: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -233,17 +254,18 @@ def train_model(
     # which would resume a run from its last gain and under-count its epochs
     last = L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir, filename="last", enable_version_counter=False)
     stop = L.pytorch.callbacks.EarlyStopping(monitor="val/recall@10", mode="max", patience=settings.patience)
+    interactive = sys.stdout.isatty()
     trainer = L.Trainer(
         max_epochs=settings.max_epochs,
         precision=settings.precision,
-        callbacks=[best, last, stop, *(callbacks or [])],
+        callbacks=[best, last, stop, *([EpochLines()] if progress and not interactive else []), *(callbacks or [])],
         default_root_dir=run_dir,
         accelerator="auto",
         devices=devices,
         strategy=strategy,
         num_nodes=num_nodes,
         logger=L.pytorch.loggers.CSVLogger(run_dir, name="logs"),
-        enable_progress_bar=progress,
+        enable_progress_bar=progress and interactive,
         enable_model_summary=False,
         use_distributed_sampler=False,
         num_sanity_val_steps=0,

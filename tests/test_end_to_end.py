@@ -99,12 +99,16 @@ def test_training_resumes_from_its_last_checkpoint(first_run, tmp_path):
     assert resumed["training"]["epochs"] == 5 and resumed["training"]["seconds"] > first["training"]["seconds"]
 
 
-def test_last_checkpoint_and_run_totals_count_epochs_after_the_best(tmp_path):
+def test_last_checkpoint_and_run_totals_count_epochs_after_the_best(tmp_path, capsys):
     """With a learning rate of 0 no epoch after the first improves val/recall@10: the
-    best checkpoint stays at epoch 1, while last.ckpt and the run totals reach epoch 3."""
+    best checkpoint stays at epoch 1, while last.ckpt and the run totals reach epoch 3.
+    Printed to no terminal, the progress is one line per epoch."""
     run_dir = tmp_path / "flat"
     args = ["train", "--objective", "ntp", "--lr", "0", "--max-epochs", "3", "--val-users", "50"]
     assert main(args + ["--run-dir", str(run_dir)]) == 0
+    epochs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert all("train/loss" in line and "val/recall@10" in line and line.endswith(" min)") for line in epochs)
     assert torch.load(run_dir / "best.ckpt", weights_only=True)["epoch"] == 0
     assert torch.load(run_dir / "last.ckpt", weights_only=True)["epoch"] == 2
     training = json.loads((run_dir / "settings.json").read_text())["training"]
