@@ -310,6 +310,9 @@ def write_boards(named_groups: list[tuple[str, tuple]], out_dir: Path, cut_by: s
     return written
 
 
+MARKERS = "osD^v<>ph*P"  # with 20 colours, 20 decoders of one plot get distinct (marker, colour)
+
+
 def pareto_plot(rows: list[dict], header: dict, path: Path) -> None:
     """Recall@10 (with its interval) against p50 latency per batch, one point per decoder."""
     import matplotlib
@@ -318,12 +321,18 @@ def pareto_plot(rows: list[dict], header: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     timed = [row for row in rows if row["p50_ms"] and row["recall@10"] is not None]
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for row in timed:
+    figure, axes = plt.subplots(figsize=(9, 4.5))
+    colours = plt.get_cmap("tab20").colors
+    for index, row in enumerate(timed):
         low, high = row.get("recall@10_low"), row.get("recall@10_high")
         error = [[row["recall@10"] - low], [high - row["recall@10"]]] if low is not None else None
-        axes.errorbar(row["p50_ms"], row["recall@10"], yerr=error, fmt="o", capsize=3)
-        axes.annotate(row["decoder"], (row["p50_ms"], row["recall@10"]), textcoords="offset points", xytext=(5, 4))
+        marker, colour = MARKERS[index % len(MARKERS)], colours[index % len(colours)]
+        axes.errorbar(
+            row["p50_ms"], row["recall@10"], yerr=error, fmt=marker, color=colour, capsize=3, label=row["decoder"]
+        )
+    # a legend, not labels at the points: decoders of about one speed and Recall (beam and
+    # its variants, NEZHA's ablations) would print their names over each other
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     axes.set_xscale("log")
     axes.set_xlabel(f"p50 ms per batch of {rows[0]['batch_size']} (log)")
     axes.set_ylabel("Recall@10 (95% interval)")
