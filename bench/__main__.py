@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from bench.errors import BenchError
@@ -54,6 +55,10 @@ def cmd_train(settings) -> None:
 
     job = settings["train"]
     model_settings = settings["model"].for_objective(job.objective)
+    if job.objective == "next_item" and "backbone" not in settings["fixed"]:
+        # the item model full_rank asks for (its size comes with --item-backbone), in the same cache entry
+        item = model_settings.item_backbone
+        model_settings = replace(model_settings, backbone=item, width=None, layers=None, heads=None)
     check_pairing(job.objective, model_settings.backbone, model_settings.history_loss)
     check_precision(model_settings)
     if job.resume and not Path(job.resume).is_file():
@@ -292,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(settings), end="")
             return 0
-        if args.command == "tune":  # settings given for every trial are not searched
+        if args.command in ("tune", "train"):  # tune: not searched; train: the item model's backbone
             settings["fixed"] = explicit_fields(args, "model")
         if args.command == "leaderboard":  # run settings given, which reading files would ignore
             hidden = HIDDEN["leaderboard"]

@@ -591,7 +591,7 @@ CASES = [
     ),
     case(
         "train next_item on a SID backbone",
-        "train --objective next_item",
+        "train --objective next_item --backbone qwen-tiny",
         "objective next_item needs an item-embedding backbone",
     ),
     case("train medusa without a backbone", "train --objective medusa", "pass --init-from NTP.ckpt"),

@@ -162,6 +162,27 @@ def test_printed_config_trains_the_same_cached_model(cli, tmp_path, monkeypatch)
     assert code == 0 and len(calls) == 2 and calls[1] != calls[0]
 
 
+def test_training_the_item_model_takes_full_ranks_backbone_and_cache_entry(cli, monkeypatch):
+    """`train --objective next_item` trains the model full_rank asks for (--item-backbone),
+    in the cache entry `bench run` would look up; --backbone given picks another."""
+    from bench.data import load_dataset
+    from bench.settings import ModelSettings
+    from bench.train import cache_key
+    from decoders import plan
+
+    calls, trained = [], []
+    record = fake_training(calls)
+    monkeypatch.setattr(bench.train, "train_model", lambda *a, **k: trained.append(a[2]) or record(*a, **k))
+    assert cli("train", "--objective", "next_item", "--item-backbone", "sasrec-tiny")[0] == 0
+    code, printed, _ = cli("run", "--decoder", "full_rank", "--item-backbone", "sasrec-tiny", "--print-config")
+    _, _, requests = plan("full_rank", ModelSettings(**yaml.safe_load(printed)["model"]))
+    (request,) = requests.values()
+    assert calls[0].name == cache_key(request.objective, request.settings, load_dataset("synthetic"), 0)
+    assert trained[0].backbone == "sasrec-tiny"
+    assert cli("train", "--objective", "next_item", "--backbone", "sasrec-small")[0] == 0
+    assert trained[1].backbone == "sasrec-small" and calls[1].name.startswith("next_item-sasrec-small-")
+
+
 def test_json_config_and_flags_take_precedence_over_it(cli, tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"run": {"k": 7, "decoder": "beam"}, "model": {"max_history": 5}}))
     code, printed, _ = cli("run", "--config", "c.json", "--k", "9", "--print-config")
