@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from bench.errors import BenchError
@@ -51,14 +50,13 @@ def cmd_data(settings) -> None:
 
 def cmd_train(settings) -> None:
     from bench.train import cache_key, cached_checkpoint, check_precision, runs_dir, train_model
+    from decoders.full_rank import item_model_settings
     from models.module import check_pairing, load_checkpoint
 
     job = settings["train"]
     model_settings = settings["model"].for_objective(job.objective)
     if job.objective == "next_item" and "backbone" not in settings["fixed"]:
-        # the item model full_rank asks for (its size comes with --item-backbone), in the same cache entry
-        item = model_settings.item_backbone
-        model_settings = replace(model_settings, backbone=item, width=None, layers=None, heads=None)
+        model_settings = item_model_settings(model_settings)  # full_rank's model, in the same cache entry
     check_pairing(job.objective, model_settings.backbone, model_settings.history_loss)
     check_precision(model_settings)
     if job.resume and not Path(job.resume).is_file():

@@ -14,6 +14,14 @@ from models.backbones import ITEM, backbone_kind
 SCORES_PER_BLOCK = 2**24  # scores held at once per batch (64 MiB in fp32)
 
 
+def item_model_settings(settings):
+    """The item model's settings: --backbone when it is one, else --item-backbone (with
+    that preset's size: width, layers and heads shape the SID backbone)."""
+    if backbone_kind(settings.backbone) == ITEM:
+        return settings
+    return replace(settings, backbone=settings.item_backbone, width=None, layers=None, heads=None)
+
+
 @register
 class FullRank(Decoder):
     name = "full_rank"
@@ -23,11 +31,7 @@ class FullRank(Decoder):
 
     @classmethod
     def requests(cls, options, settings):
-        """The item model: --backbone when it is one, else --item-backbone."""
-        if backbone_kind(settings.backbone) == ITEM:
-            return {"next_item": ModelRequest("next_item", settings)}
-        item_model = replace(settings, backbone=settings.item_backbone, width=None, layers=None, heads=None)
-        return {"next_item": ModelRequest("next_item", item_model)}
+        return {"next_item": ModelRequest("next_item", item_model_settings(settings))}
 
     def __init__(self, catalog, k, models, options):
         super().__init__(catalog, k, models, options)
