@@ -21,7 +21,7 @@ from filelock import FileLock
 
 from bench.errors import BenchError
 from bench.latency import pass_medians, summarize
-from bench.metrics import ranking_metrics, target_ranks
+from bench.metrics import drop_seen, ranking_metrics, target_ranks
 from models.backbones import parameter_count
 
 PROTOCOL = (
@@ -31,6 +31,10 @@ PROTOCOL = (
     "1/log2(rank+1) for ranks <= k; latency = wall time per batch after {warmup} warm-up passes over the "
     "first batch, decoders taking turns on the same batches; floor = one bare backbone pass over the history "
     "alone, timed after each decoder's turn"
+)
+EXCLUDED_HISTORY = (
+    "; every item the user interacted with before the target is dropped from each list before the metrics "
+    "(RecBole's full-sort protocol)"
 )
 
 
@@ -207,10 +211,21 @@ def users_chosen(run, users: int, seed: int) -> str:
 
 
 def build_record(
-    spec, decoder, measured, models: dict, targets, data, settings: dict, device, commit: str, timestamp: str
+    spec,
+    decoder,
+    measured,
+    models: dict,
+    targets,
+    data,
+    settings: dict,
+    device,
+    commit: str,
+    timestamp: str,
+    seen: list[list[int]] | None = None,
 ) -> dict:
     """One decoder's record: quality, latency, calls, the models it used (by role) and the
-    full effective settings, with what it takes to reproduce it."""
+    full effective settings, with what it takes to reproduce it. With `seen` (each user's
+    earlier items, --exclude-history) those items are dropped from the lists first."""
     sids = torch.cat([r.sids for r in measured.results])  # [N, K', L]
     items = data.catalog.items_of(sids)
     present = (sids >= 0).all(-1)
@@ -219,7 +234,8 @@ def build_record(
         for key, value in result.stats.items():
             stats[key] = stats.get(key, 0.0) + float(value)
     entries = {role: model_entry(resolved) for role, resolved in models.items()}
-    ranks = target_ranks(items, targets)  # [N], 0 = missed
+    ranked = items if seen is None else drop_seen(items, seen)  # [N, K']
+    ranks = target_ranks(ranked, targets)  # [N], 0 = missed
     found = ranks.nonzero().flatten()
     main = next((entry for entry in entries.values() if "params" in entry), None)
     latency, floor = summarize(measured.latency_ms), summarize(measured.floor_ms)
@@ -248,7 +264,8 @@ def build_record(
         "data_source": data.source,
         "data_sha256": data.checksums,
         "catalog": data.catalog.describe(),
-        "protocol": PROTOCOL.format(max_history=settings["model"].max_history, warmup=run.warmup),
+        "protocol": PROTOCOL.format(max_history=settings["model"].max_history, warmup=run.warmup)
+        + (EXCLUDED_HISTORY if seen is not None else ""),
         "backbone": main,
         "models": entries,
         "weights": "random: latency only, metrics meaningless" if run.untrained else "trained",
@@ -259,6 +276,10 @@ def build_record(
         "hits": {"users": found.tolist(), "ranks": ranks[found].tolist()},
         "invalid_rate": float((present & (items < 0)).float().mean()),
         "empty_rate": float((~present).float().mean()),
+        # --exclude-history: how many entries of a list were items the user already had
+        "seen_dropped_per_user": (
+            float(((items >= 0).sum() - (ranked >= 0).sum()) / users) if seen is not None else None
+        ),
         "latency_ms": latency,  # over every batch of every pass
         "latency_repeats": run.repeats,
         "latency_p50_per_pass": pass_medians(measured.latency_ms, len(measured.results)),

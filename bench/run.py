@@ -120,6 +120,7 @@ def run(
             device,
             commit,
             timestamp,
+            [ex["seen"] for ex in examples] if settings.exclude_history else None,
         )
         for spec, resolved in zip(specs, models)
     ]

@@ -203,6 +203,12 @@ class RunSettings:
         "representative, where the first N users need not be; not with --limit-users",
         low=1,
     )
+    exclude_history: bool = setting(
+        False,
+        "drop every item the user interacted with before the target (all of them, not only the --max-history "
+        "read) from each decoder's list before the metrics, as RecBole's full-sort evaluation does; off: "
+        "lists scored as generated (TIGER's and LETTER's protocol)",
+    )
     device: str = setting("auto", "auto, cpu or cuda")
     dtype: Literal["fp32", "bf16", "fp16"] = setting(
         "fp32",

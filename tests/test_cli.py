@@ -6,6 +6,7 @@ import os
 import stat
 import sys
 
+import numpy as np
 import pytest
 from conftest import result_record
 
@@ -123,6 +124,36 @@ def test_invalid_results_file_is_left_unchanged(cli, tmp_path):
     assert err.strip().splitlines() == [err.strip()]
     assert f"error: {out} is not a results file (invalid JSON at line 1)" in err
     assert out.read_text() == '[{"decoder": "beam"},'
+
+
+def test_exclude_history_drops_each_users_earlier_items_before_the_metrics(cli, tmp_path):
+    """Popularity recommends the same list to everyone, so the users who already have its
+    items see the next ones: recall by hand from the data, with and without the filter."""
+    from bench.data import load_dataset
+    from bench.data.splits import item_popularity
+
+    data = load_dataset("synthetic")
+    order = np.argsort(-item_popularity(data), kind="stable").tolist()
+    out = tmp_path / "r.json"
+    for flag in ([], ["--exclude-history"]):
+        code, _, err = cli("run", "--decoder", "popularity", "--k", "10", "--limit-users", "300", 
+            "--out", str(out), *flag
+        )
+        assert code == 0, err
+    plain, excluded = read_records(out)
+    hits = {False: 0, True: 0}
+    dropped = 0
+    for seq in data.sequences[:300]:
+        seen, target = set(seq[:-1]), seq[-1]
+        kept = [item for item in order[:10] if item not in seen]
+        dropped += 10 - len(kept)
+        hits[False] += target in order[:10]
+        hits[True] += target in kept
+    assert plain["metrics"]["recall@10"] == pytest.approx(hits[False] / 300)
+    assert excluded["metrics"]["recall@10"] == pytest.approx(hits[True] / 300)
+    assert excluded["seen_dropped_per_user"] == pytest.approx(dropped / 300) and dropped > 0
+    assert plain["seen_dropped_per_user"] is None
+    assert "RecBole" in excluded["protocol"] and "RecBole" not in plain["protocol"]
 
 
 def test_data_command_describes_the_synthetic_dataset(cli):

@@ -13,6 +13,7 @@ from bench.metrics import (
     NDCG_KS,
     RECALL_KS,
     Bootstrap,
+    drop_seen,
     per_user,
     ranking_metrics,
     ranks_from_hits,
@@ -32,6 +33,15 @@ def test_target_ranks_hit_miss_and_padding():
     )  # no candidate at all
     targets = torch.tensor([5, 3, 0, 8, 2])
     assert target_ranks(ranked, targets).tolist() == [1, 3, 0, 1, 0]
+
+
+@pytest.mark.parametrize("rows_at_once", [1, 4096])
+def test_drop_seen_moves_the_rest_up_in_order(rows_at_once):
+    ranked = torch.tensor([[5, 3, 7, -1], [1, 2, 3, 4], [8, 9, -1, -1]])
+    seen = [[3, 11], [4, 1, 9], []]  # user 3 has no earlier item in their list at all
+    out = drop_seen(ranked, seen, rows_at_once=rows_at_once)
+    assert out.tolist() == [[5, 7, -1, -1], [2, 3, -1, -1], [8, 9, -1, -1]]
+    assert target_ranks(out, torch.tensor([7, 3, 9])).tolist() == [2, 2, 2]  # each moved up
 
 
 def test_ranking_metrics_hand_computed():

@@ -76,9 +76,10 @@ def eval_examples(
     sample_users: int | None = None,
     seed: int = 0,
 ) -> list[dict]:
-    """One example per user: the history before the split's target item, and the target;
-    of every user, the first `limit_users`, or `sample_users` drawn without replacement by
-    `seed` (in the split's order)."""
+    """One example per user: the history before the split's target item (the last
+    `max_history` of them), every item before it (`seen`, which --exclude-history drops
+    from the lists) and the target; of every user, the first `limit_users`, or
+    `sample_users` drawn without replacement by `seed` (in the split's order)."""
     if split not in SPLITS:
         raise BenchError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
     if limit_users is not None and sample_users is not None:
@@ -90,7 +91,8 @@ def eval_examples(
     examples = []
     for u in users:
         seq = data.sequences[u]
-        examples.append({"user": u, "history": seq[: len(seq) - cut][-max_history:], "target": seq[len(seq) - cut]})
+        seen = seq[: len(seq) - cut]
+        examples.append({"user": u, "history": seen[-max_history:], "seen": seen, "target": seq[len(seq) - cut]})
     return examples
 
 
