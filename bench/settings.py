@@ -216,9 +216,8 @@ class RunSettings:
     )
     compile: bool = setting(
         False,
-        "torch.compile every model's backbone and heads (dynamic shapes), the same for every decoder, and the "
-        "searches between backbone calls of nezha (its head search) and beam (a level's selection); compilation "
-        "happens in the untimed warm-up",
+        "torch.compile every model's backbone and heads (dynamic shapes), the same for every decoder; "
+        "compilation happens in the untimed warm-up",
     )
     warmup: int = setting(2, "untimed passes over the first batch", low=0)
     repeats: int = setting(

@@ -207,17 +207,6 @@ class ValidPrefixes:
         return self.verifier.sids_of(self.nodes)
 
 
-def compiled_search(model, search):
-    """A decoder's search between backbone calls, compiled as one graph when its model is
-    (bench run --compile): its many small operators become a few fused kernels, as the
-    backbone's do; eager otherwise."""
-    if not getattr(model, "compiled", False):
-        return search
-    import models.module
-
-    return torch.compile(search, dynamic=True, backend=models.module.COMPILE_BACKEND)
-
-
 def prune(candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """candidates [B, K_in, C] -> the best k as (scores [B, k], parent beam [B, k], code [B, k]).
 

@@ -10,7 +10,6 @@ from decoders.base import (
     DecodeResult,
     NtpDecoder,
     ValidPrefixes,
-    compiled_search,
     extend_prefixes,
     finish,
     level_log_probs,
@@ -53,35 +52,24 @@ class SharedPrompt:
         return logits.flatten(0, 1)
 
 
-def select_level(catalog, logits, scores, prefixes, valid, level: int, k: int):
-    """One level of beam search: logits [B*beams, V] after each beam's prefix, scores
-    [B, beams], prefixes [B, beams, l] -> the best k extensions as (scores [B, k], parent
-    [B, k], code [B, k], prefixes [B, k, l + 1]); `valid` (ValidPrefixes or None) masks
-    invalid ones and follows the kept beams."""
-    log_probs = level_log_probs(logits, catalog, level).view(scores.shape[0], scores.shape[1], -1)
-    candidates = scores.unsqueeze(-1) + log_probs  # [B, beams, C]
-    if valid:
-        candidates = valid.mask(candidates, level)
-    scores, parent, code = prune(candidates, k)  # [B, K] each
-    prefixes = extend_prefixes(prefixes, parent, code)
-    if valid and level + 1 < catalog.levels:
-        valid.advance(parent, code, level)
-    return scores, parent, code, prefixes
-
-
-def continue_beam(
-    catalog, logits, steps, scores, prefixes, k: int, constrained: bool, trail: list | None = None, select=select_level
-):
+def continue_beam(catalog, logits, steps, scores, prefixes, k: int, constrained: bool, trail: list | None = None):
     """Beam search from level prefixes.shape[-1] to the last level.
 
     logits [B*beams, V]: next-token logits after each beam's prefix; steps: how the
     backbone takes the next tokens (SharedPrompt or CopiedCache); scores [B, beams];
-    prefixes [B, beams, l]; select: select_level, or its compiled form (--compile).
-    Returns (prefixes [B, K, L], scores [B, K]); `trail`, when given, collects the kept
-    prefixes of every level."""
+    prefixes [B, beams, l]. Returns (prefixes [B, K, L], scores [B, K]); `trail`, when
+    given, collects the kept prefixes of every level."""
+    size = scores.shape[0]
     valid = ValidPrefixes(catalog, prefixes) if constrained else None
     for level in range(prefixes.shape[-1], catalog.levels):
-        scores, parent, code, prefixes = select(catalog, logits, scores, prefixes, valid, level, k)
+        log_probs = level_log_probs(logits, catalog, level).view(size, scores.shape[1], -1)
+        candidates = scores.unsqueeze(-1) + log_probs  # [B, beams, C]
+        if valid:
+            candidates = valid.mask(candidates, level)
+        scores, parent, code = prune(candidates, k)  # [B, K] each
+        prefixes = extend_prefixes(prefixes, parent, code)
+        if valid and level + 1 < catalog.levels:
+            valid.advance(parent, code, level)
         if trail is not None:
             trail.append((prefixes, scores, parent))
         if level + 1 < catalog.levels:
@@ -89,9 +77,7 @@ def continue_beam(
     return prefixes, scores
 
 
-def beam_search(
-    lm, catalog, history, mask, k: int, constrained: bool, trail: list | None = None, select=select_level
-):
+def beam_search(lm, catalog, history, mask, k: int, constrained: bool, trail: list | None = None):
     """Prefill once, then continue_beam from the first level, on a shared prompt cache
     where the backbone offers one (decoder-only), else on copies."""
     logits, state = lm.prefill(history, mask)  # [B, V]
@@ -99,7 +85,7 @@ def beam_search(
     steps = SharedPrompt(lm, state, size) if hasattr(lm, "extend_beams") else CopiedCache(lm, state)
     scores = logits.new_zeros(size, 1)
     prefixes = torch.zeros(size, 1, 0, dtype=torch.long, device=logits.device)
-    return continue_beam(catalog, logits, steps, scores, prefixes, k, constrained, trail, select)
+    return continue_beam(catalog, logits, steps, scores, prefixes, k, constrained, trail)
 
 
 @register
@@ -109,12 +95,6 @@ class BeamSearch(NtpDecoder):
         "one prefill, L-1 decode steps of K beams sharing the prompt's KV cache; :constrained masks invalid prefixes"
     )
 
-    def __init__(self, catalog, k, models, options):
-        super().__init__(catalog, k, models, options)
-        self.select = compiled_search(models["ntp"], select_level)
-
     @torch.no_grad()
     def decode(self, prompt) -> DecodeResult:
-        return finish(
-            *beam_search(self.lm, self.catalog, prompt.history, prompt.mask, self.k, self.constrained, None, self.select)
-        )
+        return finish(*beam_search(self.lm, self.catalog, prompt.history, prompt.mask, self.k, self.constrained))

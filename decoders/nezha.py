@@ -16,7 +16,6 @@ from decoders.base import (
     ModelRequest,
     ValidPrefixes,
     beam_width,
-    compiled_search,
     extend_prefixes,
     finish,
     prune,
@@ -70,7 +69,6 @@ class Nezha(Decoder):
         super().__init__(catalog, k, models, options)
         self.lm, self.head = model.lm, model.head
         self.verifier, self.head_beam, self.placeholders = options.verifier, options.head_beam, options.placeholders
-        self.search = compiled_search(model, self.head_search)
 
     def placeholder_tokens(self, device) -> torch.Tensor | None:
         """The placeholder token ids on `device` [L], None without placeholders."""
@@ -83,15 +81,10 @@ class Nezha(Decoder):
 
     @torch.no_grad()
     def decode(self, prompt) -> DecodeResult:
+        catalog, levels, size = self.catalog, self.catalog.levels, len(prompt)
         h0, placeholder_states = self.lm.nezha_states(
             prompt.history, prompt.mask, self.placeholder_tokens(prompt.history.device)
         )  # [B, d], [B, L, d]
-        return self.search(h0, placeholder_states)
-
-    def head_search(self, h0: torch.Tensor, placeholder_states: torch.Tensor | None) -> DecodeResult:
-        """Beam search inside the head from the backbone's states: h0 [B, d],
-        placeholder_states [B, L, d] (None without placeholders)."""
-        catalog, levels, size = self.catalog, self.catalog.levels, h0.shape[0]
         if placeholder_states is None:
             placeholder_states = h0.new_zeros(size, levels, h0.shape[-1])
         state = h0.unsqueeze(1)  # [B, beams, d]
