@@ -28,23 +28,20 @@ def target_ranks(ranked_items: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return torch.where(hits.any(dim=1), first, torch.zeros_like(first))
 
 
-def drop_seen(ranked_items: torch.Tensor, seen: list[list[int]], rows_at_once: int = 4096) -> torch.Tensor:
-    """ranked_items [B, K] (-1 = none), seen[b] the items user b interacted with before
-    the target -> [B, K]: each list without its seen items, the rest moved up in order and
-    -1 after them (RecBole's full-sort evaluation: an item the user has is never
-    recommended again)."""
+def drop_seen(
+    ranked_items: torch.Tensor, seen: torch.Tensor, seen_mask: torch.Tensor, rows_at_once: int = 4096
+) -> torch.Tensor:
+    """ranked_items [B, K] (-1 = none), seen [B, S] the items each user interacted with
+    before the target (pad_rows: seen_mask [B, S] 1 on real entries) -> [B, K]: each list
+    without its seen items, the rest moved up in order and -1 after them (RecBole's
+    full-sort evaluation: an item the user has is never recommended again)."""
     out = ranked_items.clone()
-    for start in range(0, len(seen), rows_at_once):
-        rows = seen[start : start + rows_at_once]
-        width = max(1, max(len(r) for r in rows))
-        table = torch.full((len(rows), width), -2, dtype=ranked_items.dtype)  # -2 matches no list entry
-        for i, r in enumerate(rows):
-            table[i, : len(r)] = torch.as_tensor(r, dtype=ranked_items.dtype)
-        chunk = out[start : start + len(rows)]  # [b, K]
-        dropped = (chunk.unsqueeze(-1) == table.unsqueeze(1)).any(-1)  # [b, K]
+    for rows in torch.split(torch.arange(len(out)), rows_at_once):  # bounds the [b, K, S] comparison
+        chunk = out[rows]  # [b, K]
+        hit = (chunk.unsqueeze(-1) == seen[rows].unsqueeze(1)) & seen_mask[rows].bool().unsqueeze(1)
+        dropped = hit.any(-1)  # [b, K]
         order = dropped.to(torch.int8).argsort(dim=1, stable=True)  # kept first, in their order
-        chunk = chunk.gather(1, order).masked_fill(dropped.gather(1, order), -1)
-        out[start : start + len(rows)] = chunk
+        out[rows] = chunk.gather(1, order).masked_fill(dropped.gather(1, order), -1)
     return out
 
 

@@ -221,11 +221,12 @@ def build_record(
     device,
     commit: str,
     timestamp: str,
-    seen: list[list[int]] | None = None,
+    seen: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict:
     """One decoder's record: quality, latency, calls, the models it used (by role) and the
     full effective settings, with what it takes to reproduce it. With `seen` (each user's
-    earlier items, --exclude-history) those items are dropped from the lists first."""
+    earlier items and their mask, padded once per run: --exclude-history) those items are
+    dropped from the lists first."""
     sids = torch.cat([r.sids for r in measured.results])  # [N, K', L]
     items = data.catalog.items_of(sids)
     present = (sids >= 0).all(-1)
@@ -234,7 +235,7 @@ def build_record(
         for key, value in result.stats.items():
             stats[key] = stats.get(key, 0.0) + float(value)
     entries = {role: model_entry(resolved) for role, resolved in models.items()}
-    ranked = items if seen is None else drop_seen(items, seen)  # [N, K']
+    ranked = items if seen is None else drop_seen(items, *seen)  # [N, K']
     ranks = target_ranks(ranked, targets)  # [N], 0 = missed
     found = ranks.nonzero().flatten()
     main = next((entry for entry in entries.values() if "params" in entry), None)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from bench.data import RecData, eval_examples
-from bench.data.batches import eval_batches
+from bench.data.batches import eval_batches, pad_rows
 from bench.errors import BenchError
 from bench.latency import benchmark
 from bench.records import build_record, cell, git_sha, write_atomically
@@ -105,6 +105,9 @@ def run(
     if settings.profile:
         write_profiles(decoders, batches[0].prompt, Path(settings.profile))
     targets = torch.cat([b.targets.cpu() for b in batches])
+    seen = None  # --exclude-history: every user's earlier items [N, S] and their mask, padded once for all decoders
+    if settings.exclude_history:
+        seen = pad_rows([torch.tensor(ex["seen"], dtype=torch.long) for ex in examples])
     now = time.time()  # to the millisecond: the runs of a fast sweep can end within one second
     local = time.localtime(now)
     timestamp = f"{time.strftime('%Y-%m-%dT%H:%M:%S', local)}.{int(now * 1000) % 1000:03d}{time.strftime('%z', local)}"
@@ -120,7 +123,7 @@ def run(
             device,
             commit,
             timestamp,
-            [ex["seen"] for ex in examples] if settings.exclude_history else None,
+            seen,
         )
         for spec, resolved in zip(specs, models)
     ]

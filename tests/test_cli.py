@@ -136,9 +136,8 @@ def test_exclude_history_drops_each_users_earlier_items_before_the_metrics(cli, 
     order = np.argsort(-item_popularity(data), kind="stable").tolist()
     out = tmp_path / "r.json"
     for flag in ([], ["--exclude-history"]):
-        code, _, err = cli("run", "--decoder", "popularity", "--k", "10", "--limit-users", "300", 
-            "--out", str(out), *flag
-        )
+        args = ["run", "--decoder", "popularity", "--k", "10", "--limit-users", "300", "--out", str(out)]
+        code, _, err = cli(*args, *flag)
         assert code == 0, err
     plain, excluded = read_records(out)
     hits = {False: 0, True: 0}

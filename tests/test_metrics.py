@@ -8,6 +8,7 @@ import pytest
 import torch
 from torchmetrics.retrieval import RetrievalNormalizedDCG, RetrievalRecall
 
+from bench.data.batches import pad_rows
 from bench.metrics import (
     METRIC_NAMES,
     NDCG_KS,
@@ -38,8 +39,8 @@ def test_target_ranks_hit_miss_and_padding():
 @pytest.mark.parametrize("rows_at_once", [1, 4096])
 def test_drop_seen_moves_the_rest_up_in_order(rows_at_once):
     ranked = torch.tensor([[5, 3, 7, -1], [1, 2, 3, 4], [8, 9, -1, -1]])
-    seen = [[3, 11], [4, 1, 9], []]  # user 3 has no earlier item in their list at all
-    out = drop_seen(ranked, seen, rows_at_once=rows_at_once)
+    seen = pad_rows([torch.tensor(r, dtype=torch.long) for r in ([3, 11], [4, 1, 9], [])])  # user 3: none in the list
+    out = drop_seen(ranked, *seen, rows_at_once=rows_at_once)
     assert out.tolist() == [[5, 7, -1, -1], [2, 3, -1, -1], [8, 9, -1, -1]]
     assert target_ranks(out, torch.tensor([7, 3, 9])).tolist() == [2, 2, 2]  # each moved up
 
