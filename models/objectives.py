@@ -21,7 +21,9 @@ aligned (an NTP draft with a teacher): the draft is distilled on its backbone, A
        kept prefix, over the next level's codes and one outcome for every other token
        (what beam search reads: each code's log-probability under the full softmax). The
        draft learns the backbone's top-K where speculative decoding checks it, not the
-       data's next item.
+       data's next item. The teacher is frozen, so its tree and targets for a history are
+       computed once (first epoch) and read back afterwards: later epochs cost the draft's
+       pass only (TEACHER_CACHE_BYTES bounds what is kept).
 next_item: the SASRec reference: item ids in one causal pass, cross-entropy over all
        items at every position after the first.
 popularity: no network: item counts of the training split (fitted, not trained).
@@ -45,6 +47,7 @@ OBJECTIVES = ("ntp", "nezha", "medusa", "next_item")
 FITTED = {"popularity": item_popularity}  # objectives with no network: a function of the data
 IGNORE = -100
 ALIGNED_BEAMS = 20  # the teacher's beams an aligned draft learns along: bench run's default K
+TEACHER_CACHE_BYTES = 8 * 2**30  # the teacher's trees and targets kept between epochs (Beauty: 1.5 GiB)
 # the model settings only one objective reads; every other model setting shapes every model,
 # except those that pick another model's backbone
 OWN_SETTINGS = {"nezha": ("transition", "placeholders", "history_loss"), "medusa": ("medusa_mode",)}
@@ -160,9 +163,10 @@ def nezha_loss(model, batch: dict) -> torch.Tensor:
 
 
 def collate_aligned(windows: list[list[int]], catalog: Catalog) -> dict:
-    """A window's items but the last as a left-padded history, as a decoder's prompt reads it."""
+    """A window's items but the last as a left-padded history, as a decoder's prompt reads it;
+    the histories themselves name the rows in the teacher's cache."""
     history, mask = pad_rows([catalog.item_tokens(torch.tensor(w[:-1])).flatten() for w in windows], left=True)
-    return {"history": history, "mask": mask}
+    return {"history": history, "mask": mask, "keys": [tuple(w[:-1]) for w in windows]}
 
 
 def level_outcomes(logits: torch.Tensor, catalog: Catalog, level: int) -> torch.Tensor:
@@ -173,30 +177,57 @@ def level_outcomes(logits: torch.Tensor, catalog: Catalog, level: int) -> torch.
     return torch.cat([codes, elsewhere], -1)
 
 
-def aligned_loss(model, batch: dict) -> torch.Tensor:
+def teacher_trees(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The teacher's tree along its beams and its outcomes at the root and every node, per row.
+
+    -> node tokens [B, N], tree mask [B, N, N], node codes [B, N] (-1: no candidate), and
+    per level l the teacher's outcomes: [B, C_0 + 1] at the root, [B, W, C_l + 1] below.
+    Rows whose history is in model.teacher_cache are read from it; the others are
+    searched and scored by the teacher and stored while the cache has room."""
     from decoders.speculative import beam_tree  # decoders build on models: imported when used
 
-    teacher, catalog = model.teacher, model.catalog
-    history, mask = batch["history"], batch["mask"]  # [B, T]
-    with torch.no_grad():
-        tokens, tree_mask, codes = beam_tree(teacher.lm, catalog, history, mask, ALIGNED_BEAMS, constrained=False)
-        teacher_root, teacher_nodes, _ = teacher.lm.tree_forward(history, mask, tokens, tree_mask)  # [B, V], [B, N, V]
+    teacher, catalog, cache = model.teacher, model.catalog, model.teacher_cache
+    keys, found = batch["keys"], {}
+    missing = [row for row, key in enumerate(keys) if key not in cache]
+    if missing:
+        rows = torch.tensor(missing, device=batch["history"].device)
+        history, mask = batch["history"][rows], batch["mask"][rows]
+        with torch.no_grad():
+            tokens, tree_mask, codes = beam_tree(teacher.lm, catalog, history, mask, ALIGNED_BEAMS, constrained=False)
+            root, nodes, _ = teacher.lm.tree_forward(history, mask, tokens, tree_mask)  # [b, V], [b, N, V]
+            width = ALIGNED_BEAMS
+            outcomes = [level_outcomes(root, catalog, 0)] + [
+                level_outcomes(nodes[:, (depth - 1) * width : depth * width], catalog, depth)
+                for depth in range(1, catalog.levels)
+            ]
+        found = {row: (tokens[i], tree_mask[i], codes[i], [o[i] for o in outcomes]) for i, row in enumerate(missing)}
+        row_bytes = sum(t.nbytes for t in (tokens[0], tree_mask[0], codes[0], *(o[0] for o in outcomes)))
+        for row, entry in found.items():
+            if model.teacher_cache_bytes + row_bytes > TEACHER_CACHE_BYTES:
+                break
+            cache[keys[row]] = tuple(t.clone() for t in entry[:3]) + ([o.clone() for o in entry[3]],)
+            model.teacher_cache_bytes += row_bytes
+    entries = [found[row] if row in found else cache[key] for row, key in enumerate(keys)]
+    tokens, tree_mask, codes = (torch.stack([e[part] for e in entries]) for part in range(3))
+    outcomes = [torch.stack([e[3][level] for e in entries]) for level in range(catalog.levels)]
+    return tokens, tree_mask, codes, outcomes
+
+
+def aligned_loss(model, batch: dict) -> torch.Tensor:
+    catalog, history, mask = model.catalog, batch["history"], batch["mask"]  # [B, T]
+    tokens, tree_mask, codes, teacher_outcomes = teacher_trees(model, batch)
     root, nodes, _ = model.lm.tree_forward(history, mask, tokens, tree_mask)
 
-    def divergence(teacher_logits, logits, level):  # [..., V] -> [...]
-        return F.kl_div(
-            level_outcomes(logits, catalog, level),
-            level_outcomes(teacher_logits, catalog, level),
-            log_target=True,
-            reduction="none",
-        ).sum(-1)
+    def divergence(logits, level):  # [..., V] -> [...]
+        outcomes = level_outcomes(logits, catalog, level)
+        return F.kl_div(outcomes, teacher_outcomes[level], log_target=True, reduction="none").sum(-1)
 
-    terms = [divergence(teacher_root, root, 0).mean()]
+    terms = [divergence(root, 0).mean()]
     width = ALIGNED_BEAMS
     for depth in range(1, catalog.levels):
         block = slice((depth - 1) * width, depth * width)
         kept = codes[:, block] >= 0  # [B, W]; a level with fewer codes than beams keeps fewer
-        kl = divergence(teacher_nodes[:, block], nodes[:, block], depth)  # [B, W]
+        kl = divergence(nodes[:, block], depth)  # [B, W]
         terms.append((kl * kept).sum() / kept.sum().clamp(min=1))
     return torch.stack(terms).mean()
 

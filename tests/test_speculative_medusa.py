@@ -188,6 +188,35 @@ def test_an_aligned_draft_learns_the_backbones_beams_and_stays_lossless(catalog)
     assert_same(after, beam(catalog, 4, teacher, batch.prompt))
 
 
+def test_an_aligned_draft_asks_the_teacher_once_per_history(catalog, ntp, monkeypatch):
+    """The teacher is frozen: its trees are searched in the first epoch and read back
+    after, with the loss they give unchanged; past the cache's bound rows are recomputed."""
+    from models import objectives
+
+    gen = torch.Generator().manual_seed(5)
+    windows = [torch.randint(0, catalog.num_items, (1 + n % 4,), generator=gen).tolist() + [0] for n in range(16)]
+    searched = []
+    tree_forward = ntp.lm.tree_forward
+    monkeypatch.setattr(ntp.lm, "tree_forward", lambda *a: searched.append(a[0].shape[0]) or tree_forward(*a))
+
+    def aligned_draft():
+        draft = random_model("ntp", catalog, seed=41, backbone="qwen-micro")
+        draft.distil_from(ntp)
+        return draft.eval()
+
+    draft = aligned_draft()
+    first = objectives.loss("ntp", draft, draft.collate(windows[:8]))
+    again = objectives.loss("ntp", draft, draft.collate(windows[:8]))
+    assert searched == [8] and torch.equal(first, again)
+    mixed = draft.collate(windows[4:12])  # 4 histories cached, 4 new
+    assert torch.allclose(objectives.loss("ntp", draft, mixed), objectives.loss("ntp", aligned_draft(), mixed), atol=1e-6)
+    assert searched == [8, 4, 8] and len(draft.teacher_cache) == 12
+    monkeypatch.setattr(objectives, "TEACHER_CACHE_BYTES", draft.teacher_cache_bytes // 12 * 3)
+    bounded = aligned_draft()
+    assert torch.equal(objectives.loss("ntp", bounded, draft.collate(windows[:8])), first)
+    assert len(bounded.teacher_cache) == 3
+
+
 def test_an_aligned_draft_is_distilled_from_an_ntp_model_only(catalog, ntp):
     nezha = random_model("nezha", catalog, seed=3)
     with pytest.raises(BenchError, match="decoder-only NTP model distilled from an NTP model"):
