@@ -17,6 +17,7 @@ decoder's turns, a high-water mark: a decoder that stays below an earlier peak s
 from __future__ import annotations
 
 import resource
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -76,6 +77,24 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def progress_steps(steps: list, progress: bool):
+    """The decoding loop's steps, with a bar on a terminal; in a log (no terminal) a plain
+    line at every tenth instead of a bar's carriage-return updates."""
+    if not progress:
+        return steps
+    if sys.stderr.isatty():
+        return tqdm(steps, desc="decoding", unit="batch")
+    return logged_steps(steps)
+
+
+def logged_steps(steps: list):
+    begin, total = time.perf_counter(), len(steps)
+    for done, step in enumerate(steps, 1):
+        yield step
+        if done * 10 // total > (done - 1) * 10 // total:
+            print(f"decoding: {done}/{len(steps)} batches ({time.perf_counter() - begin:.0f} s)", file=sys.stderr)
+
+
 def timed(fn, device: torch.device):
     """Run fn() and return (its result, wall time in ms)."""
     if device.type == "cuda":
@@ -112,7 +131,7 @@ def benchmark(
                 decoders[label].prompt_forward(prompts[0])
     measured = {label: Measurement() for label in labels}
     steps = [(rep, index) for rep in range(repeats) for index in range(len(prompts))]
-    for rep, index in tqdm(steps, desc="decoding", unit="batch", disable=not progress):
+    for rep, index in progress_steps(steps, progress):
         batch, shift = prompts[index], index % len(labels)
         for position, label in enumerate(labels[shift:] + labels[:shift]):
             decoder, record = decoders[label], measured[label]

@@ -139,3 +139,10 @@ def test_the_pareto_plot_names_every_decoder_once_in_a_legend_with_its_own_marke
     assert [text.get_text() for text in legend.get_texts()] == names
     styles = {(line.get_marker(), line.get_color()) for line, *_ in (c.lines for c in axes.containers)}
     assert len(styles) == len(names) and not axes.texts
+
+
+def test_a_log_gets_a_progress_line_at_every_tenth_not_a_bar(capsys):
+    assert list(bench.latency.progress_steps(list(range(25)), progress=True)) == list(range(25))  # stderr: no tty
+    lines = capsys.readouterr().err.splitlines()
+    done = [3, 5, 8, 10, 13, 15, 18, 20, 23, 25]
+    assert [line.split(" (")[0] for line in lines] == [f"decoding: {n}/25 batches" for n in done]
