@@ -90,6 +90,13 @@ class ModelSettings:
         "constant", "after the warm-up: constant, or cosine decay to 0 at --max-epochs"
     )
     dropout: float = setting(0.1, "embedding, attention and output dropout", low=0.0, below=1.0)
+    attention_dropout: float | None = setting(
+        None,
+        "dropout of the attention probabilities instead of --dropout (unset: --dropout); on the CPU drawing it "
+        "is about a quarter of a training step, more on NEZHA's longer 4D-masked layout",
+        low=0.0,
+        below=1.0,
+    )
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = setting(
         "32-true",
         "training precision (Lightning's): bf16-mixed trains about 1.7x faster where the hardware has bf16 "

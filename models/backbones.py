@@ -94,24 +94,28 @@ def build_backbone(
     width: int | None = None,
     layers: int | None = None,
     heads: int | None = None,
+    attention_dropout: float | None = None,
 ):
     """attention: the Hugging Face attention backend, pinned to sdpa by ModelSettings: the
-    4D boolean masks of NEZHA training and tree verification are masks only there."""
+    4D boolean masks of NEZHA training and tree verification are masks only there.
+    attention_dropout: of the attention probabilities (None: `dropout`)."""
     from models.decoder_only import DecoderOnlyLM
     from models.encoder_decoder import EncoderDecoderLM
     from models.sasrec import ItemSequenceModel
 
     kind = backbone_kind(name)
+    if attention_dropout is not None and kind == ENCODER_DECODER:
+        raise BenchError(f"{name}: T5 has one dropout rate for everything; leave --attention-dropout unset")
     if name in SHAPED_LIKE:
         if (width, layers, heads) != (None, None, None):
             raise BenchError(f"{name} has the shape of the real model; --width, --layers and --heads apply to sizes")
-        return DecoderOnlyLM(name, vocab_size, max_positions, dropout, attention)
+        return DecoderOnlyLM(name, vocab_size, max_positions, dropout, attention, attention_dropout=attention_dropout)
     shape = generic_size(name, width, layers, heads)
     if kind == ENCODER_DECODER:
         return EncoderDecoderLM(name, vocab_size, dropout, attention, shape)
     if kind == ITEM:
-        return ItemSequenceModel(name, num_items, max_positions, dropout, attention, shape)
-    return DecoderOnlyLM(name, vocab_size, max_positions, dropout, attention, shape)
+        return ItemSequenceModel(name, num_items, max_positions, dropout, attention, shape, attention_dropout)
+    return DecoderOnlyLM(name, vocab_size, max_positions, dropout, attention, shape, attention_dropout)
 
 
 def generic_size(

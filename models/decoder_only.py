@@ -34,6 +34,7 @@ class DecoderOnlyLM(nn.Module):
         dropout: float = 0.0,
         attention: str = "sdpa",
         shape: tuple | None = None,
+        attention_dropout: float | None = None,  # None: `dropout`
     ):
         super().__init__()
         if name in SHAPED_LIKE:
@@ -56,7 +57,7 @@ class DecoderOnlyLM(nn.Module):
             bos_token_id=None,
             eos_token_id=None,
             tie_word_embeddings=True,
-            attention_dropout=dropout,
+            attention_dropout=dropout if attention_dropout is None else attention_dropout,
             attn_implementation=attention,
             **shape,
         )

@@ -73,6 +73,7 @@ class SidRecommender(L.LightningModule):
             width=self.settings.width,
             layers=self.settings.layers,
             heads=self.settings.heads,
+            attention_dropout=self.settings.attention_dropout,
         )
         hidden, sizes = self.lm.hidden_size, tuple(codebook_sizes)
         self.head = NezhaDraftHead(hidden, sizes, self.settings.transition) if objective == "nezha" else None

@@ -22,6 +22,7 @@ class ItemSequenceModel(nn.Module):
         dropout: float = 0.0,
         attention: str = "sdpa",
         shape: tuple | None = None,
+        attention_dropout: float | None = None,  # None: `dropout`
     ):
         super().__init__()
         hidden, layers, heads, _, ffn = shape or generic_size(name)
@@ -34,7 +35,7 @@ class ItemSequenceModel(nn.Module):
             n_inner=ffn,
             resid_pdrop=dropout,
             embd_pdrop=dropout,
-            attn_pdrop=dropout,
+            attn_pdrop=dropout if attention_dropout is None else attention_dropout,
             bos_token_id=None,
             eos_token_id=None,
             pad_token_id=0,

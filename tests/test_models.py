@@ -98,6 +98,19 @@ def test_unknown_backbone_is_refused(catalog):
         random_model("ntp", catalog, backbone="gpt-huge")
 
 
+def test_attention_dropout_is_its_own_setting_and_defaults_to_dropout(catalog):
+    """--attention-dropout replaces --dropout on the attention probabilities only; T5,
+    with one rate for everything, refuses it."""
+    default = random_model("nezha", catalog, dropout=0.3)
+    assert default.lm.lm.config.attention_dropout == 0.3
+    apart = random_model("nezha", catalog, dropout=0.3, attention_dropout=0.0)
+    assert apart.lm.lm.config.attention_dropout == 0.0 and apart.lm.dropout.p == 0.3
+    item = random_model("next_item", catalog, backbone="sasrec-tiny", dropout=0.3, attention_dropout=0.1)
+    assert item.lm.model.config.attn_pdrop == 0.1 and item.lm.model.config.embd_pdrop == 0.3
+    with pytest.raises(BenchError, match="T5 has one dropout rate for everything; leave --attention-dropout unset"):
+        random_model("ntp", catalog, backbone="t5-tiny", attention_dropout=0.0)
+
+
 @pytest.mark.parametrize(
     "step, cosine, share",
     [
