@@ -92,7 +92,7 @@ def logged_steps(steps: list):
     for done, step in enumerate(steps, 1):
         yield step
         if done * 10 // total > (done - 1) * 10 // total:
-            print(f"decoding: {done}/{len(steps)} batches ({time.perf_counter() - begin:.0f} s)", file=sys.stderr)
+            print(f"decoding: {done}/{total} batches ({time.perf_counter() - begin:.0f} s)", file=sys.stderr)
 
 
 def timed(fn, device: torch.device):

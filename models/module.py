@@ -121,7 +121,6 @@ class SidRecommender(L.LightningModule):
             raise BenchError("an aligned draft is a decoder-only NTP model distilled from an NTP model")
         object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))  # not a submodule: not saved
         self.teacher_cache: dict[tuple, tuple] = {}  # history -> the teacher's tree and targets (objectives)
-        self.teacher_cache_bytes = 0
 
     def on_fit_start(self):
         if self.teacher is not None:

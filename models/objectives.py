@@ -202,11 +202,9 @@ def teacher_trees(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch
             ]
         found = {row: (tokens[i], tree_mask[i], codes[i], [o[i] for o in outcomes]) for i, row in enumerate(missing)}
         row_bytes = sum(t.nbytes for t in (tokens[0], tree_mask[0], codes[0], *(o[0] for o in outcomes)))
-        for row, entry in found.items():
-            if model.teacher_cache_bytes + row_bytes > TEACHER_CACHE_BYTES:
-                break
+        room = TEACHER_CACHE_BYTES // row_bytes - len(cache)  # every row has the same shapes
+        for row, entry in list(found.items())[: max(room, 0)]:
             cache[keys[row]] = tuple(t.clone() for t in entry[:3]) + ([o.clone() for o in entry[3]],)
-            model.teacher_cache_bytes += row_bytes
     entries = [found[row] if row in found else cache[key] for row, key in enumerate(keys)]
     tokens, tree_mask, codes = (torch.stack([e[part] for e in entries]) for part in range(3))
     outcomes = [torch.stack([e[3][level] for e in entries]) for level in range(catalog.levels)]

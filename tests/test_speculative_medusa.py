@@ -211,7 +211,8 @@ def test_an_aligned_draft_asks_the_teacher_once_per_history(catalog, ntp, monkey
     mixed = draft.collate(windows[4:12])  # 4 histories cached, 4 new
     assert torch.allclose(objectives.loss("ntp", draft, mixed), objectives.loss("ntp", aligned_draft(), mixed), atol=1e-6)
     assert searched == [8, 4, 8] and len(draft.teacher_cache) == 12
-    monkeypatch.setattr(objectives, "TEACHER_CACHE_BYTES", draft.teacher_cache_bytes // 12 * 3)
+    tokens, tree_mask, codes, outcomes = next(iter(draft.teacher_cache.values()))
+    monkeypatch.setattr(objectives, "TEACHER_CACHE_BYTES", 3 * sum(t.nbytes for t in (tokens, tree_mask, codes, *outcomes)))
     bounded = aligned_draft()
     assert torch.equal(objectives.loss("ntp", bounded, draft.collate(windows[:8])), first)
     assert len(bounded.teacher_cache) == 3
