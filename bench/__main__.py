@@ -65,16 +65,26 @@ def cmd_train(settings) -> None:
         raise BenchError(f"--run-dir {job.run_dir} is a file; it takes a folder for the checkpoints")
     if job.objective == "medusa" and not job.init_from:
         raise BenchError("--objective medusa trains heads on a trained NTP backbone: pass --init-from NTP.ckpt")
+    starts_from_ntp = job.objective == "nezha" and model_settings.nezha_init == "ntp"
+    if job.objective == "nezha" and job.init_from and not starts_from_ntp:
+        raise BenchError("--init-from with --objective nezha needs --nezha-init ntp (the model records its start)")
     data = load_data(settings)
-    init = None
+    init, init_key = None, job.init_from or ""
     if job.init_from:
         init = load_checkpoint(job.init_from, data.catalog)
         if init.objective != "ntp" or init.settings.backbone != model_settings.backbone:
             raise BenchError(
-                f"--init-from {job.init_from} is a {init.objective} model with backbone "
-                f"{init.settings.backbone}; Medusa needs an ntp model with backbone {model_settings.backbone}"
+                f"--init-from {job.init_from} is a {init.objective} model with backbone {init.settings.backbone}; "
+                f"{'Medusa' if job.objective == 'medusa' else 'NEZHA'} needs an ntp model with backbone "
+                f"{model_settings.backbone}"
             )
-    key = cache_key(job.objective, model_settings, data, settings["data"].seed, job.init_from or "")
+    elif starts_from_ntp:  # the NTP model of these settings from the runs cache, as bench run finds it
+        from bench.train import resolve_models
+        from decoders.base import ModelRequest
+
+        [start] = resolve_models([{"ntp": ModelRequest("ntp", settings["model"])}], data, settings["data"], [])
+        init, init_key = start["ntp"].model, start["ntp"].key
+    key = cache_key(job.objective, model_settings, data, settings["data"].seed, init_key)
     run_dir = Path(job.run_dir) if job.run_dir else runs_dir() / data.name / key
     cached = None if job.resume else cached_checkpoint(run_dir)
     if cached:

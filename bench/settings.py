@@ -114,6 +114,11 @@ class ModelSettings:
         "layout, beside the head's loss (0: the head's loss alone)",
         low=0.0,
     )
+    nezha_init: Literal["scratch", "ntp"] = setting(
+        "scratch",
+        "NEZHA's backbone starts from random weights, or from the trained NTP model of the same settings "
+        "(trained first when not cached; its training time is part of the NEZHA model's, in the record)",
+    )
     medusa_mode: Literal["frozen", "joint"] = setting(
         "frozen", "Medusa heads on a frozen backbone (Medusa-1) or trained with it (Medusa-2)"
     )
@@ -249,7 +254,11 @@ class TrainSettings:
     """What `bench train` trains and where."""
 
     objective: Literal["ntp", "nezha", "medusa", "next_item"] = setting("ntp", "the training objective")
-    init_from: str | None = setting(None, "medusa: the trained NTP checkpoint whose backbone the heads sit on")
+    init_from: str | None = setting(
+        None,
+        "medusa: the trained NTP checkpoint whose backbone the heads sit on; nezha with --nezha-init ntp: the one "
+        "its backbone starts from (default: the runs cache's)",
+    )
     resume: str | None = setting(None, "checkpoint to resume from (e.g. runs/.../last.ckpt)")
     run_dir: str | None = setting(None, "where checkpoints go (default: runs/<dataset>/<objective>-<backbone>-<hash>)")
     devices: int = setting(1, "training processes per node: GPUs, or CPU processes on a machine without one", low=1)

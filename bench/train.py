@@ -142,7 +142,7 @@ def runs_dir() -> Path:
 
 # settings added after models were cached: at these values they change nothing the
 # model learns, so they stay out of its key and the runs trained before them still match
-KEYLESS_WHEN = {"history_loss": 0.0, "attention_dropout": None}
+KEYLESS_WHEN = {"history_loss": 0.0, "attention_dropout": None, "nezha_init": "scratch"}
 
 
 def cache_key(
@@ -232,6 +232,7 @@ def train_model(
         check_resumable(resume, model, data)
     if init_from is not None:
         model.lm.load_state_dict(init_from.lm.state_dict())
+        model.started_from = {"objective": init_from.objective, **(init_from.training_record or {})}
     if teacher is not None:
         model.distil_from(teacher)
     windows = train_windows(data, settings.max_history, per_target=model.lm.kind == ENCODER_DECODER)

@@ -306,6 +306,11 @@ def tune(settings: dict, fixed: set[str] = frozenset()) -> None:
     tune_settings: TuneSettings = settings["tune"]
     data_settings: DataSettings = settings["data"]
     space = search_space(tune_settings, settings["fixed"])  # an unknown parameter fails before any work
+    if tune_settings.objective == "nezha" and settings["model"].for_objective("nezha").nezha_init != "scratch":
+        raise BenchError(
+            "bench tune trains every NEZHA trial from random weights (a warm start would need an NTP model per "
+            "sampled setting); pass --nezha-init scratch"
+        )
     study_name = tune_settings.study or f"{tune_settings.objective}-{data_settings.dataset}"
     out = Path(tune_settings.out or runs_dir() / "tune" / study_name)
     storage_url = tune_settings.storage or str(runs_dir() / "tune" / study_name / "journal.log")

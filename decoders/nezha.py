@@ -43,9 +43,13 @@ class Nezha(Decoder):
 
     @classmethod
     def requests(cls, options, settings):
-        """The NEZHA model; the ablation options pick the model's own settings."""
+        """The NEZHA model; the ablation options pick the model's own settings. With
+        nezha_init=ntp its backbone starts from the trained NTP model of the same settings."""
         picked = {name: getattr(options, name) for name in ("transition", "placeholders")}
-        return {"nezha": ModelRequest("nezha", replace(settings, **{k: v for k, v in picked.items() if v is not None}))}
+        request = ModelRequest("nezha", replace(settings, **{k: v for k, v in picked.items() if v is not None}))
+        if request.settings.nezha_init == "ntp":
+            request.init_from = ModelRequest("ntp", settings)
+        return {"nezha": request}
 
     @classmethod
     def check_options(cls, options, catalog, k):

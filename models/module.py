@@ -86,6 +86,8 @@ class SidRecommender(L.LightningModule):
         self.compiled = False  # by compile_modules (bench run --compile)
         # epochs and wall seconds of training up to this checkpoint (see on_save_checkpoint)
         self.training_record: dict | None = None
+        # the training record of the model whose weights this one started from (init_from)
+        self.started_from: dict | None = None
 
     @classmethod
     def for_catalog(
@@ -146,17 +148,20 @@ class SidRecommender(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Every checkpoint says how long its weights took to train: the epochs completed
-        and the wall seconds (validation included), on which machine."""
+        and the wall seconds (validation included), on which machine, and the training
+        record of the model it started from (whose time is part of its own)."""
         from bench.records import device_name
 
         checkpoint["training"] = {
             "epochs": self.current_epoch + 1,
             "seconds": round(time.perf_counter() - self._fit_clock, 1),
             "device": device_name(self.device),
+            **({"started_from": self.started_from} if self.started_from else {}),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.training_record = dict(checkpoint.get("training") or {})
+        self.started_from = self.training_record.get("started_from", self.started_from)
 
     def validation_step(self, batch, batch_idx):
         if self._val_decoder is None:

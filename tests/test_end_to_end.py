@@ -86,6 +86,38 @@ def test_checkpoint_of_the_wrong_objective_is_refused(first_run, capsys):
     assert out.read_text() == before
 
 
+def test_a_nezha_model_starts_from_the_cached_ntp_model(first_run, tmp_path, capsys):
+    """--nezha-init ntp: bench train takes the NTP model that bench run cached (no new one);
+    at learning rate 0 the NEZHA backbone is exactly that model's; the checkpoint carries the
+    NTP's training record; bench run then finds the same NEZHA model in the cache."""
+    root, _, _ = first_run
+    config = tmp_path / "warm.yaml"
+    config.write_text(
+        "model:\n  max_epochs: 4\n  val_users: 300\n  nezha_init: ntp\n"
+        "  per_objective:\n    nezha: {lr: 0, max_epochs: 1}\n"
+    )
+    common = ["--config", str(config)]
+    capsys.readouterr()
+    assert main(["train", "--objective", "nezha", *common]) == 0
+    printed = capsys.readouterr().out
+    assert "training a ntp model" not in printed
+    best = next(line.split(": ", 1)[1] for line in printed.splitlines() if line.startswith("best checkpoint: "))
+    nezha = torch.load(best, weights_only=True)
+    [ntp_dir] = (root / "runs" / "synthetic").glob("ntp-*")
+    ntp = torch.load(ntp_dir / "best.ckpt", weights_only=True)
+    backbone = {name: value for name, value in nezha["state_dict"].items() if name.startswith("lm.")}
+    assert backbone.keys() == {name for name in ntp["state_dict"] if name.startswith("lm.")}
+    assert all(torch.equal(value, ntp["state_dict"][name]) for name, value in backbone.items())
+    started = nezha["training"]["started_from"]
+    assert started["objective"] == "ntp" and started["epochs_run"] == 4
+    assert started["seconds_run"] == ntp["training"]["seconds_run"]
+    out = tmp_path / "warm.json"
+    assert main(["run", "--decoder", "nezha", "--limit-users", "50", "--out", str(out), *common]) == 0
+    assert "training a" not in capsys.readouterr().out
+    [record] = json.loads(out.read_text())
+    assert record["backbone"]["training"]["started_from"] == started
+
+
 def test_training_resumes_from_its_last_checkpoint(first_run, tmp_path):
     root, _, _ = first_run
     last = next((root / "runs" / "synthetic").glob("ntp-*/last.ckpt"))
