@@ -442,7 +442,7 @@ def test_a_nezha_model_without_history_loss_keeps_the_key_it_had_before_the_sett
     data = load_dataset("synthetic")
     settings = ModelSettings(backbone="qwen-micro")
     before = objectives.shaping_settings("nezha", asdict(settings))
-    del before["history_loss"], before["attention_dropout"]  # neither existed then
+    del before["history_loss"], before["attention_dropout"], before["nezha_init"]  # none existed then
     blob = json.dumps({"objective": "nezha", "catalog": data.catalog.fingerprint, "seed": 0, "init": "", **before}, sort_keys=True)
     assert cache_key("nezha", settings, data, 0) == f"nezha-qwen-micro-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
     weighted = ModelSettings(backbone="qwen-micro", history_loss=0.5)
