@@ -78,11 +78,13 @@ def cmd_train(settings) -> None:
                 f"{'Medusa' if job.objective == 'medusa' else 'NEZHA'} needs an ntp model with backbone "
                 f"{model_settings.backbone}"
             )
-    elif starts_from_ntp:  # the NTP model of these settings from the runs cache, as bench run finds it
+    elif starts_from_ntp:  # the starting model the nezha decoder asks for, from the runs cache
         from bench.train import resolve_models
-        from decoders.base import ModelRequest
+        from decoders import REGISTRY
 
-        [start] = resolve_models([{"ntp": ModelRequest("ntp", settings["model"])}], data, settings["data"], [])
+        nezha = REGISTRY["nezha"]
+        request = nezha.requests(nezha.Options(), settings["model"])["nezha"].init_from
+        [start] = resolve_models([{"ntp": request}], data, settings["data"], [])
         init, init_key = start["ntp"].model, start["ntp"].key
     key = cache_key(job.objective, model_settings, data, settings["data"].seed, init_key)
     run_dir = Path(job.run_dir) if job.run_dir else runs_dir() / data.name / key
