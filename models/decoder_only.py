@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    AttentionInterface,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from models.backbones import DECODER_ONLY, SHAPED_LIKE, DecodeState, generic_size, positions_from_mask
 
@@ -13,6 +24,64 @@ CLASSES = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     "llama": (LlamaConfig, LlamaForCausalLM),
 }
+
+
+SPLIT_ATTENTION = "nezha_split"  # the attention of NEZHA's training pass, registered below
+
+
+def nezha_split_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, nezha_layout=None, **kwargs
+) -> tuple[torch.Tensor, None]:
+    """Attention over NEZHA's training layout [history | placeholder groups] without its
+    4D mask (models/objectives.py, collate_nezha): the history attends causally to itself
+    (SDPA's causal kernel), placeholder group g (the prompt after history item g) to the
+    history tokens of items 0..g and causally to its own L tokens. Equal to SDPA under the
+    layout's mask on every real token (tested); the mask made SDPA score all T x T pairs,
+    most of them hidden, and run its backward on them.
+
+    query [B, H, T, D], key/value [B, H_kv, T, D], nezha_layout = (history length, L)
+    with T = history + G * L -> ([B, T, H, D], None), as transformers' sdpa returns."""
+    history, levels = nezha_layout
+    size, heads, length, dim = query.shape
+    groups = (length - history) // levels
+    if heads != key.shape[1]:  # grouped-query attention: each kv head serves heads / H_kv query heads
+        key, value = (t.repeat_interleave(heads // key.shape[1], dim=1) for t in (key, value))
+    scale = dim**-0.5 if scaling is None else scaling
+    q_history, q_groups = query.split([history, length - history], dim=2)
+    k_history, k_groups = key.split([history, length - history], dim=2)
+    v_history, v_groups = value.split([history, length - history], dim=2)
+    out = F.scaled_dot_product_attention(q_history, k_history, v_history, dropout_p=dropout, is_causal=True, scale=scale)
+    if groups:
+        q_groups, k_groups, v_groups = (t.reshape(size, heads, groups, levels, dim) for t in (q_groups, k_groups, v_groups))
+        to_history = (q_groups.flatten(2, 3) @ k_history.transpose(-1, -2)).view(size, heads, groups, levels, history)
+        to_group = q_groups @ k_groups.transpose(-1, -2)  # [B, H, G, L, L]
+        index = torch.arange(history, device=query.device)
+        later_items = index >= levels * torch.arange(1, groups + 1, device=query.device)[:, None, None]  # [G, 1, hist]
+        later_places = torch.ones(levels, levels, dtype=torch.bool, device=query.device).triu(1)
+        scores = torch.cat(
+            [to_history.masked_fill(later_items, float("-inf")), to_group.masked_fill(later_places, float("-inf"))], -1
+        )
+        probs = torch.softmax(scores.float() * scale, dim=-1).to(value.dtype)  # [B, H, G, L, hist + L]
+        if dropout:
+            probs = F.dropout(probs, dropout)
+        from_history = probs[..., :history].flatten(2, 3) @ v_history  # [B, H, G * L, D]
+        from_group = (probs[..., history:] @ v_groups).flatten(2, 3)
+        out = torch.cat([out, from_history + from_group], dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SPLIT_ATTENTION, nezha_split_attention)
+
+
+@contextmanager
+def attention_implementation(config, name: str):
+    """The backbone's layers use attention `name` inside the block (they read it per call)."""
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 def tree_attention(prefix_mask: torch.Tensor, tree_mask: torch.Tensor) -> torch.Tensor:
@@ -75,13 +144,24 @@ class DecoderOnlyLM(nn.Module):
         """Training pass: [B, T] -> [B, T, V]."""
         return self.lm.lm_head(self.hidden(input_ids, attention_mask))
 
-    def hidden(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+    def hidden(self, input_ids, attention_mask, position_ids=None, nezha_layout=None) -> torch.Tensor:
         """[B, T] -> [B, T, d] last-layer hidden states (after the final norm). A 4D
-        attention mask [B, 1, T, T] is used as given (the NEZHA training layout)."""
+        attention mask [B, 1, T, T] is used as given; with nezha_layout = (history length,
+        L) the NEZHA training layout that mask describes is attended by
+        nezha_split_attention instead, which never builds the T x T scores."""
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
         embeds = self.dropout(self.lm.get_input_embeddings()(input_ids))
-        hidden = self.core(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
+        if nezha_layout is None:
+            hidden = self.core(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
+        else:
+            with attention_implementation(self.lm.config, SPLIT_ATTENTION):
+                hidden = self.core(
+                    inputs_embeds=embeds,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    nezha_layout=nezha_layout,
+                )
         return self.dropout(hidden.last_hidden_state)
 
     def bare_forward(self, history, mask) -> None:

@@ -6,10 +6,13 @@ ntp:   the SID tokens of the window's items in one causal sequence; cross-entrop
 medusa: the ntp layout; at the last token of every item but the last, Medusa head j is
        trained to guess level j+1 of the next item (cross-entropy per head). Medusa-1
        freezes the backbone (loss = heads only); Medusa-2 trains both (heads + ntp).
-nezha: the window is laid out as  SID(i_1) P SID(i_2) P ... SID(i_{w-1}) P  where each
-       P = <sp_1> .. <sp_L> predicts the next item. A 4D attention mask hides every P
-       from all tokens outside it and position ids skip the Ps, so each P sees exactly
-       the prompt [history, <sp_1..sp_L>] it sees at inference; the draft head is
+nezha: the window is laid out as  SID(i_1) .. SID(i_{w-1}) P_1 .. P_{w-1}  where each
+       P_j = <sp_1> .. <sp_L> predicts item j+1. P_j reads the history up to SID(i_j) and
+       itself (causally), no other P reads it, the history reads no P, and its position
+       ids continue SID(i_j)'s, so each P sees exactly the prompt [history, <sp_1..sp_L>]
+       it sees at inference (a 4D mask spells it out; the pass attends it by
+       models/decoder_only.py's nezha_split_attention, at a fraction of SDPA's cost
+       under the mask); the draft head is
        teacher-forced with cross-entropy per level on the next item's codes. With
        history_loss > 0 the history tokens also predict the next history token (the ntp
        loss on the same pass, weighted): denser supervision for the backbone, at the
@@ -92,44 +95,47 @@ def ntp_loss(model, batch: dict) -> torch.Tensor:
 
 
 def collate_nezha(windows: list[list[int]], catalog: Catalog, placeholders: bool = True) -> dict:
-    """Interleave history items and placeholder groups; see the module docstring.
+    """The history tokens of each window first, then one placeholder group per history
+    item; see the module docstring. Without placeholders the layout is the plain history
+    and the head reads h_0 only.
 
-    Without placeholders the layout is the plain history and the head reads h_0 only."""
+    The 4D mask spells out what each token sees; nezha_loss attends the same layout by
+    nezha_split_attention (history_length says where the groups begin)."""
     L = catalog.levels
-    group_len = 2 * L if placeholders else L
-    width = max(len(items) - 1 for items in windows) * group_len
+    history = max(len(items) - 1 for items in windows) * L
+    width = 2 * history if placeholders else history
     n = len(windows)
     input_ids = torch.full((n, width), PAD, dtype=torch.long)
     positions = torch.zeros((n, width), dtype=torch.long)
-    group = torch.full((n, width), -1, dtype=torch.long)  # 0 history, j >= 1 placeholder group j, -1 pad
+    group = torch.full((n, width), -1, dtype=torch.long)  # 0 history, g >= 1 placeholder group g, -1 pad
     history_labels = torch.full((n, width), IGNORE, dtype=torch.long)  # the next history token, where known
     rows, h0_index, placeholder_index, target_items = [], [], [], []
     sp = torch.tensor(catalog.placeholder_tokens)
     for b, items in enumerate(windows):
-        tokens = catalog.item_tokens(torch.tensor(items))  # [w, L]
+        tokens = catalog.item_tokens(torch.tensor(items[:-1])).flatten()  # [(w - 1) L]
+        input_ids[b, : len(tokens)] = tokens
+        positions[b, : len(tokens)] = torch.arange(len(tokens))
+        group[b, : len(tokens)] = 0
+        history_labels[b, L - 1 : len(tokens) - 1] = tokens[L:]  # the first item is context only, as in ntp
         for j in range(len(items) - 1):
-            start = j * group_len
-            input_ids[b, start : start + L] = tokens[j]
-            if j > 0:  # the first item is context only, as in ntp
-                history_labels[b, start - group_len + L - 1] = tokens[j, 0]
-                history_labels[b, start : start + L - 1] = tokens[j, 1:]
-            positions[b, start : start + L] = torch.arange(j * L, (j + 1) * L)
-            group[b, start : start + L] = 0
-            if placeholders:
-                input_ids[b, start + L : start + 2 * L] = sp
-                positions[b, start + L : start + 2 * L] = torch.arange((j + 1) * L, (j + 2) * L)
-                group[b, start + L : start + 2 * L] = j + 1
-                placeholder_index.append(torch.arange(start + L, start + 2 * L))
+            if placeholders:  # the prompt after item j: its placeholders continue item j's positions
+                start = history + j * L
+                input_ids[b, start : start + L] = sp
+                positions[b, start : start + L] = torch.arange((j + 1) * L, (j + 2) * L)
+                group[b, start : start + L] = j + 1
+                placeholder_index.append(torch.arange(start, start + L))
             rows.append(b)
-            h0_index.append(start + L - 1)
+            h0_index.append((j + 1) * L - 1)
             target_items.append(items[j + 1])
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    visible = (group[:, None, :] == 0) | (group[:, None, :] == group[:, :, None])  # [B, q, k]
-    attention = (causal & visible & (group[:, None, :] >= 0)).unsqueeze(1)  # [B, 1, T, T]
+    index = torch.arange(width)
+    history_read = torch.where(group >= 1, L * group, index + 1)  # [B, T]: history tokens before it are read
+    reads_history = (group[:, None, :] == 0) & (index < history_read[:, :, None])  # [B, q, k]
+    reads_own_group = (group[:, None, :] == group[:, :, None]) & (group[:, :, None] >= 1) & (index <= index[:, None])
     batch = {
         "input_ids": input_ids,
-        "attention_mask": attention,
+        "attention_mask": (reads_history | reads_own_group).unsqueeze(1),  # [B, 1, T, T]
         "position_ids": positions,
+        "history_length": history,
         "rows": torch.tensor(rows),
         "h0_index": torch.tensor(h0_index),
         "target_codes": catalog.sids[torch.tensor(target_items)],
@@ -146,7 +152,8 @@ def nezha_loss(model, batch: dict) -> torch.Tensor:
         h0 = hidden[:, 0]
         placeholders = hidden[:, 1:] if hidden.shape[1] > 1 else None
     else:
-        hidden = model.lm.hidden(batch["input_ids"], batch["attention_mask"], batch["position_ids"])  # [B, T, d]
+        layout = (batch["history_length"], len(model.head.classifiers))
+        hidden = model.lm.hidden(batch["input_ids"], batch["attention_mask"], batch["position_ids"], layout)  # [B, T, d]
         rows = batch["rows"]
         h0 = hidden[rows, batch["h0_index"]]  # [N, d]
         placeholders = hidden[rows[:, None], batch["placeholder_index"]] if "placeholder_index" in batch else None

@@ -10,14 +10,17 @@ from models import objectives
 from models.module import load_checkpoint, lr_factor
 
 
-def test_nezha_training_pass_matches_inference_prompts(catalog):
-    """Hidden states of h_0 and the placeholders in the interleaved training window equal
-    those of the separate inference prompt [history, <sp_1..sp_L>] for every target."""
+@pytest.mark.parametrize("split", [True, False], ids=["split-attention", "4d-mask"])
+def test_nezha_training_pass_matches_inference_prompts(catalog, split):
+    """Hidden states of h_0 and the placeholders in the training window equal those of
+    the separate inference prompt [history, <sp_1..sp_L>] for every target, whether the
+    window is attended under its 4D mask or by the split attention training uses."""
     model = random_model("nezha", catalog, seed=1)
     windows = [[3, 17, 42, 8, 25], [11, 2], [5, 5, 40]]
     batch = objectives.collate_nezha(windows, catalog)
+    layout = (batch["history_length"], catalog.levels) if split else None
     with torch.no_grad():
-        hidden = model.lm.hidden(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        hidden = model.lm.hidden(batch["input_ids"], batch["attention_mask"], batch["position_ids"], layout)
         sp = torch.tensor(catalog.placeholder_tokens)
         target = 0
         for window in windows:
@@ -34,6 +37,45 @@ def test_nezha_training_pass_matches_inference_prompts(catalog):
                 assert torch.equal(batch["target_codes"][target], catalog.sids[window[j]])
                 target += 1
     assert target == len(batch["rows"]) == sum(len(w) - 1 for w in windows)
+
+
+@pytest.mark.parametrize("backbone", ["qwen-tiny", "llama-tiny"])
+def test_split_attention_equals_sdpa_under_the_mask_with_gradients(catalog, backbone):
+    """The split attention of NEZHA's training pass gives the real tokens the hidden
+    states and the weights the gradients that SDPA under the layout's 4D mask gives
+    (grouped-query heads included); padding may differ, nothing reads it."""
+    windows = [[3, 17, 42, 8, 25, 9], [11, 2], [5, 5, 40, 7]]
+    batch = objectives.collate_nezha(windows, catalog)
+    real = batch["input_ids"] != 0
+    runs = []
+    for layout in ((batch["history_length"], catalog.levels), None):
+        model = random_model("nezha", catalog, seed=3, backbone=backbone)
+        hidden = model.lm.hidden(batch["input_ids"], batch["attention_mask"], batch["position_ids"], layout)
+        hidden[real].square().mean().backward()
+        runs.append((hidden[real].detach(), {n: p.grad for n, p in model.lm.named_parameters() if p.grad is not None}))
+    (split, split_grads), (masked, masked_grads) = runs
+    assert model.lm.lm.config.num_key_value_heads < model.lm.lm.config.num_attention_heads  # grouped-query heads
+    torch.testing.assert_close(split, masked, atol=1e-5, rtol=1e-4)
+    assert split_grads.keys() == masked_grads.keys() and len(split_grads) > 10
+    for name in split_grads:
+        torch.testing.assert_close(split_grads[name], masked_grads[name], atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_nezha_layout_puts_the_history_first_then_one_placeholder_group_per_item(catalog):
+    L = catalog.levels
+    batch = objectives.collate_nezha([[3, 17, 42], [11, 2]], catalog)
+    sp = torch.tensor(catalog.placeholder_tokens)
+    assert batch["history_length"] == 2 * L and batch["input_ids"].shape == (2, 4 * L)
+    assert torch.equal(batch["input_ids"][0, : 2 * L], catalog.item_tokens(torch.tensor([3, 17])).flatten())
+    assert torch.equal(batch["input_ids"][0, 2 * L :], torch.cat([sp, sp]))
+    assert (batch["input_ids"][1, L : 2 * L] == 0).all() and (batch["input_ids"][1, 3 * L :] == 0).all()
+    assert batch["position_ids"][0, 3 * L :].tolist() == list(range(2 * L, 3 * L))  # after item 17
+    assert batch["placeholder_index"].tolist() == [list(range(2 * L + j * L, 3 * L + j * L)) for j in (0, 1)] + [
+        list(range(2 * L, 3 * L))
+    ]
+    mask = batch["attention_mask"][0, 0]
+    first_group = 2 * L  # the prompt after item 3: item 3's tokens and itself, causally
+    assert mask[first_group + 1].tolist() == [True] * L + [False] * L + [True, True] + [False] * (2 * L - 2)
 
 
 def test_ntp_batch_predicts_every_item_after_the_first(catalog):
