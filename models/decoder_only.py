@@ -154,7 +154,7 @@ class DecoderOnlyLM(nn.Module):
         embeds = self.dropout(self.lm.get_input_embeddings()(input_ids))
         if nezha_layout is None:
             hidden = self.core(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
-        else:
+        else:  # the 4D mask still goes in: given one, transformers builds no mask of its own
             with attention_implementation(self.lm.config, SPLIT_ATTENTION):
                 hidden = self.core(
                     inputs_embeds=embeds,

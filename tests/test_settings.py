@@ -229,7 +229,7 @@ def test_only_sdpa_attention_is_accepted(cli):
 
 
 def test_sdpa_keeps_the_nezha_training_layout_equal_to_inference_and_eager_would_not():
-    """What the pin protects: the interleaved training window's placeholder states equal
+    """What the pin protects: the training window's placeholder states under its 4D mask equal
     those of the inference prompt under SDPA; under the eager backend the boolean mask
     is added to the scores, so the placeholders see tokens they must not."""
     catalog = random_catalog()
