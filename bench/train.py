@@ -390,7 +390,7 @@ def resolve_models(
             else:
                 model = ensure_model(data, request, data_settings, key, progress, init.model if init else None, teacher)
                 how = f"aligned to {teacher.key}" if teacher else "trained"
-                source = f"{how} by bench run ({request.settings.backbone}, runs cache {key})"
+                source = f"{how} by bench ({request.settings.backbone}, runs cache {key})"
                 built[key] = ResolvedModel(model, source, key)
         return built[key]
 
