@@ -103,6 +103,11 @@ class ModelSettings:
         "arithmetic (CPUs with AVX-512 BF16 or AMX, recent GPUs) and slower where it has none; 16-mixed: CUDA only",
     )
     max_history: int = setting(20, "items of history kept per example", low=1)
+    encoder: Literal["bidirectional", "causal"] = setting(
+        "bidirectional",
+        "T5 backbones: TIGER's bidirectional encoder (trains on one example per target), or a causal one, whose "
+        "states of a history prefix are those of the prefix alone, so a window's every target trains in one pass",
+    )
     val_users: int = setting(3000, "valid users decoded per epoch (0 = all)", low=0)
     transition: Literal["rnn", "gru", "none"] = setting("rnn", "NEZHA head transition cell")
     placeholders: bool = setting(

@@ -142,7 +142,7 @@ def runs_dir() -> Path:
 
 # settings added after models were cached: at these values they change nothing the
 # model learns, so they stay out of its key and the runs trained before them still match
-KEYLESS_WHEN = {"history_loss": 0.0, "attention_dropout": None, "nezha_init": "scratch"}
+KEYLESS_WHEN = {"history_loss": 0.0, "attention_dropout": None, "nezha_init": "scratch", "encoder": "bidirectional"}
 
 
 def cache_key(
@@ -235,7 +235,8 @@ def train_model(
         model.started_from = {"objective": init_from.objective, **(init_from.training_record or {})}
     if teacher is not None:
         model.distil_from(teacher)
-    windows = train_windows(data, settings.max_history, per_target=model.lm.kind == ENCODER_DECODER)
+    per_target = model.lm.kind == ENCODER_DECODER and settings.encoder == "bidirectional"
+    windows = train_windows(data, settings.max_history, per_target=per_target)
     train_loader = DataLoader(
         windows,
         collate_fn=model.collate,

@@ -95,24 +95,26 @@ def build_backbone(
     layers: int | None = None,
     heads: int | None = None,
     attention_dropout: float | None = None,
+    causal_encoder: bool = False,
 ):
     """attention: the Hugging Face attention backend, pinned to sdpa by ModelSettings: the
     4D boolean masks of NEZHA training and tree verification are masks only there.
-    attention_dropout: of the attention probabilities (None: `dropout`)."""
+    attention_dropout: of the attention probabilities (None: `dropout`).
+    causal_encoder: an encoder-decoder's encoder masks causally (--encoder causal)."""
     from models.decoder_only import DecoderOnlyLM
     from models.encoder_decoder import EncoderDecoderLM
     from models.sasrec import ItemSequenceModel
 
     kind = backbone_kind(name)
-    if attention_dropout is not None and kind == ENCODER_DECODER:
-        raise BenchError(f"{name}: T5 has one dropout rate for everything; leave --attention-dropout unset")
+    if causal_encoder and kind != ENCODER_DECODER:
+        raise BenchError(f"--encoder causal: {name} is {kind} and has no encoder; the setting is for t5-* backbones")
     if name in SHAPED_LIKE:
         if (width, layers, heads) != (None, None, None):
             raise BenchError(f"{name} has the shape of the real model; --width, --layers and --heads apply to sizes")
         return DecoderOnlyLM(name, vocab_size, max_positions, dropout, attention, attention_dropout=attention_dropout)
     shape = generic_size(name, width, layers, heads)
     if kind == ENCODER_DECODER:
-        return EncoderDecoderLM(name, vocab_size, dropout, attention, shape)
+        return EncoderDecoderLM(name, vocab_size, dropout, attention, shape, causal_encoder, attention_dropout)
     if kind == ITEM:
         return ItemSequenceModel(name, num_items, max_positions, dropout, attention, shape, attention_dropout)
     return DecoderOnlyLM(name, vocab_size, max_positions, dropout, attention, shape, attention_dropout)

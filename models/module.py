@@ -74,6 +74,7 @@ class SidRecommender(L.LightningModule):
             layers=self.settings.layers,
             heads=self.settings.heads,
             attention_dropout=self.settings.attention_dropout,
+            causal_encoder=self.settings.encoder == "causal",
         )
         hidden, sizes = self.lm.hidden_size, tuple(codebook_sizes)
         self.head = NezhaDraftHead(hidden, sizes, self.settings.transition) if objective == "nezha" else None
@@ -136,6 +137,7 @@ class SidRecommender(L.LightningModule):
             self.lm.kind,
             self.settings.placeholders,
             aligned=self.teacher is not None,
+            causal_encoder=self.settings.encoder == "causal",
         )
 
     def training_step(self, batch, batch_idx):

@@ -31,9 +31,14 @@ next_item: the SASRec reference: item ids in one causal pass, cross-entropy over
        items at every position after the first.
 popularity: no network: item counts of the training split (fitted, not trained).
 
-Encoder-decoder backbones (T5) cannot score all prefixes in one pass (the encoder sees
-the whole history), so their windows hold one target each (history + target): ntp
-decodes [start, t_1 .. t_{L-1}] against t_1 .. t_L, nezha reads [start, <sp_1..sp_L>].
+Encoder-decoder backbones (T5) decode each target after a start token: ntp decodes
+[start, t_1 .. t_{L-1}] against t_1 .. t_L, nezha reads [start, <sp_1..sp_L>]. With
+TIGER's bidirectional encoder a history's states depend on what follows, so the windows
+hold one target each (history + target). With a causal encoder (--encoder causal) one
+encoder pass over a window serves all its targets: their decoder groups are packed in
+one row, each reading itself causally and, across, the encoder states of its own
+history prefix (a decoder mask and a cross-attention mask), which is what it reads at
+inference (tested).
 """
 
 from __future__ import annotations
@@ -79,6 +84,55 @@ def collate_seq2seq(windows: list[list[int]], catalog: Catalog, objective: str, 
     return {"history": history, "mask": mask, "decoder": start, "target_codes": target}
 
 
+def collate_packed_seq2seq(windows: list[list[int]], catalog: Catalog, objective: str, placeholders: bool) -> dict:
+    """Every target of a window in one row (causal encoder): encoder = the window's items
+    but the last; decoder = one group per target j (item j + 1), ntp's [start, t_1 ..
+    t_{L-1}] or nezha's [start (, <sp_1..sp_L>)], reading its own group causally and the
+    history up to item j."""
+    L = catalog.levels
+    group = L if objective == "ntp" else 1 + (L if placeholders else 0)
+    history, mask = pad_rows([catalog.item_tokens(torch.tensor(w[:-1])).flatten() for w in windows])  # [B, T]
+    width = max(len(w) - 1 for w in windows) * group
+    n = len(windows)
+    decoder = torch.full((n, width), PAD, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    owner = torch.full((n, width), -1, dtype=torch.long)  # which target a decoder token belongs to, -1: padding
+    sp = torch.tensor(catalog.placeholder_tokens)
+    rows, starts, target_items = [], [], []
+    for b, items in enumerate(windows):
+        for j, item in enumerate(items[1:]):
+            start = j * group
+            owner[b, start : start + group] = j
+            tokens = catalog.item_tokens(torch.tensor([item]))[0]  # [L]
+            if objective == "ntp":
+                decoder[b, start + 1 : start + group] = tokens[:-1]
+                labels[b, start : start + group] = tokens
+            elif placeholders:
+                decoder[b, start + 1 : start + group] = sp
+            rows.append(b)
+            starts.append(start)
+            target_items.append(item)
+    index = torch.arange(width)
+    same_group = (owner[:, :, None] == owner[:, None, :]) & (index[None, :] <= index[:, None])  # [B, m, m]
+    padding = owner < 0
+    decoder_mask = same_group & ((owner[:, :, None] >= 0) | (index[None, :] == index[:, None]))
+    history_read = torch.where(padding, L, (owner + 1) * L)  # [B, m]: history tokens a decoder token reads
+    cross_mask = (torch.arange(history.shape[1]) < history_read[:, :, None]) & mask.bool()[:, None, :]  # [B, m, T]
+    batch = {
+        "history": history,
+        "mask": mask,
+        "decoder": decoder,
+        "layout": (decoder_mask.unsqueeze(1), cross_mask.unsqueeze(1)),
+    }
+    if objective == "ntp":
+        return {**batch, "labels": labels}
+    starts = torch.tensor(starts)
+    batch.update(rows=torch.tensor(rows), h0_index=starts, target_codes=catalog.sids[torch.tensor(target_items)])
+    if placeholders:
+        batch["placeholder_index"] = starts[:, None] + torch.arange(1, L + 1)  # [N_targets, L]
+    return batch
+
+
 def collate_ntp(windows: list[list[int]], catalog: Catalog) -> dict:
     input_ids, attention_mask = pad_rows([catalog.item_tokens(torch.tensor(items)).flatten() for items in windows])
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE)
@@ -88,8 +142,8 @@ def collate_ntp(windows: list[list[int]], catalog: Catalog) -> dict:
 
 def ntp_loss(model, batch: dict) -> torch.Tensor:
     if "decoder" in batch:
-        logits = model.lm.logits(batch["history"], batch["mask"], batch["decoder"])  # [B, L, V]
-        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+        logits = model.lm.logits(batch["history"], batch["mask"], batch["decoder"], batch.get("layout"))  # [B, m, V]
+        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
     logits = model.lm.logits(batch["input_ids"], batch["attention_mask"])  # [B, T, V]
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
 
@@ -147,7 +201,12 @@ def collate_nezha(windows: list[list[int]], catalog: Catalog, placeholders: bool
 
 
 def nezha_loss(model, batch: dict) -> torch.Tensor:
-    if "decoder" in batch:
+    if "layout" in batch:  # targets packed per window: gathered as in the decoder-only layout
+        hidden = model.lm.decoder_hidden(batch["history"], batch["mask"], batch["decoder"], batch["layout"])
+        rows = batch["rows"]
+        h0 = hidden[rows, batch["h0_index"]]  # [N, d]
+        placeholders = hidden[rows[:, None], batch["placeholder_index"]] if "placeholder_index" in batch else None
+    elif "decoder" in batch:
         hidden = model.lm.decoder_hidden(batch["history"], batch["mask"], batch["decoder"])  # [B, 1 (+L), d]
         h0 = hidden[:, 0]
         placeholders = hidden[:, 1:] if hidden.shape[1] > 1 else None
@@ -286,11 +345,14 @@ def collate(
     kind: str,
     placeholders: bool = True,
     aligned: bool = False,
+    causal_encoder: bool = False,
 ) -> dict:
     if aligned:
         return collate_aligned(windows, catalog)
     if objective == "next_item":
         return collate_next_item(windows)
+    if kind == ENCODER_DECODER and causal_encoder:
+        return collate_packed_seq2seq(windows, catalog, objective, placeholders)
     if kind == ENCODER_DECODER:
         return collate_seq2seq(windows, catalog, objective, placeholders)
     if objective == "ntp":

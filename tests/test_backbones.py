@@ -21,6 +21,8 @@ GENERATIVE = ["qwen-tiny", "llama-tiny", "t5-tiny"]
         ("qwen-tiny", "nezha", {"transition": "gru"}),
         ("qwen-tiny", "nezha", {"transition": "none", "placeholders": False}),
         ("t5-tiny", "nezha", {"placeholders": False}),
+        ("t5-tiny", "ntp", {"encoder": "causal"}),
+        ("t5-tiny", "nezha", {"encoder": "causal"}),
         ("sasrec-tiny", "next_item", {}),
         ("llama-tiny", "medusa", {}),
     ],

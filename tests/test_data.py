@@ -433,7 +433,7 @@ def test_a_nezha_model_without_history_loss_keeps_the_key_it_had_before_the_sett
     other weight trains another model."""
     import hashlib
     import json
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     from bench.settings import ModelSettings
     from bench.train import cache_key
@@ -442,13 +442,16 @@ def test_a_nezha_model_without_history_loss_keeps_the_key_it_had_before_the_sett
     data = load_dataset("synthetic")
     settings = ModelSettings(backbone="qwen-micro")
     before = objectives.shaping_settings("nezha", asdict(settings))
-    del before["history_loss"], before["attention_dropout"], before["nezha_init"]  # none existed then
+    for later in ("history_loss", "attention_dropout", "nezha_init", "encoder"):  # none existed then
+        del before[later]
     blob = json.dumps({"objective": "nezha", "catalog": data.catalog.fingerprint, "seed": 0, "init": "", **before}, sort_keys=True)
     assert cache_key("nezha", settings, data, 0) == f"nezha-qwen-micro-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
     weighted = ModelSettings(backbone="qwen-micro", history_loss=0.5)
     assert cache_key("nezha", weighted, data, 0) != cache_key("nezha", settings, data, 0)
     no_attention_dropout = ModelSettings(backbone="qwen-micro", attention_dropout=0.0)
     assert cache_key("nezha", no_attention_dropout, data, 0) != cache_key("nezha", settings, data, 0)
+    t5 = ModelSettings(backbone="t5-micro")
+    assert cache_key("nezha", replace(t5, encoder="causal"), data, 0) != cache_key("nezha", t5, data, 0)
 
 
 # ---------------------------------------------------------------- splits

@@ -52,11 +52,12 @@ def test_beam_equals_huggingface_generate(catalog, ntp, k, constrained):
     assert calls == hf_calls == catalog.levels
 
 
-@pytest.mark.parametrize("backbone", ["llama-tiny", "t5-tiny"])
+@pytest.mark.parametrize("backbone,settings", [("llama-tiny", {}), ("t5-tiny", {}), ("t5-tiny", {"encoder": "causal"})])
 @pytest.mark.parametrize("constrained", [False, True])
-def test_beam_equals_huggingface_generate_on_the_other_backbones(catalog, backbone, constrained):
-    """Llama's beams share the prompt's cache (SharedPrompt), T5's copy it (CopiedCache)."""
-    model = random_model("ntp", catalog, seed=4, backbone=backbone)
+def test_beam_equals_huggingface_generate_on_the_other_backbones(catalog, backbone, settings, constrained):
+    """Llama's beams share the prompt's cache (SharedPrompt), T5's copy it (CopiedCache);
+    a causal T5 encoder masks the same way inside generate."""
+    model = random_model("ntp", catalog, seed=4, backbone=backbone, **settings)
     batch = random_batch(catalog, users=5, seed=4)
     spec = ":constrained" if constrained else ""
     ours, _ = decode("beam" + spec, catalog, 8, {"ntp": model}, batch)

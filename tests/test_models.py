@@ -61,6 +61,69 @@ def test_split_attention_equals_sdpa_under_the_mask_with_gradients(catalog, back
         torch.testing.assert_close(split_grads[name], masked_grads[name], atol=1e-5, rtol=1e-3, msg=name)
 
 
+def test_a_causal_encoder_gives_a_history_prefix_the_states_of_the_prefix_alone(catalog):
+    """--encoder causal: whatever follows a prefix, and however much left padding precedes
+    it, the prefix's encoder states stay those of the prefix encoded alone; TIGER's
+    bidirectional encoder (the default) lets them depend on what follows."""
+    history = torch.tensor([[4, 9, 13, 22, 5, 12, 19, 21, 6]])
+    for encoder, independent in (("causal", True), ("bidirectional", False)):
+        encode = random_model("ntp", catalog, seed=2, backbone="t5-tiny", encoder=encoder).lm.lm.get_encoder()
+        with torch.no_grad():
+            whole = encode(input_ids=history, attention_mask=torch.ones_like(history)).last_hidden_state
+            prefix = encode(input_ids=history[:, :5], attention_mask=torch.ones(1, 5)).last_hidden_state
+            padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), history[:, :5]], 1)
+            left = encode(input_ids=padded, attention_mask=(padded != 0).long()).last_hidden_state
+        assert torch.allclose(whole[:, :5], prefix, atol=1e-5) == independent, encoder
+        torch.testing.assert_close(left[:, 3:], prefix, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("objective,placeholders", [("ntp", True), ("nezha", True), ("nezha", False)])
+def test_causal_t5_trains_every_target_of_a_window_as_inference_reads_it(catalog, objective, placeholders):
+    """The packed layout of --encoder causal (one encoder pass per window, one decoder
+    group per target) gives every target the decoder states its inference prompt gives
+    (the history before it, left-padded as decoders get it), and the loss and gradients
+    of one example per target."""
+    windows = [[3, 17, 42, 8, 25], [11, 2], [5, 5, 40, 7]]
+    runs = []
+    for packed in (True, False):
+        model = random_model(
+            objective, catalog, seed=3, backbone="t5-tiny", encoder="causal", placeholders=placeholders, dropout=0.0
+        )
+        per_target = [w[:end] for w in windows for end in range(2, len(w) + 1)]
+        if packed:
+            batch = model.collate(windows)
+        else:
+            batch = objectives.collate_seq2seq(per_target, catalog, objective, placeholders)
+        loss = objectives.loss(objective, model.train(), batch)
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, batch))
+    (loss, grads, batch), (expected_loss, expected_grads, _) = runs
+    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == expected_grads.keys() and len(grads) > 10
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], atol=1e-5, rtol=1e-3, msg=name)
+    if objective == "ntp":
+        return
+    model.eval()
+    with torch.no_grad():
+        hidden = model.lm.decoder_hidden(batch["history"], batch["mask"], batch["decoder"], batch["layout"])
+        sp = torch.tensor(catalog.placeholder_tokens) if placeholders else None
+        target = 0
+        for window in windows:
+            for j in range(1, len(window)):
+                history = catalog.item_tokens(torch.tensor(window[:j])).flatten()
+                padded = torch.cat([torch.zeros(2, dtype=torch.long), history])
+                h0, states = model.lm.nezha_states(padded[None], (padded != 0).long()[None], sp)
+                row = batch["rows"][target]
+                torch.testing.assert_close(hidden[row, batch["h0_index"][target]], h0[0], atol=1e-5, rtol=1e-4)
+                if placeholders:
+                    torch.testing.assert_close(
+                        hidden[row, batch["placeholder_index"][target]], states[0], atol=1e-5, rtol=1e-4
+                    )
+                target += 1
+    assert target == len(batch["rows"])
+
+
 def test_nezha_layout_puts_the_history_first_then_one_placeholder_group_per_item(catalog):
     L = catalog.levels
     batch = objectives.collate_nezha([[3, 17, 42], [11, 2]], catalog)
@@ -141,16 +204,28 @@ def test_unknown_backbone_is_refused(catalog):
 
 
 def test_attention_dropout_is_its_own_setting_and_defaults_to_dropout(catalog):
-    """--attention-dropout replaces --dropout on the attention probabilities only; T5,
-    with one rate for everything, refuses it."""
+    """--attention-dropout replaces --dropout on the attention probabilities only, T5's
+    included (its config has one rate; each attention module takes the other)."""
     default = random_model("nezha", catalog, dropout=0.3)
     assert default.lm.lm.config.attention_dropout == 0.3
     apart = random_model("nezha", catalog, dropout=0.3, attention_dropout=0.0)
     assert apart.lm.lm.config.attention_dropout == 0.0 and apart.lm.dropout.p == 0.3
     item = random_model("next_item", catalog, backbone="sasrec-tiny", dropout=0.3, attention_dropout=0.1)
     assert item.lm.model.config.attn_pdrop == 0.1 and item.lm.model.config.embd_pdrop == 0.3
-    with pytest.raises(BenchError, match="T5 has one dropout rate for everything; leave --attention-dropout unset"):
-        random_model("ntp", catalog, backbone="t5-tiny", attention_dropout=0.0)
+    history, decoder = torch.tensor([[4, 9, 13, 22, 5, 12]]), torch.tensor([[0, 3, 8]])
+    for attention_dropout, dropped in ((0.0, False), (0.5, True)):
+        t5 = random_model("ntp", catalog, backbone="t5-tiny", dropout=0.0, attention_dropout=attention_dropout)
+        with torch.no_grad():
+            evaluated = t5.lm.logits(history, torch.ones_like(history), decoder)
+            torch.manual_seed(0)
+            trained = t5.train().lm.logits(history, torch.ones_like(history), decoder)
+        assert t5.lm.lm.config.dropout_rate == 0.0
+        assert (not torch.allclose(trained, evaluated)) == dropped, attention_dropout
+
+
+def test_a_causal_encoder_is_refused_on_a_backbone_without_one(catalog):
+    with pytest.raises(BenchError, match="^--encoder causal: qwen-tiny is decoder-only and has no encoder; the"):
+        random_model("ntp", catalog, encoder="causal")
 
 
 @pytest.mark.parametrize(
