@@ -190,6 +190,32 @@ def test_untrained_runs_measure_latency_without_training(tmp_path, monkeypatch, 
     assert records[0]["backbone"]["name"] == "llama-micro"
 
 
+def test_bf16_flags_are_read_from_cpuinfo():
+    from bench.train import cpu_has_bf16
+
+    assert cpu_has_bf16("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n") is False
+    assert cpu_has_bf16("flags\t\t: fpu avx512f avx512_bf16\n") is True
+    assert cpu_has_bf16("flags\t\t: fpu amx_tile amx_bf16\n") is True
+    assert cpu_has_bf16("Processor\t: ARMv8\nFeatures\t: fp asimd\n") is None
+
+
+def test_bf16_mixed_on_a_cpu_without_bf16_warns_once(monkeypatch, capsys):
+    """The preset trains in bf16-mixed, which a CPU without bf16 arithmetic emulates many
+    times slower: one warning line names the fix; 32-true and bf16 hardware say nothing."""
+    import bench.train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cases = [(False, "bf16-mixed", True), (False, "32-true", False), (True, "bf16-mixed", False)]
+    for has_bf16, precision, warned in cases:
+        monkeypatch.setattr(bench.train, "cpu_has_bf16", lambda text, answer=has_bf16: answer)
+        bench.train.warn_if_slow_precision.cache_clear()
+        bench.train.warn_if_slow_precision(precision)
+        bench.train.warn_if_slow_precision(precision)
+        lines = capsys.readouterr().err.splitlines()
+        assert lines == (["warning: --precision bf16-mixed on a CPU without bf16 arithmetic (no AVX-512 BF16 or AMX) "
+                          "trains 12-26x slower than --precision 32-true; pass --precision 32-true"] if warned else [])
+
+
 def test_bf16_mixed_training_runs_on_the_cpu(tmp_path):
     """--precision bf16-mixed trains under bf16 autocast (other numerics than 32-true from
     the same seed) and keeps fp32 weights; the checkpoint records the precision."""
