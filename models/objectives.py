@@ -114,15 +114,14 @@ def collate_packed_seq2seq(windows: list[list[int]], catalog: Catalog, objective
             target_items.append(item)
     index = torch.arange(width)
     same_group = (owner[:, :, None] == owner[:, None, :]) & (index[None, :] <= index[:, None])  # [B, m, m]
-    padding = owner < 0
-    decoder_mask = same_group & ((owner[:, :, None] >= 0) | (index[None, :] == index[:, None]))
-    history_read = torch.where(padding, L, (owner + 1) * L)  # [B, m]: history tokens a decoder token reads
+    # [B, m]: history tokens a decoder token reads (the history is right-padded, so a prefix)
+    history_read = torch.where(owner < 0, L, (owner + 1) * L)
     cross_mask = (torch.arange(history.shape[1]) < history_read[:, :, None]) & mask.bool()[:, None, :]  # [B, m, T]
     batch = {
         "history": history,
         "mask": mask,
         "decoder": decoder,
-        "layout": (decoder_mask.unsqueeze(1), cross_mask.unsqueeze(1)),
+        "layout": (same_group.unsqueeze(1), cross_mask.unsqueeze(1)),
     }
     if objective == "ntp":
         return {**batch, "labels": labels}
@@ -201,21 +200,18 @@ def collate_nezha(windows: list[list[int]], catalog: Catalog, placeholders: bool
 
 
 def nezha_loss(model, batch: dict) -> torch.Tensor:
-    if "layout" in batch:  # targets packed per window: gathered as in the decoder-only layout
-        hidden = model.lm.decoder_hidden(batch["history"], batch["mask"], batch["decoder"], batch["layout"])
-        rows = batch["rows"]
-        h0 = hidden[rows, batch["h0_index"]]  # [N, d]
-        placeholders = hidden[rows[:, None], batch["placeholder_index"]] if "placeholder_index" in batch else None
-    elif "decoder" in batch:
-        hidden = model.lm.decoder_hidden(batch["history"], batch["mask"], batch["decoder"])  # [B, 1 (+L), d]
-        h0 = hidden[:, 0]
-        placeholders = hidden[:, 1:] if hidden.shape[1] > 1 else None
+    if "decoder" in batch:  # encoder-decoder: one target per row, or (layout) a window's targets packed
+        hidden = model.lm.decoder_hidden(batch["history"], batch["mask"], batch["decoder"], batch.get("layout"))
     else:
         layout = (batch["history_length"], len(model.head.classifiers))
         hidden = model.lm.hidden(batch["input_ids"], batch["attention_mask"], batch["position_ids"], layout)  # [B, T, d]
+    if "rows" in batch:  # targets packed in rows: each gathered at its start token
         rows = batch["rows"]
         h0 = hidden[rows, batch["h0_index"]]  # [N, d]
         placeholders = hidden[rows[:, None], batch["placeholder_index"]] if "placeholder_index" in batch else None
+    else:  # [B, 1 (+L), d]
+        h0 = hidden[:, 0]
+        placeholders = hidden[:, 1:] if hidden.shape[1] > 1 else None
     if placeholders is None:
         placeholders = h0.new_zeros(h0.shape[0], len(model.head.classifiers), h0.shape[1])
     codes = batch["target_codes"]

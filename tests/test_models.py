@@ -77,6 +77,23 @@ def test_a_causal_encoder_gives_a_history_prefix_the_states_of_the_prefix_alone(
         torch.testing.assert_close(left[:, 3:], prefix, atol=1e-5, rtol=1e-4)
 
 
+def test_a_one_layer_causal_encoder_state_is_the_bidirectional_state_of_its_prefix(catalog):
+    """A reference independent of the causal mask: with one layer, the causal encoder's
+    state at token t is the bidirectional encoder's state of the last token of tokens
+    0..t (the same weights), so t reads itself and nothing after it."""
+    history = torch.tensor([[4, 9, 13, 22, 5, 12, 19]])
+    encoders = {
+        encoder: random_model("ntp", catalog, seed=4, backbone="t5-tiny", layers=1, encoder=encoder).lm.lm.get_encoder()
+        for encoder in ("causal", "bidirectional")
+    }
+    with torch.no_grad():
+        causal = encoders["causal"](input_ids=history, attention_mask=torch.ones_like(history)).last_hidden_state
+        for t in range(history.shape[1]):
+            prefix = history[:, : t + 1]
+            alone = encoders["bidirectional"](input_ids=prefix, attention_mask=torch.ones_like(prefix))
+            torch.testing.assert_close(causal[:, t], alone.last_hidden_state[:, t], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("objective,placeholders", [("ntp", True), ("nezha", True), ("nezha", False)])
 def test_causal_t5_trains_every_target_of_a_window_as_inference_reads_it(catalog, objective, placeholders):
     """The packed layout of --encoder causal (one encoder pass per window, one decoder
