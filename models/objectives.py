@@ -204,7 +204,8 @@ def nezha_loss(model, batch: dict) -> torch.Tensor:
         hidden = model.lm.decoder_hidden(batch["history"], batch["mask"], batch["decoder"], batch.get("layout"))
     else:
         layout = (batch["history_length"], len(model.head.classifiers))
-        hidden = model.lm.hidden(batch["input_ids"], batch["attention_mask"], batch["position_ids"], layout)  # [B, T, d]
+        # [B, T, d]
+        hidden = model.lm.hidden(batch["input_ids"], batch["attention_mask"], batch["position_ids"], layout)
     if "rows" in batch:  # targets packed in rows: each gathered at its start token
         rows = batch["rows"]
         h0 = hidden[rows, batch["h0_index"]]  # [N, d]
