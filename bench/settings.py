@@ -100,8 +100,8 @@ class ModelSettings:
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = setting(
         "32-true",
         "training precision (Lightning's): bf16-mixed trains about 1.7x faster where the hardware has bf16 "
-        "arithmetic (CPUs with AVX-512 BF16 or AMX, recent GPUs) and 12-26x slower on CPUs without it (a warning "
-        "says so); 16-mixed: CUDA only",
+        "arithmetic (CPUs with AVX-512 BF16 or AMX, recent GPUs) and far slower on CPUs without it (a t5-base "
+        "step: 21-26x on an AVX2 EPYC; a warning says so); 16-mixed: CUDA only",
     )
     max_history: int = setting(20, "items of history kept per example", low=1)
     encoder: Literal["bidirectional", "causal"] = setting(
