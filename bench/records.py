@@ -108,6 +108,14 @@ def check_writable(path: Path) -> None:
         raise BenchError(f"cannot write in {folder} (permission denied); pass another --out")
 
 
+def share_like_a_new_file(path: str) -> None:
+    """mkstemp makes a file private (0600); a results file or plot is to be shared, so it
+    gets the mode open() would have given it under the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Write a temporary file beside `path` and rename it over `path`: readers see the old
     file or the new one, never half of one. The temporary file does not outlive a failure."""
@@ -117,9 +125,7 @@ def write_atomically(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a results file is to be shared
+        share_like_a_new_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -134,6 +140,7 @@ def save_figure_atomically(figure, path: Path) -> None:
     os.close(handle)
     try:
         figure.savefig(partial, dpi=110)
+        share_like_a_new_file(partial)
         os.replace(partial, path)
     finally:
         plt.close(figure)

@@ -14,7 +14,7 @@ import bench.run
 import bench.train
 from bench.__main__ import main
 from bench.errors import BenchError
-from bench.records import append_records, read_records
+from bench.records import append_records, read_records, save_figure_atomically
 from decoders import REGISTRY
 
 
@@ -335,13 +335,17 @@ def test_append_records_appends_to_an_existing_list(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["results.json", "results.json.lock"]
 
 
-def test_results_file_gets_the_usual_permissions(tmp_path):
+def test_results_file_and_plot_get_the_usual_permissions(tmp_path):
+    import matplotlib.pyplot as plt
+
     old = os.umask(0o022)
     try:
         append_records(tmp_path / "results.json", [{"decoder": "beam"}])
+        save_figure_atomically(plt.figure(), tmp_path / "plot.png")
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "plot.png").stat().st_mode) == 0o644
 
 
 @pytest.mark.parametrize(
