@@ -57,10 +57,24 @@ def command_line() -> str:
     return " ".join(["python -m bench"] + sys.argv[1:])
 
 
+def cpuinfo_text() -> str:
+    """/proc/cpuinfo's text; empty where the system has none (not Linux)."""
+    path = Path("/proc/cpuinfo")
+    return path.read_text() if path.is_file() else ""
+
+
+def cpu_model(cpuinfo: str) -> str | None:
+    """The CPU's model name in /proc/cpuinfo's text ("AMD EPYC", "Intel(R) Xeon(R) ..."), so
+    records tell two x86 machines apart; None where the text names none (ARM, not Linux)."""
+    names = (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
+    return next((name for name in names if name), None)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    model = cpu_model(cpuinfo_text()) or platform.processor() or platform.machine()
+    return f"cpu ({model}, {torch.get_num_threads()} threads)"
 
 
 def read_records(path: Path) -> list[dict]:

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 from bench.data import RecData, eval_examples, train_windows
 from bench.data.batches import collate_eval
 from bench.errors import BenchError
+from bench.records import cpuinfo_text
 from bench.settings import DataSettings, ModelSettings
 from decoders import ModelRequest
 from models import objectives
@@ -198,8 +199,7 @@ def warn_if_slow_precision(precision: str) -> None:
     than in 32-true on an AVX2 EPYC. Said once a process, as the preset asks for bf16."""
     if precision != "bf16-mixed" or torch.cuda.is_available():
         return
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpu_has_bf16(cpuinfo.read_text() if cpuinfo.is_file() else "") is False:
+    if cpu_has_bf16(cpuinfo_text()) is False:
         print(
             "warning: --precision bf16-mixed on a CPU without bf16 arithmetic (no AVX-512 BF16 or AMX) is "
             "emulated (a t5-base step took 21-26x as long as in 32-true on an AVX2 EPYC); pass --precision 32-true",

@@ -199,6 +199,23 @@ def test_bf16_flags_are_read_from_cpuinfo():
     assert cpu_has_bf16("Processor\t: ARMv8\nFeatures\t: fp asimd\n") is None
 
 
+def test_records_name_the_cpu_model_where_cpuinfo_gives_one(monkeypatch):
+    import torch
+
+    import bench.records
+    from bench.records import cpu_model, device_name
+
+    epyc = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2\n"
+    assert cpu_model(epyc + epyc.replace("processor\t: 0", "processor\t: 1")) == "AMD EPYC"
+    xeon = "model name\t: \nmodel name\t: Intel(R) Xeon(R) Platinum 8488C\n"
+    assert cpu_model(xeon) == "Intel(R) Xeon(R) Platinum 8488C"
+    assert cpu_model("Processor\t: ARMv8\nFeatures\t: fp asimd\n") is None
+    monkeypatch.setattr(bench.records, "cpuinfo_text", lambda: epyc)
+    assert device_name(torch.device("cpu")) == f"cpu (AMD EPYC, {torch.get_num_threads()} threads)"
+    monkeypatch.setattr(bench.records, "cpuinfo_text", lambda: "")
+    assert device_name(torch.device("cpu")).startswith("cpu (") and "None" not in device_name(torch.device("cpu"))
+
+
 def test_bf16_mixed_on_a_cpu_without_bf16_warns_once(monkeypatch, capsys):
     """The preset trains in bf16-mixed, which a CPU without bf16 arithmetic emulates many
     times slower: one warning line names the fix; 32-true and bf16 hardware say nothing."""
