@@ -63,11 +63,16 @@ def cpuinfo_text() -> str:
     return path.read_text() if path.is_file() else ""
 
 
+def cpuinfo_field(cpuinfo: str, key: str) -> str | None:
+    """The first non-empty value of `key` in /proc/cpuinfo's text; None where it has none."""
+    values = (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith(key))
+    return next((value for value in values if value), None)
+
+
 def cpu_model(cpuinfo: str) -> str | None:
-    """The CPU's model name in /proc/cpuinfo's text ("AMD EPYC", "Intel(R) Xeon(R) ..."), so
-    records tell two x86 machines apart; None where the text names none (ARM, not Linux)."""
-    names = (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
-    return next((name for name in names if name), None)
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."), so records tell two x86
+    machines apart; None where the text names none (ARM, not Linux)."""
+    return cpuinfo_field(cpuinfo, "model name")
 
 
 def device_name(device: torch.device) -> str:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 from bench.data import RecData, eval_examples, train_windows
 from bench.data.batches import collate_eval
 from bench.errors import BenchError
-from bench.records import cpuinfo_text
+from bench.records import cpuinfo_field, cpuinfo_text
 from bench.settings import DataSettings, ModelSettings
 from decoders import ModelRequest
 from models import objectives
@@ -187,10 +187,10 @@ def check_precision(settings: ModelSettings) -> None:
 def cpu_has_bf16(cpuinfo: str) -> bool | None:
     """Whether the CPU described by /proc/cpuinfo's text computes in bf16 (AVX-512 BF16 or
     AMX); None where the text lists no flags (not Linux on x86)."""
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    flags = cpuinfo_field(cpuinfo, "flags")
     if flags is None:
         return None
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
 @functools.cache
