@@ -132,6 +132,11 @@ class ModelSettings:
         None, "the separate draft model of speculative (default: the micro size of the backbone's family)"
     )
     item_backbone: str = setting("sasrec-small", "the item-embedding model of full_rank")
+    item_scores: Literal["tied", "separate"] = setting(
+        "tied",
+        "the item model scores its state against its input item embeddings (tied, as SASRec) or against a "
+        "separate output table, which need not score the items a user just took highest",
+    )
     attention: str = setting(
         "sdpa", "attention backend; only sdpa applies the 4D boolean masks of NEZHA training and tree verification"
     )

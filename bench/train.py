@@ -144,7 +144,13 @@ def runs_dir() -> Path:
 
 # settings added after models were cached: at these values they change nothing the
 # model learns, so they stay out of its key and the runs trained before them still match
-KEYLESS_WHEN = {"history_loss": 0.0, "attention_dropout": None, "nezha_init": "scratch", "encoder": "bidirectional"}
+KEYLESS_WHEN = {
+    "history_loss": 0.0,
+    "attention_dropout": None,
+    "nezha_init": "scratch",
+    "encoder": "bidirectional",
+    "item_scores": "tied",
+}
 
 
 def cache_key(

@@ -75,6 +75,7 @@ class SidRecommender(L.LightningModule):
             heads=self.settings.heads,
             attention_dropout=self.settings.attention_dropout,
             causal_encoder=self.settings.encoder == "causal",
+            separate_item_scores=objective == "next_item" and self.settings.item_scores == "separate",
         )
         hidden, sizes = self.lm.hidden_size, tuple(codebook_sizes)
         self.head = NezhaDraftHead(hidden, sizes, self.settings.transition) if objective == "nezha" else None

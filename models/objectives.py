@@ -58,7 +58,11 @@ ALIGNED_BEAMS = 20  # the teacher's beams an aligned draft learns along: bench r
 TEACHER_CACHE_BYTES = 8 * 2**30  # the teacher's trees and targets kept between epochs (Beauty: 1.5 GiB)
 # the model settings only one objective reads; every other model setting shapes every model,
 # except those that pick another model's backbone
-OWN_SETTINGS = {"nezha": ("transition", "placeholders", "history_loss", "nezha_init"), "medusa": ("medusa_mode",)}
+OWN_SETTINGS = {
+    "nezha": ("transition", "placeholders", "history_loss", "nezha_init"),
+    "medusa": ("medusa_mode",),
+    "next_item": ("item_scores",),
+}
 OTHER_MODELS = ("draft_backbone", "item_backbone")
 
 

@@ -23,6 +23,7 @@ class ItemSequenceModel(nn.Module):
         attention: str = "sdpa",
         shape: tuple | None = None,
         attention_dropout: float | None = None,  # None: `dropout`
+        separate_scores: bool = False,
     ):
         super().__init__()
         hidden, layers, heads, _, ffn = shape or generic_size(name)
@@ -43,6 +44,11 @@ class ItemSequenceModel(nn.Module):
         )
         self.model = GPT2Model(config)
         self.hidden_size = hidden
+        # SASRec scores against the input embeddings, so the last item taken scores highest
+        # with itself; a separate table can learn what follows an item apart from what it is
+        self.output_table = None
+        if separate_scores:
+            self.output_table = nn.Parameter(torch.empty(num_items, hidden).normal_(0.0, config.initializer_range))
 
     @property
     def core(self) -> nn.Module:
@@ -53,8 +59,8 @@ class ItemSequenceModel(nn.Module):
         return self.hidden(items, mask) @ self.item_table().T
 
     def item_table(self) -> torch.Tensor:
-        """[N, d] the item embeddings that score a hidden state (PAD's row left out)."""
-        return self.model.wte.weight[1:]
+        """[N, d] the item embeddings that score a hidden state (tied: PAD's row left out)."""
+        return self.model.wte.weight[1:] if self.output_table is None else self.output_table
 
     def hidden(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, T] item ids -> [B, T, d]: one pass of the item transformer."""

@@ -24,6 +24,7 @@ GENERATIVE = ["qwen-tiny", "llama-tiny", "t5-tiny"]
         ("t5-tiny", "ntp", {"encoder": "causal"}),
         ("t5-tiny", "nezha", {"encoder": "causal"}),
         ("sasrec-tiny", "next_item", {}),
+        ("sasrec-tiny", "next_item", {"item_scores": "separate"}),
         ("llama-tiny", "medusa", {}),
     ],
 )
@@ -81,8 +82,9 @@ def test_every_decoder_runs_on_every_generative_backbone_or_refuses(catalog, bac
             assert calls[0] == expected_calls[name], name
 
 
-def test_full_rank_scores_every_item_in_one_call(catalog):
-    model = random_model("next_item", catalog, seed=2, backbone="sasrec-tiny")
+@pytest.mark.parametrize("item_scores", ["tied", "separate"])
+def test_full_rank_scores_every_item_in_one_call(catalog, item_scores):
+    model = random_model("next_item", catalog, seed=2, backbone="sasrec-tiny", item_scores=item_scores)
     batch = random_batch(catalog, users=5, seed=2)
     decoder = build_decoder("full_rank", catalog, 7, {"next_item": model})
     with count_calls(decoder.backbone_core) as calls:
@@ -94,6 +96,16 @@ def test_full_rank_scores_every_item_in_one_call(catalog):
     top = scores.topk(7)
     assert torch.equal(items, top.indices)
     torch.testing.assert_close(result.scores, top.values)
+
+
+def test_separate_item_scores_are_a_table_of_their_own_and_tied_ones_the_input_embeddings(catalog):
+    tied = random_model("next_item", catalog, seed=2, backbone="sasrec-tiny").lm
+    separate = random_model("next_item", catalog, seed=2, backbone="sasrec-tiny", item_scores="separate").lm
+    embeddings = tied.core.wte.weight  # [1 + N, d]: row 0 is PAD
+    assert tied.item_table().data_ptr() == embeddings[1:].data_ptr()
+    assert separate.item_table().shape == (catalog.num_items, separate.hidden_size)
+    assert all(separate.item_table().data_ptr() != p.data_ptr() for p in separate.core.parameters())
+    assert parameter_count(separate) == parameter_count(tied) + catalog.num_items * tied.hidden_size
 
 
 def test_full_rank_in_blocks_of_items_equals_scoring_all_at_once(catalog, monkeypatch):

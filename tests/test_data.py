@@ -452,6 +452,10 @@ def test_a_nezha_model_without_history_loss_keeps_the_key_it_had_before_the_sett
     assert cache_key("nezha", no_attention_dropout, data, 0) != cache_key("nezha", settings, data, 0)
     t5 = ModelSettings(backbone="t5-micro")
     assert cache_key("nezha", replace(t5, encoder="causal"), data, 0) != cache_key("nezha", t5, data, 0)
+    item = ModelSettings(backbone="sasrec-micro")
+    separate = replace(item, item_scores="separate")
+    assert cache_key("next_item", separate, data, 0) != cache_key("next_item", item, data, 0)
+    assert cache_key("nezha", replace(settings, item_scores="separate"), data, 0) == cache_key("nezha", settings, data, 0)
 
 
 # ---------------------------------------------------------------- splits
