@@ -110,6 +110,17 @@ def timed(fn, device: torch.device):
     return out, (time.perf_counter() - begin) * 1000.0
 
 
+def turn_orders(count: int) -> list[list[int]]:
+    """The orders in which `count` decoders take their turns on successive batches, a
+    Williams design: over one cycle each decoder takes every place, and follows every
+    other decoder, equally often. A drifting machine then hits them alike, and so does
+    what one decoder leaves behind for the next (allocator, caches, clock). Each order
+    is 0, 1, n-1, 2, n-2, ... shifted by its row; an odd count adds the reversed rows."""
+    first = [0] + [(step + 1) // 2 if step % 2 else count - step // 2 for step in range(1, count)]
+    rows = [[(place + shift) % count for place in first] for shift in range(count)]
+    return rows + [row[::-1] for row in rows] if count % 2 else rows
+
+
 @torch.no_grad()
 def benchmark(
     decoders: dict[str, Decoder],
@@ -130,10 +141,11 @@ def benchmark(
                 decoders[label].bare_forward(prompts[0])
                 decoders[label].prompt_forward(prompts[0])
     measured = {label: Measurement() for label in labels}
+    orders = turn_orders(len(labels))
     steps = [(rep, index) for rep in range(repeats) for index in range(len(prompts))]
     for rep, index in progress_steps(steps, progress):
-        batch, shift = prompts[index], index % len(labels)
-        for position, label in enumerate(labels[shift:] + labels[:shift]):
+        batch = prompts[index]
+        for position, label in enumerate(labels[i] for i in orders[index % len(orders)]):
             decoder, record = decoders[label], measured[label]
             if rep > 0:
                 record.latency_ms.append(timed(partial(decoder.decode, batch), device)[1])

@@ -1,8 +1,11 @@
-"""The latency harness with fake decoders: the turn order rotates, backbone calls are
+"""The latency harness with fake decoders: the turn order is balanced, backbone calls are
 counted by the hook (floor passes excluded), every decoder gets the same floor (a pass
 over the history alone), NEZHA-like decoders add their own prompt floor, and memory is
 measured above what was in use before the call."""
 
+from collections import Counter
+
+import pytest
 import torch
 from torch import nn
 
@@ -65,12 +68,22 @@ def prompts(count: int) -> list[Prompt]:
     ]
 
 
-def test_turn_order_rotates_with_the_batch():
+def test_turn_order_changes_with_the_batch():
     log = []
     decoders = {label: FakeDecoder(label, log, calls=1) for label in "abc"}
     measured = benchmark(decoders, prompts(4), torch.device("cpu"), warmup=0, progress=False)
-    assert log == list("abcbcacababc")
-    assert measured["a"].order == [0, 2, 1, 0]
+    assert log == list("abcbcacabcba")
+    assert measured["a"].order == [0, 2, 1, 2]
+
+
+@pytest.mark.parametrize("count", [2, 3, 4, 5, 6, 7])
+def test_over_a_cycle_each_decoder_takes_every_place_and_follows_every_other_equally_often(count):
+    orders = bench.latency.turn_orders(count)
+    assert all(sorted(order) == list(range(count)) for order in orders)
+    places = Counter((label, place) for order in orders for place, label in enumerate(order))
+    assert set(places.values()) == {len(orders) // count} and len(places) == count * count
+    follows = Counter(pair for order in orders for pair in zip(order, order[1:]))
+    assert len(follows) == count * (count - 1) and len(set(follows.values())) == 1
 
 
 def test_backbone_calls_are_counted_by_the_hook_without_the_floor_passes():
