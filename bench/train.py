@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from bench.data import RecData, eval_examples, train_windows
+from bench.data import RecData, eval_examples, letter, train_windows
 from bench.data.batches import collate_eval
 from bench.errors import BenchError
 from bench.records import cpuinfo_field, cpuinfo_text
@@ -157,7 +157,9 @@ def cache_key(
     objective: str, settings: ModelSettings, data: RecData, seed: int, init_key: str = "", teacher_key: str = ""
 ) -> str:
     """Names the cached run: same catalogue, seed, objective, shaping settings, starting
-    model and teacher -> same folder."""
+    model and teacher -> same folder. A dataset read from files whose name pins no
+    checksums (--data-dir) adds its files' sha256: the same items with other
+    interactions must not find a model trained on the first ones."""
     shaping = {
         name: value
         for name, value in objectives.shaping_settings(objective, asdict(settings)).items()
@@ -170,6 +172,7 @@ def cache_key(
             "seed": seed,
             "init": init_key,
             **({"generator": data.generator} if data.generator else {}),
+            **({"files": data.checksums} if data.checksums and not letter.pinned_sums(data.name) else {}),
             **({"teacher": teacher_key} if teacher_key else {}),
             **shaping,
         },

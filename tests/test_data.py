@@ -10,6 +10,7 @@ import shutil
 import socket
 import threading
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -419,6 +420,24 @@ def test_models_of_differently_shaped_synthetic_data_are_cached_apart():
     assert cache_key("ntp", settings, default, 0) != cache_key("ntp", settings, fewer, 0)
 
 
+def test_models_of_a_dataset_from_files_are_cached_apart_when_its_interactions_change(tmp_path):
+    """The same items and SIDs with other interactions (a user's data, --data-dir) must
+    not find the model trained on the first ones; a pinned dataset's name fixes its files."""
+    from bench.settings import ModelSettings
+    from bench.train import cache_key
+
+    settings = ModelSettings(backbone="qwen-micro")
+    first = load_dataset("toy", data_dir=write_letter(tmp_path / "first"))
+    again = load_dataset("toy", data_dir=write_letter(tmp_path / "again"))
+    more_users = {**TOY_INTER, "u4": ["i2", "i4", "i3"]}
+    changed = load_dataset("toy", data_dir=write_letter(tmp_path / "changed", inter=more_users))
+    assert first.catalog.fingerprint == changed.catalog.fingerprint
+    assert cache_key("ntp", settings, first, 0) == cache_key("ntp", settings, again, 0)
+    assert cache_key("ntp", settings, first, 0) != cache_key("ntp", settings, changed, 0)
+    pinned = replace(first, name="beauty")  # loading checks a pinned dataset's files against its sha256
+    assert cache_key("ntp", settings, pinned, 0) == cache_key("ntp", settings, replace(changed, name="beauty"), 0)
+
+
 def test_a_draft_distilled_from_a_backbone_is_cached_apart_from_one_trained_on_the_data():
     from bench.settings import ModelSettings
     from bench.train import cache_key
@@ -433,7 +452,7 @@ def test_a_nezha_model_without_history_loss_keeps_the_key_it_had_before_the_sett
     other weight trains another model."""
     import hashlib
     import json
-    from dataclasses import asdict, replace
+    from dataclasses import asdict
 
     from bench.settings import ModelSettings
     from bench.train import cache_key
@@ -455,7 +474,8 @@ def test_a_nezha_model_without_history_loss_keeps_the_key_it_had_before_the_sett
     item = ModelSettings(backbone="sasrec-micro")
     separate = replace(item, item_scores="separate")
     assert cache_key("next_item", separate, data, 0) != cache_key("next_item", item, data, 0)
-    assert cache_key("nezha", replace(settings, item_scores="separate"), data, 0) == cache_key("nezha", settings, data, 0)
+    unread = replace(settings, item_scores="separate")  # nezha does not read it
+    assert cache_key("nezha", unread, data, 0) == cache_key("nezha", settings, data, 0)
 
 
 # ---------------------------------------------------------------- splits

@@ -137,12 +137,17 @@ def url_template() -> str:
     return template
 
 
+def pinned_sums(name: str) -> dict | None:
+    """The sha256 of a dataset's files that every load checks (None: not pinned)."""
+    return REMOTE_DATASETS.get(name, (None, None))[1]
+
+
 def check_pinned(name: str, sums: dict[Path, str]) -> None:
     """Files loaded under a pinned dataset's name must be that dataset, wherever they come
     from (--data-dir, the shared folder, the cache): results carry the name, not the files."""
-    if name not in REMOTE_DATASETS or not REMOTE_DATASETS[name][1]:
+    pinned = pinned_sums(name)
+    if not pinned:
         return
-    pinned = REMOTE_DATASETS[name][1]
     for path, digest in sums.items():
         kind = "inter" if path.name.endswith(".inter.json") else "index"
         if digest != pinned[kind]:
