@@ -132,6 +132,7 @@ def run_rows(records: list[dict]) -> list[dict]:
             "latency_over_floor": r.get("latency_over_prefill") if older else over_floor,
             "older_floor": older,
             "backbone_calls_per_batch": r["backbone_calls_per_batch"],
+            "draft_calls_per_batch": r.get("draft_calls_per_batch") or 0.0,  # older records: not counted
             "commit": r["git_sha"][:10],
         }
         for name, ref in (("beam", beam), ("hf_beam", hf_beam)):
@@ -160,7 +161,7 @@ def run_table(run: tuple, rows: list[dict]) -> str:
             f"{row['invalid_rate']:.3f} | {latency_cell(row)} | "
             f"{cell(row['p99_ms'], '.1f')} | {floor} | {cell(row['speedup_vs_beam'], '.2f')} | "
             f"{cell(row['speedup_vs_hf_beam'], '.2f')} | "
-            f"{row['backbone_calls_per_batch']:.1f} | {row['commit']} |"
+            f"{calls_cell(row)} | {row['commit']} |"
         )
     if any(row.get("recall@10_low") is not None for row in rows):
         out.append(
@@ -180,6 +181,12 @@ def run_table(run: tuple, rows: list[dict]) -> str:
         )
     out.append(f"\nCommand: `{command}`\n")
     return "\n".join(out)
+
+
+def calls_cell(row: dict) -> str:
+    """Backbone calls per batch, and the separate draft model's beside them (speculative)."""
+    draft = row["draft_calls_per_batch"]
+    return f"{row['backbone_calls_per_batch']:.1f}" + (f" + {draft:.1f} draft" if draft else "")
 
 
 def latency_cell(row: dict) -> str:

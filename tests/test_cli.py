@@ -179,12 +179,15 @@ def table_rows(markdown: str) -> dict[str, dict[str, str]]:
 
 def test_leaderboard_shows_speedup_against_beam(cli, tmp_path):
     results = tmp_path / "results.json"
-    results.write_text(json.dumps([record("beam", 50.0, 0.4), record("nezha", 10.0, 0.375)]))
+    speculative = record("speculative", 40.0, 0.4, backbone_calls_per_batch=1.0, draft_calls_per_batch=4.0)
+    results.write_text(json.dumps([record("beam", 50.0, 0.4), record("nezha", 10.0, 0.375), speculative]))
     code, out, _ = cli("leaderboard", str(results))
     assert code == 0
     assert "### synthetic / test / cpu (test) / 2026-11-22T20:00:00+0000" in out
     rows = table_rows(out)
-    assert set(rows) == {"beam", "nezha"}
+    assert set(rows) == {"beam", "nezha", "speculative"}
+    assert rows["beam"]["backbone calls"] == "4.0"
+    assert rows["speculative"]["backbone calls"] == "1.0 + 4.0 draft"  # the draft model's calls beside
     assert rows["beam"]["speedup vs beam"] == "1.00"
     assert rows["nezha"]["speedup vs beam"] == "5.00"
     assert rows["nezha"]["R@10 [95% CI]"] == "0.3750"  # no per-user hits: no interval
