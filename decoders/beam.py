@@ -21,7 +21,7 @@ from decoders.base import (
 class CopiedCache:
     """Beam steps where every beam has its own copy of the cache, prompt included,
     gathered again at every step: encoder-decoders (their beams' cross-attention
-    memory), and the fallback of speculative."""
+    memory)."""
 
     def __init__(self, lm, state):
         self.lm, self.state = lm, state

@@ -37,7 +37,8 @@ from decoders.base import (
     prune,
     register,
 )
-from decoders.beam import CopiedCache, beam_search, continue_beam
+from decoders.beam import SharedPrompt, beam_search, continue_beam
+from models.backbones import DecodeState
 
 
 @dataclass
@@ -107,6 +108,21 @@ class Speculative(NtpDecoder):
         hit = (extended.unsqueeze(-1) == drafted[:, None, None, :]) & (drafted[:, None, None, :] >= 0)
         return candidates.masked_fill(~hit.any(-1), NEG_INF)
 
+    def refeed(self, state, prefixes):
+        """The fallback's start, as beam's steps on a shared prompt: the cache of the
+        prompts (one row per user, nothing copied), prefixes [B, K, l] -> the logits after
+        each prefix [B*K, V] and the SharedPrompt steps that go on from them. The K
+        prefixes go in as one token tree, each a chain that sees only itself."""
+        size, beams, length = prefixes.shape
+        tokens = (prefixes + self.catalog.on(prefixes.device).offsets[:length]).flatten(1)  # [B, K*l], beam-major
+        beam = torch.arange(beams, device=tokens.device).repeat_interleave(length)
+        depth = torch.arange(length, device=tokens.device).repeat(beams)
+        chains = (beam[:, None] == beam[None, :]) & (depth[:, None] >= depth[None, :])  # [K*l, K*l]
+        logits, extended = self.lm.extend(state, tokens, chains.unsqueeze(0))
+        steps = SharedPrompt(self.lm, DecodeState(extended.cache, state.mask, extended.next_position), size)
+        steps.seen = (beam[None, :] == torch.arange(beams, device=tokens.device)[:, None]).expand(size, -1, -1)
+        return logits.view(size, beams, length, -1)[:, :, -1].flatten(0, 1), steps
+
     @torch.no_grad()
     def decode(self, prompt) -> DecodeResult:
         catalog, k, levels, size = self.catalog, self.k, self.catalog.levels, len(prompt)
@@ -153,18 +169,10 @@ class Speculative(NtpDecoder):
         if len(fallback):
             start = int(accepted[fallback].min())  # first level to recompute
             base_scores, base_prefixes = kept[start - 1]
-            rows = fallback.repeat_interleave(k)
-            state = self.lm.select(self.lm.crop(state, prompt.history.shape[1]), rows)
-            fed = (base_prefixes[fallback] + catalog.on(rows.device).offsets[:start]).flatten(0, 1)
-            step_logits, state = self.lm.extend(state, fed)  # the kept prefixes, one call
+            state = self.lm.select(self.lm.crop(state, prompt.history.shape[1]), fallback)
+            step_logits, steps = self.refeed(state, base_prefixes[fallback])  # the kept prefixes, one call
             redo_prefixes, redo_scores = continue_beam(
-                catalog,
-                step_logits[:, -1],
-                CopiedCache(self.lm, state),
-                base_scores[fallback],
-                base_prefixes[fallback],
-                k,
-                self.constrained,
+                catalog, step_logits, steps, base_scores[fallback], base_prefixes[fallback], k, self.constrained
             )
             prefixes, scores = prefixes.clone(), scores.clone()
             prefixes[fallback], scores[fallback] = redo_prefixes, redo_scores
