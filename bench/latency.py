@@ -1,7 +1,8 @@
 """The latency harness: every decoder takes its turn on the same batches.
 
-Per batch, the decoders run one after another in an order that rotates with the batch
-index, so drift of a shared machine hits them alike. Each decoder's turn is timed
+Per batch, the decoders run one after another in an order that changes with the batch
+index (turn_orders, a Williams design), so drift of a shared machine, and what one
+decoder leaves behind for the next, hit them alike. Each decoder's turn is timed
 (CUDA events on a GPU, perf_counter on the CPU), its backbone calls are counted by a
 forward hook on the backbone, and right after it one bare backbone forward pass over
 the history alone is timed: the floor, the same definition for every decoder on a
@@ -39,7 +40,7 @@ class Measurement:
     backbone_calls: list[int] = field(default_factory=list)  # per batch
     draft_calls: list[int] = field(default_factory=list)  # per batch, separate draft model
     peak_memory_mb: float | None = None  # see the module docstring
-    order: list[str] = field(default_factory=list)  # position in the turn order of each batch
+    order: list[int] = field(default_factory=list)  # position in the turn order of each batch
 
 
 def summarize(values: list[float]) -> dict[str, float] | None:
