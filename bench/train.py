@@ -157,8 +157,8 @@ def cache_key(
     objective: str, settings: ModelSettings, data: RecData, seed: int, init_key: str = "", teacher_key: str = ""
 ) -> str:
     """Names the cached run: same catalogue, seed, objective, shaping settings, starting
-    model and teacher -> same folder. A dataset read from files whose name pins no
-    checksums (--data-dir) adds its files' sha256: the same items with other
+    model and teacher -> same folder. A dataset read from files under a name that pins
+    no sha256 (all but beauty) adds its files' sha256: the same items with other
     interactions must not find a model trained on the first ones."""
     shaping = {
         name: value

@@ -42,9 +42,13 @@ class SharedPrompt:
     ancestors and itself. Nothing of the prompt is copied or reordered; only which
     generated positions a beam sees follows its parent."""
 
-    def __init__(self, lm, state, size: int):
+    def __init__(self, lm, state, seen: torch.Tensor | None = None):
+        """seen [B, beams, generated]: which generated columns after the prompt each beam
+        sees (None: a search that starts at the prompt, one beam, nothing generated)."""
         self.lm, self.state = lm, state
-        self.seen = torch.zeros(size, 1, 0, dtype=torch.bool, device=state.mask.device)  # [B, beams, generated]
+        if seen is None:
+            seen = torch.zeros(state.mask.shape[0], 1, 0, dtype=torch.bool, device=state.mask.device)
+        self.seen = seen
 
     def step(self, parent: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         self.seen = self.seen.gather(1, parent.unsqueeze(-1).expand(-1, -1, self.seen.shape[-1]))
@@ -82,7 +86,7 @@ def beam_search(lm, catalog, history, mask, k: int, constrained: bool, trail: li
     where the backbone offers one (decoder-only), else on copies."""
     logits, state = lm.prefill(history, mask)  # [B, V]
     size = history.shape[0]
-    steps = SharedPrompt(lm, state, size) if hasattr(lm, "extend_beams") else CopiedCache(lm, state)
+    steps = SharedPrompt(lm, state) if hasattr(lm, "extend_beams") else CopiedCache(lm, state)
     scores = logits.new_zeros(size, 1)
     prefixes = torch.zeros(size, 1, 0, dtype=torch.long, device=logits.device)
     return continue_beam(catalog, logits, steps, scores, prefixes, k, constrained, trail)

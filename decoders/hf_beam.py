@@ -4,9 +4,10 @@ correctness and the comparator of the NEZHA paper.
 How it differs from `beam`: on a decoder-only backbone generate expands the prompt to
 B*K rows before the prefill, so the prompt is computed K times instead of once, and it
 reorders the whole KV cache every step; on an encoder-decoder it runs the encoder once
-per user and copies its states to the K beams, as `beam` does there. The level of each step and (with :constrained) the verifier are
-applied through a logits processor on the full-vocabulary log-probabilities, which is
-the scoring `beam` uses too, so both return the same top-K.
+per user and copies its states to the K beams, as `beam` does there. The level of each
+step and (with :constrained) the verifier are applied through a logits processor on
+the full-vocabulary log-probabilities, which is the scoring `beam` uses too, so both
+return the same top-K.
 """
 
 from __future__ import annotations

@@ -119,8 +119,8 @@ class Speculative(NtpDecoder):
         depth = torch.arange(length, device=tokens.device).repeat(beams)
         chains = (beam[:, None] == beam[None, :]) & (depth[:, None] >= depth[None, :])  # [K*l, K*l]
         logits, extended = self.lm.extend(state, tokens, chains.unsqueeze(0))
-        steps = SharedPrompt(self.lm, DecodeState(extended.cache, state.mask, extended.next_position), size)
-        steps.seen = (beam[None, :] == torch.arange(beams, device=tokens.device)[:, None]).expand(size, -1, -1)
+        own = (beam[None, :] == torch.arange(beams, device=tokens.device)[:, None]).expand(size, -1, -1)  # [B, K, K*l]
+        steps = SharedPrompt(self.lm, DecodeState(extended.cache, state.mask, extended.next_position), own)
         return logits.view(size, beams, length, -1)[:, :, -1].flatten(0, 1), steps
 
     @torch.no_grad()

@@ -210,9 +210,10 @@ class DecoderOnlyLM(nn.Module):
     ) -> tuple[torch.Tensor, DecodeState, torch.Tensor]:
         """One step of K beams on a cache the beams of a prompt share (beam.SharedPrompt).
 
-        state: the cache of B prompts [B, T] and the tokens generated so far, K columns per
-        step after them; tokens [B, K], one per beam; seen [B, K, S] which of the S
-        generated columns each beam descends from -> logits [B, K, V], the state, and
+        state: the cache of B prompts [B, T] and the S tokens generated so far after them
+        (K columns per step, or a refed tree of prefixes: speculative's fallback); tokens
+        [B, K], one per beam; seen [B, K, S] which of the S generated columns each beam
+        descends from -> logits [B, K, V], the state, and
         seen [B, K, S + K] (each beam also sees its new token)."""
         size, beams = tokens.shape
         seen = torch.cat([seen, torch.eye(beams, dtype=torch.bool, device=tokens.device).expand(size, -1, -1)], -1)

@@ -1,6 +1,7 @@
 """A SASRec-style item-embedding model: a causal transformer over item ids (GPT-2 config:
 learned positions, dropout, layer norm, as SASRec) whose last state is scored against
-every item embedding. Not generative: the non-generative reference row."""
+every item's embedding (its input embedding, or with item_scores=separate one of its own
+output table). Not generative: the non-generative reference row."""
 
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ def test_beams_share_the_prompt_cache_instead_of_copying_it(catalog, ntp):
 
     batch, k = random_batch(catalog, users=5, seed=1), 6
     logits, state = ntp.lm.prefill(batch.history, batch.mask)
-    steps = SharedPrompt(ntp.lm, state, 5)
+    steps = SharedPrompt(ntp.lm, state)
     prefixes = torch.zeros(5, 1, 0, dtype=torch.long)
     continue_beam(catalog, logits, steps, logits.new_zeros(5, 1), prefixes, k, constrained=False)
     keys = steps.state.cache.layers[0].keys  # [B, kv heads, T + K * (L - 1), head dim]

@@ -108,7 +108,7 @@ def test_every_decoder_gets_the_same_floor_and_nezha_like_ones_their_own_prompt_
     assert [x.shape[1] for x in own_inputs[:3]] == [3, 3, 5]
 
 
-def test_repeated_passes_time_every_batch_again_in_the_same_rotation_and_keep_one_result_per_batch():
+def test_repeated_passes_time_every_batch_again_in_the_same_turn_order_and_keep_one_result_per_batch():
     log = []
     decoders = {label: FakeDecoder(label, log, calls=1) for label in "ab"}
     measured = benchmark(decoders, prompts(3), torch.device("cpu"), warmup=0, progress=False, repeats=3)

@@ -37,6 +37,14 @@ class NegatedLM:
         return self.lm.select(state, rows)
 
 
+class NegatedAfterTheFirstLevel(NegatedLM):
+    """A draft that ranks the first level as the backbone does and the others the opposite
+    way: its first level is accepted, its second always misses."""
+
+    def prefill(self, ids, mask):
+        return self.lm.prefill(ids, mask)
+
+
 class AsModel:
     def __init__(self, lm):
         self.lm = lm
@@ -86,6 +94,15 @@ def test_every_draft_rejected_still_equals_beam(catalog, ntp):
         "backbone_beams_checked": 12.0,
     }
     assert calls == 1 + catalog.levels - 1  # verification, the refed prefixes, the remaining steps
+
+
+def test_a_miss_after_an_accepted_level_refeeds_the_longer_prefixes_and_still_equals_beam(catalog, ntp):
+    batch = random_batch(catalog, users=6, seed=4)
+    k = 2
+    result, calls = speculate(catalog, k, ntp, AsModel(NegatedAfterTheFirstLevel(ntp.lm)), batch)
+    assert_same(result, beam(catalog, k, ntp, batch))
+    assert result.stats["accepted_levels"] == 6.0 * 2 and result.stats["fallback_requests"] == 6.0
+    assert calls == 2  # verification, then the refed 2-code prefixes give the last level
 
 
 @pytest.mark.parametrize("seed", range(4))
