@@ -36,6 +36,8 @@ class Measurement:
     results: list[DecodeResult] = field(default_factory=list)
     latency_ms: list[float] = field(default_factory=list)  # per batch
     floor_ms: list[float] = field(default_factory=list)  # per batch, bare forward pass over the history
+    # every floor of the run on the same backbone, whichever decoder's turn it followed
+    run_floor_ms: list[float] = field(default_factory=list)
     prompt_floor_ms: list[float] = field(default_factory=list)  # per batch, the decoder's own one-pass prompt
     backbone_calls: list[int] = field(default_factory=list)  # per batch
     draft_calls: list[int] = field(default_factory=list)  # per batch, separate draft model
@@ -176,6 +178,11 @@ def benchmark(
                 own, own_ms = timed(partial(decoder.prompt_forward, batch), device)
                 if own:
                     record.prompt_floor_ms.append(own_ms)
+    for label in labels:  # a floor follows its decoder's turn; pooled, no decoder's after-effects weigh more
+        core = decoders[label].backbone_core
+        if core is not None:
+            same = [other for other in labels if decoders[other].backbone_core is core]
+            measured[label].run_floor_ms = [ms for other in same for ms in measured[other].floor_ms]
     return measured
 
 

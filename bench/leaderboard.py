@@ -130,6 +130,7 @@ def run_rows(records: list[dict]) -> list[dict]:
             "p99_ms": lat.get("p99"),
             "mean_ms": lat.get("mean"),
             "latency_over_floor": r.get("latency_over_prefill") if older else over_floor,
+            "latency_over_run_floor": r.get("latency_over_run_floor"),
             "older_floor": older,
             "backbone_calls_per_batch": r["backbone_calls_per_batch"],
             "draft_calls_per_batch": r.get("draft_calls_per_batch") or 0.0,  # older records: not counted

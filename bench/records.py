@@ -266,6 +266,7 @@ def build_record(
     found = ranks.nonzero().flatten()
     main = next((entry for entry in entries.values() if "params" in entry), None)
     latency, floor = summarize(measured.latency_ms), summarize(measured.floor_ms)
+    run_floor = summarize(measured.run_floor_ms)
     run = settings["run"]
     total_s = sum(measured.latency_ms) / 1000.0 / run.repeats  # one pass over the users
     k, users = run.k, len(targets)
@@ -313,6 +314,9 @@ def build_record(
         "latency_ms_per_user": total_s * 1000.0 / users,  # a smaller last batch counts right
         "floor_ms": floor,  # a bare backbone pass over the history alone, the same for every decoder
         "latency_over_floor": latency["p50"] / floor["p50"] if floor else None,
+        # the floors of every decoder's turn on this backbone: one denominator for all of them
+        "run_floor_ms": run_floor,
+        "latency_over_run_floor": latency["p50"] / run_floor["p50"] if run_floor else None,
         "prompt_floor_ms": summarize(measured.prompt_floor_ms),  # the decoder's own one-pass prompt (NEZHA)
         "throughput_users_per_s": users / total_s if total_s > 0 else None,
         "backbone_calls_per_batch": sum(measured.backbone_calls) / len(measured.backbone_calls),

@@ -52,6 +52,9 @@ def test_run_writes_one_record_per_decoder(first_run):
     by_name = {r["decoder"]: r for r in records}
     assert by_name["nezha"]["backbone_calls_per_batch"] == 1
     assert by_name["beam"]["backbone_calls_per_batch"] == 3  # one per SID level
+    # beam and greedy decode with the same NTP model: one run floor, pooled over both turns
+    assert by_name["beam"]["run_floor_ms"] == by_name["greedy"]["run_floor_ms"]
+    assert by_name["nezha"]["run_floor_ms"] != by_name["beam"]["run_floor_ms"]  # another model
     assert by_name["greedy"]["candidates_per_user"] == 1
     assert by_name["nezha"]["invalid_rate"] == 0
     assert by_name["beam"]["backbone"]["params"] > 0

@@ -108,6 +108,18 @@ def test_every_decoder_gets_the_same_floor_and_nezha_like_ones_their_own_prompt_
     assert [x.shape[1] for x in own_inputs[:3]] == [3, 3, 5]
 
 
+def test_the_run_floor_pools_the_floors_of_every_turn_on_the_same_backbone():
+    shared = FakeLM()
+    first, second, alone = (FakeDecoder(label, [], calls=1) for label in ("first", "second", "alone"))
+    first.lm = second.lm = shared
+    measured = benchmark(
+        {"first": first, "second": second, "alone": alone}, prompts(3), torch.device("cpu"), warmup=0, progress=False
+    )
+    pooled = measured["first"].floor_ms + measured["second"].floor_ms
+    assert len(pooled) == 6 and measured["first"].run_floor_ms == measured["second"].run_floor_ms == pooled
+    assert measured["alone"].run_floor_ms == measured["alone"].floor_ms
+
+
 def test_repeated_passes_time_every_batch_again_in_the_same_turn_order_and_keep_one_result_per_batch():
     log = []
     decoders = {label: FakeDecoder(label, log, calls=1) for label in "ab"}
