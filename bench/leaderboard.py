@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bench.errors import BenchError
 from bench.metrics import Bootstrap, per_user, ranks_from_hits
-from bench.records import cell, command_line, read_records, save_figure_atomically, write_atomically
+from bench.records import calls_text, cell, command_line, read_records, save_figure_atomically, write_atomically
 
 # the fields a table row reads
 REQUIRED = (
@@ -162,7 +162,7 @@ def run_table(run: tuple, rows: list[dict]) -> str:
             f"{row['invalid_rate']:.3f} | {latency_cell(row)} | "
             f"{cell(row['p99_ms'], '.1f')} | {floor} | {cell(row['speedup_vs_beam'], '.2f')} | "
             f"{cell(row['speedup_vs_hf_beam'], '.2f')} | "
-            f"{calls_cell(row)} | {row['commit']} |"
+            f"{calls_text(row['backbone_calls_per_batch'], row['draft_calls_per_batch'])} | {row['commit']} |"
         )
     if any(row.get("recall@10_low") is not None for row in rows):
         out.append(
@@ -182,12 +182,6 @@ def run_table(run: tuple, rows: list[dict]) -> str:
         )
     out.append(f"\nCommand: `{command}`\n")
     return "\n".join(out)
-
-
-def calls_cell(row: dict) -> str:
-    """Backbone calls per batch, and the separate draft model's beside them (speculative)."""
-    draft = row["draft_calls_per_batch"]
-    return f"{row['backbone_calls_per_batch']:.1f}" + (f" + {draft:.1f} draft" if draft else "")
 
 
 def latency_cell(row: dict) -> str:

@@ -112,6 +112,11 @@ def cell(value, spec: str) -> str:
     return format(value, spec) if value is not None else "-"
 
 
+def calls_text(backbone: float, draft: float | None) -> str:
+    """Backbone calls per batch, and a separate draft model's beside them (speculative)."""
+    return f"{backbone:.1f}" + (f" + {draft:.1f} draft" if draft else "")
+
+
 def check_writable(path: Path) -> None:
     """Refuse, before any work, a results file that could not be written: records are
     written only when a run has finished. Creates nothing."""

@@ -14,7 +14,7 @@ from bench.data import RecData, eval_examples
 from bench.data.batches import eval_batches, pad_rows
 from bench.errors import BenchError
 from bench.latency import benchmark
-from bench.records import build_record, cell, git_sha, write_atomically
+from bench.records import build_record, calls_text, cell, git_sha, write_atomically
 from bench.settings import DataSettings, ModelSettings, RunSettings, comma_list
 from bench.train import resolve_models
 from decoders import REGISTRY, plan, with_constraint
@@ -147,17 +147,19 @@ def write_profiles(decoders: dict, prompt, folder: Path) -> None:
 
 
 def format_table(records: list[dict]) -> str:
+    calls = [calls_text(r["backbone_calls_per_batch"], r.get("draft_calls_per_batch")) for r in records]
+    width = max([5] + [len(text) for text in calls])
     head = (
         f"{'decoder':<26} {'R@10':>6} {'N@10':>6} {'R@20':>6} {'invalid':>7} {'p50 ms':>8} {'mean ms':>8} "
-        f"{'x floor':>9} {'calls':>5} {'users/s':>8}"
+        f"{'x floor':>9} {'calls':>{width}} {'users/s':>8}"
     )
     lines = [head, "-" * len(head)]
-    for r in records:
+    for r, call_text in zip(records, calls):
         lat = r["latency_ms"] or {}
         lines.append(
             f"{r['decoder']:<26} {cell(r['metrics']['recall@10'], '6.4f')} {cell(r['metrics']['ndcg@10'], '6.4f')} "
             f"{cell(r['metrics']['recall@20'], '6.4f')} {r['invalid_rate']:7.3f} {cell(lat.get('p50'), '8.1f')} "
             f"{cell(lat.get('mean'), '8.1f')} {cell(r['latency_over_floor'], '9.2f')} "
-            f"{r['backbone_calls_per_batch']:5.1f} {cell(r['throughput_users_per_s'], '8.0f')}"
+            f"{call_text:>{width}} {cell(r['throughput_users_per_s'], '8.0f')}"
         )
     return "\n".join(lines)

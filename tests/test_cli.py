@@ -481,3 +481,15 @@ def test_the_same_seed_on_the_same_machine_gives_identical_metrics(cli, tmp_path
         assert len(first["hits"]["users"]) > 5  # enough users found that a different ranking would show
         assert first["metrics"] == second["metrics"] and first["hits"] == second["hits"]
         assert first["invalid_rate"] == second["invalid_rate"]
+
+
+def test_the_run_table_shows_draft_calls_beside_backbone_calls_in_aligned_columns():
+    from bench.run import format_table
+
+    beam = result_record("beam", 50.0, throughput_users_per_s=640.0)
+    speculative = result_record(
+        "speculative", 40.0, backbone_calls_per_batch=1.0, draft_calls_per_batch=4.0, throughput_users_per_s=800.0
+    )
+    head, rule, *rows = format_table([beam, speculative]).splitlines()
+    assert rows[0].split()[-2:] == ["4.0", "640"] and rows[1].endswith("1.0 + 4.0 draft      800")
+    assert len(head) == len(rule) == len(rows[0]) == len(rows[1])
