@@ -147,19 +147,28 @@ def write_profiles(decoders: dict, prompt, folder: Path) -> None:
 
 
 def format_table(records: list[dict]) -> str:
-    calls = [calls_text(r["backbone_calls_per_batch"], r.get("draft_calls_per_batch")) for r in records]
-    width = max([5] + [len(text) for text in calls])
-    head = (
-        f"{'decoder':<26} {'R@10':>6} {'N@10':>6} {'R@20':>6} {'invalid':>7} {'p50 ms':>8} {'mean ms':>8} "
-        f"{'x floor':>9} {'calls':>{width}} {'users/s':>8}"
-    )
-    lines = [head, "-" * len(head)]
-    for r, call_text in zip(records, calls):
+    """The terminal table of a run, one row per record, columns aligned ('-' where a
+    record has no value, e.g. R@20 above K)."""
+    rows = []
+    for r in records:
         lat = r["latency_ms"] or {}
-        lines.append(
-            f"{r['decoder']:<26} {cell(r['metrics']['recall@10'], '6.4f')} {cell(r['metrics']['ndcg@10'], '6.4f')} "
-            f"{cell(r['metrics']['recall@20'], '6.4f')} {r['invalid_rate']:7.3f} {cell(lat.get('p50'), '8.1f')} "
-            f"{cell(lat.get('mean'), '8.1f')} {cell(r['latency_over_floor'], '9.2f')} "
-            f"{call_text:>{width}} {cell(r['throughput_users_per_s'], '8.0f')}"
+        rows.append(
+            [
+                cell(r["metrics"]["recall@10"], ".4f"),
+                cell(r["metrics"]["ndcg@10"], ".4f"),
+                cell(r["metrics"]["recall@20"], ".4f"),
+                f"{r['invalid_rate']:.3f}",
+                cell(lat.get("p50"), ".1f"),
+                cell(lat.get("mean"), ".1f"),
+                cell(r["latency_over_floor"], ".2f"),
+                calls_text(r["backbone_calls_per_batch"], r.get("draft_calls_per_batch")),
+                cell(r["throughput_users_per_s"], ".0f"),
+            ]
         )
+    names = ["R@10", "N@10", "R@20", "invalid", "p50 ms", "mean ms", "x floor", "calls", "users/s"]
+    widths = [max([len(name) + 1] + [len(row[i]) for row in rows]) for i, name in enumerate(names)]
+    head = f"{'decoder':<26} " + " ".join(f"{name:>{w}}" for name, w in zip(names, widths))
+    lines = [head, "-" * len(head)]
+    for r, row in zip(records, rows):
+        lines.append(f"{r['decoder']:<26} " + " ".join(f"{value:>{w}}" for value, w in zip(row, widths)))
     return "\n".join(lines)
