@@ -162,7 +162,7 @@ def run_table(run: tuple, rows: list[dict]) -> str:
             f"{row['invalid_rate']:.3f} | {latency_cell(row)} | "
             f"{cell(row['p99_ms'], '.1f')} | {floor} | {cell(row['speedup_vs_beam'], '.2f')} | "
             f"{cell(row['speedup_vs_hf_beam'], '.2f')} | "
-            f"{calls_text(row['backbone_calls_per_batch'], row['draft_calls_per_batch'])} | {row['commit']} |"
+            f"{calls_text(row)} | {row['commit']} |"
         )
     if any(row.get("recall@10_low") is not None for row in rows):
         out.append(

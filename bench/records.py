@@ -112,9 +112,11 @@ def cell(value, spec: str) -> str:
     return format(value, spec) if value is not None else "-"
 
 
-def calls_text(backbone: float, draft: float | None) -> str:
-    """Backbone calls per batch, and a separate draft model's beside them (speculative)."""
-    return f"{backbone:.1f}" + (f" + {draft:.1f} draft" if draft else "")
+def calls_text(record: dict) -> str:
+    """Backbone calls per batch of a record (or a table row), and a separate draft
+    model's beside them (speculative; older records did not count them)."""
+    draft = record.get("draft_calls_per_batch")
+    return f"{record['backbone_calls_per_batch']:.1f}" + (f" + {draft:.1f} draft" if draft else "")
 
 
 def check_writable(path: Path) -> None:

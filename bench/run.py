@@ -161,7 +161,7 @@ def format_table(records: list[dict]) -> str:
                 cell(lat.get("p50"), ".1f"),
                 cell(lat.get("mean"), ".1f"),
                 cell(r["latency_over_floor"], ".2f"),
-                calls_text(r["backbone_calls_per_batch"], r.get("draft_calls_per_batch")),
+                calls_text(r),
                 cell(r["throughput_users_per_s"], ".0f"),
             ]
         )
