@@ -167,8 +167,9 @@ def format_table(records: list[dict]) -> str:
         )
     names = ["R@10", "N@10", "R@20", "invalid", "p50 ms", "mean ms", "x floor", "calls", "users/s"]
     widths = [max([len(name) + 1] + [len(row[i]) for row in rows]) for i, name in enumerate(names)]
-    head = f"{'decoder':<26} " + " ".join(f"{name:>{w}}" for name, w in zip(names, widths))
+    first = max([26] + [len(r["decoder"]) for r in records])
+    head = f"{'decoder':<{first}} " + " ".join(f"{name:>{w}}" for name, w in zip(names, widths))
     lines = [head, "-" * len(head)]
     for r, row in zip(records, rows):
-        lines.append(f"{r['decoder']:<26} " + " ".join(f"{value:>{w}}" for value, w in zip(row, widths)))
+        lines.append(f"{r['decoder']:<{first}} " + " ".join(f"{value:>{w}}" for value, w in zip(row, widths)))
     return "\n".join(lines)

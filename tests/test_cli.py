@@ -488,7 +488,11 @@ def test_the_run_table_shows_draft_calls_beside_backbone_calls_in_aligned_column
 
     beam = result_record("beam", 50.0, throughput_users_per_s=640.0)
     speculative = result_record(
-        "speculative", 40.0, backbone_calls_per_batch=1.0, draft_calls_per_batch=4.0, throughput_users_per_s=800.0
+        "speculative:accept=relaxed:draft=aligned",  # longer than the decoder column's 26
+        40.0,
+        backbone_calls_per_batch=1.0,
+        draft_calls_per_batch=4.0,
+        throughput_users_per_s=800.0,
     )
     head, rule, *rows = format_table([beam, speculative]).splitlines()
     assert rows[0].split()[-2:] == ["4.0", "640"] and rows[1].endswith("1.0 + 4.0 draft      800")
