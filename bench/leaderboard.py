@@ -133,7 +133,7 @@ def run_rows(records: list[dict]) -> list[dict]:
             "latency_over_run_floor": r.get("latency_over_run_floor"),
             "older_floor": older,
             "backbone_calls_per_batch": r["backbone_calls_per_batch"],
-            "draft_calls_per_batch": r.get("draft_calls_per_batch") or 0.0,  # older records: not counted
+            "draft_calls_per_batch": r.get("draft_calls_per_batch"),  # None in older records: not counted
             "commit": r["git_sha"][:10],
         }
         for name, ref in (("beam", beam), ("hf_beam", hf_beam)):
