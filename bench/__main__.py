@@ -50,14 +50,14 @@ def cmd_data(settings) -> None:
 
 def cmd_train(settings) -> None:
     from bench.train import cache_key, cached_checkpoint, check_precision, runs_dir, train_model
-    from decoders.full_rank import item_model_settings
+    from decoders.base import item_model_settings
     from models.module import check_pairing, load_checkpoint
 
     job = settings["train"]
     model_settings = settings["model"].for_objective(job.objective)
     if job.objective == "next_item" and "backbone" not in settings["fixed"]:
         model_settings = item_model_settings(model_settings)  # full_rank's model, in the same cache entry
-    check_pairing(job.objective, model_settings.backbone, model_settings.history_loss)
+    check_pairing(job.objective, model_settings.backbone, model_settings.history_loss, model_settings.item_teacher)
     check_precision(model_settings)
     if job.resume and not Path(job.resume).is_file():
         raise BenchError(f"--resume {job.resume}: no such checkpoint")
@@ -86,7 +86,15 @@ def cmd_train(settings) -> None:
         request = nezha.requests(nezha.Options(), settings["model"])["nezha"].init_from
         [start] = resolve_models([{"ntp": request}], data, settings["data"], [])
         init, init_key = start["ntp"].model, start["ntp"].key
-    key = cache_key(job.objective, model_settings, data, settings["data"].seed, init_key)
+    teacher, teacher_key = None, ""
+    if job.objective == "ntp" and model_settings.item_teacher > 0:  # the item model, from the runs cache
+        from bench.train import resolve_models
+        from decoders.base import ModelRequest
+
+        request = ModelRequest("ntp", settings["model"]).teacher
+        [resolved] = resolve_models([{"next_item": request}], data, settings["data"], [])
+        teacher, teacher_key = resolved["next_item"].model, resolved["next_item"].key
+    key = cache_key(job.objective, model_settings, data, settings["data"].seed, init_key, teacher_key)
     run_dir = Path(job.run_dir) if job.run_dir else runs_dir() / data.name / key
     cached = None if job.resume else cached_checkpoint(run_dir)
     if cached:
@@ -100,6 +108,7 @@ def cmd_train(settings) -> None:
         run_dir,
         resume=job.resume,
         init_from=init,
+        teacher=teacher,
         devices=job.devices,
         strategy=job.strategy,
         num_nodes=job.num_nodes,

@@ -125,6 +125,14 @@ class ModelSettings:
         "NEZHA's backbone starts from random weights, or from the trained NTP model of the same settings "
         "(trained first when not cached; its training time is part of the NEZHA model's, in the record)",
     )
+    item_teacher: float = setting(
+        0.0,
+        "NTP models trained on the data (backbone, data draft), decoder-only: weight of soft targets from the "
+        "trained item model (--item-backbone: its distribution over the next item, summed per code over the "
+        "items sharing the target's earlier codes) against the one-hot targets (0: off)",
+        low=0.0,
+        high=1.0,
+    )
     medusa_mode: Literal["frozen", "joint"] = setting(
         "frozen", "Medusa heads on a frozen backbone (Medusa-1) or trained with it (Medusa-2)"
     )

@@ -150,6 +150,7 @@ KEYLESS_WHEN = {
     "nezha_init": "scratch",
     "encoder": "bidirectional",
     "item_scores": "tied",
+    "item_teacher": 0.0,
 }
 
 
@@ -249,8 +250,9 @@ def train_model(
     """Train and return the path of the best checkpoint (by val/recall@10), on every rank.
 
     init_from: a trained NTP model whose backbone weights the new model starts from
-    (Medusa heads are trained on top of the NTP backbone); teacher: a trained NTP model
-    the new one is distilled from (an aligned draft); callbacks: more Lightning
+    (Medusa heads are trained on top of the NTP backbone); teacher: a trained model the
+    new one is distilled from (an NTP model for an aligned draft, the item model for an
+    NTP model with item_teacher > 0); callbacks: more Lightning
     callbacks (a search's pruning callback).
 
     devices, strategy, num_nodes go to Lightning's Trainer as they are: devices x
@@ -270,6 +272,8 @@ def train_model(
         model.started_from = {"objective": init_from.objective, **(init_from.training_record or {})}
     if teacher is not None:
         model.distil_from(teacher)
+    elif objective == "ntp" and settings.item_teacher > 0:
+        raise BenchError(f"item_teacher={settings.item_teacher} needs the item model as the teacher; none was given")
     per_target = model.lm.kind == ENCODER_DECODER and settings.encoder == "bidirectional"
     windows = train_windows(data, settings.max_history, per_target=per_target)
     train_loader = DataLoader(
@@ -425,12 +429,18 @@ def resolve_models(
                 built[key] = ResolvedModel(model, "random weights (--untrained)", key)
             else:
                 model = ensure_model(data, request, data_settings, key, progress, init.model if init else None, teacher)
-                how = f"aligned to {teacher.key}" if teacher else "trained"
+                how = distilled(teacher) if teacher else "trained"
                 source = f"{how} by bench ({request.settings.backbone}, runs cache {key})"
                 built[key] = ResolvedModel(model, source, key)
         return built[key]
 
     return [{role: provide(role, request) for role, request in per_decoder.items()} for per_decoder in requests]
+
+
+def distilled(teacher: ResolvedModel) -> str:
+    """How a model with a teacher was trained, for messages and records' sources."""
+    how = "with soft targets from" if teacher.model.objective == "next_item" else "aligned to"
+    return f"{how} {teacher.key}"
 
 
 def ensure_model(
@@ -446,7 +456,7 @@ def ensure_model(
     run_dir = runs_dir() / data.name / key
     best = cached_checkpoint(run_dir)
     if best is None:
-        what = f"{request.objective} model" + (f" aligned to {teacher.key}" if teacher else "")
+        what = f"{request.objective} model" + (f" {distilled(teacher)}" if teacher else "")
         print(f"training a {what} ({request.settings.backbone}) on {data.name}; cached in {run_dir}")
         best = train_model(
             data,

@@ -311,6 +311,11 @@ def tune(settings: dict, fixed: set[str] = frozenset()) -> None:
             "bench tune trains every NEZHA trial from random weights (a warm start would need an NTP model per "
             "sampled setting); pass --nezha-init scratch"
         )
+    if tune_settings.objective == "ntp" and settings["model"].for_objective("ntp").item_teacher > 0:
+        raise BenchError(
+            "bench tune trains every NTP trial on the data alone (a teacher would need an item model per sampled "
+            "setting); pass --item-teacher 0, and train the chosen settings with a teacher by bench train"
+        )
     study_name = tune_settings.study or f"{tune_settings.objective}-{data_settings.dataset}"
     out = Path(tune_settings.out or runs_dir() / "tune" / study_name)
     storage_url = tune_settings.storage or str(runs_dir() / "tune" / study_name / "journal.log")

@@ -35,9 +35,13 @@ def plan(spec: str, settings) -> tuple[str, object, dict[str, ModelRequest]]:
                 f"{' or '.join(cls.backbone_kinds)} backbone; "
                 f"{cls.kind_reason or 'it decodes SID tokens with a generative backbone'}"
             )
-    for request in requests.values():  # settings a backbone cannot be trained with
+    pending = list(requests.values())  # settings a backbone cannot be trained with, the models they start from
+    while pending:
+        request = pending.pop()
         if request.objective in OBJECTIVES:
-            check_pairing(request.objective, request.settings.backbone, request.settings.history_loss)
+            settings = request.settings
+            check_pairing(request.objective, settings.backbone, settings.history_loss, settings.item_teacher)
+        pending += [start for start in (request.init_from, request.teacher) if start is not None]
     return name, options, requests
 
 

@@ -10,7 +10,7 @@ on `backbone_core`, never declared by the decoder.
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 
 from bench.errors import BenchError
 from bench.settings import ModelSettings, check_value, from_text, setting, unwrap_optional
+from models.backbones import ITEM, backbone_kind
 
 if TYPE_CHECKING:
     from bench.data.batches import Prompt
@@ -37,7 +38,8 @@ class DecodeResult:
 class ModelRequest:
     """A model a decoder needs: the objective it is trained with, the settings that shape
     it, the model it starts from (Medusa heads sit on a trained NTP backbone) and the
-    model it is distilled from (an aligned draft learns its backbone's top-K)."""
+    model it is distilled from (an aligned draft learns its backbone's top-K; an NTP model
+    with item_teacher > 0 the item model's distribution over the next item)."""
 
     objective: str
     settings: ModelSettings
@@ -45,7 +47,23 @@ class ModelRequest:
     teacher: ModelRequest | None = None
 
     def __post_init__(self):
-        self.settings = self.settings.for_objective(self.objective)  # a preset's per-objective settings
+        own = self.settings.for_objective(self.objective)  # a preset's per-objective settings
+        if self.objective == "ntp" and own.item_teacher > 0:
+            if self.teacher is None:  # an NTP model trained on the data learns from the item model too
+                self.teacher = ModelRequest("next_item", item_model_settings(self.settings))
+            else:  # an aligned draft learns from its backbone alone
+                own = replace(own, item_teacher=0.0)
+        self.settings = own
+
+
+def item_model_settings(settings):
+    """The item model's settings: --backbone when it is one, else --item-backbone (with
+    that preset's size: width, layers, heads and the encoder shape the SID backbone)."""
+    if backbone_kind(settings.backbone) == ITEM:
+        return settings
+    return replace(
+        settings, backbone=settings.item_backbone, width=None, layers=None, heads=None, encoder="bidirectional"
+    )
 
 
 @dataclass

@@ -4,24 +4,12 @@ retrieval; reported beside the generative decoders in quality and latency."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
-from decoders.base import Decoder, DecodeResult, ModelRequest, register
-from models.backbones import ITEM, backbone_kind
+from decoders.base import Decoder, DecodeResult, ModelRequest, item_model_settings, register
+from models.backbones import ITEM
 
 SCORES_PER_BLOCK = 2**24  # scores held at once per batch (64 MiB in fp32)
-
-
-def item_model_settings(settings):
-    """The item model's settings: --backbone when it is one, else --item-backbone (with
-    that preset's size: width, layers, heads and the encoder shape the SID backbone)."""
-    if backbone_kind(settings.backbone) == ITEM:
-        return settings
-    return replace(
-        settings, backbone=settings.item_backbone, width=None, layers=None, heads=None, encoder="bidirectional"
-    )
 
 
 @register

@@ -58,7 +58,7 @@ class SidRecommender(L.LightningModule):
         self.objective = objective
         self.settings = from_dict(ModelSettings, settings, "model settings")
         self.data_settings = from_dict(DataSettings, data, "data settings")
-        check_pairing(objective, self.settings.backbone, self.settings.history_loss)
+        check_pairing(objective, self.settings.backbone, self.settings.history_loss, self.settings.item_teacher)
         levels = len(codebook_sizes)
         vocab_size = 1 + sum(codebook_sizes) + levels
         max_history = self.settings.max_history
@@ -90,6 +90,8 @@ class SidRecommender(L.LightningModule):
         self.training_record: dict | None = None
         # the training record of the model whose weights this one started from (init_from)
         self.started_from: dict | None = None
+        # the training record of the model it learned from (distil_from): its time is part of this one's
+        self.taught_by: dict | None = None
 
     @classmethod
     def for_catalog(
@@ -118,17 +120,37 @@ class SidRecommender(L.LightningModule):
         self.compiled = True
 
     teacher: SidRecommender | None = None
+    item_teacher_targets: objectives.ItemTeacherTargets | None = None  # with an item model as the teacher
 
     def distil_from(self, teacher: SidRecommender) -> None:
-        """Train as a draft aligned to `teacher` (a trained NTP model of the same catalogue)."""
-        if self.objective != "ntp" or teacher.objective != "ntp" or self.lm.kind != DECODER_ONLY:
-            raise BenchError("an aligned draft is a decoder-only NTP model distilled from an NTP model")
+        """Train as a draft aligned to `teacher` (a trained NTP model of the same catalogue),
+        or (item_teacher > 0) on soft targets from `teacher`, a trained item model."""
+        if self.objective != "ntp" or self.lm.kind != DECODER_ONLY or teacher.objective not in ("ntp", "next_item"):
+            raise BenchError(
+                "only a decoder-only NTP model is distilled: from an NTP model (an aligned draft) or from the "
+                "item model (--item-teacher)"
+            )
+        if (teacher.objective == "next_item") != (self.settings.item_teacher > 0):
+            raise BenchError(
+                f"item_teacher={self.settings.item_teacher} does not go with a {teacher.objective} teacher: the "
+                "item model (next_item) teaches when item_teacher > 0, an NTP model (an aligned draft) when it is 0"
+            )
+        if teacher.settings.max_history < self.settings.max_history:
+            raise BenchError(
+                f"the teacher reads histories of up to {teacher.settings.max_history} items, this model "
+                f"{self.settings.max_history}; give it a teacher trained with --max-history {self.settings.max_history}"
+            )
         object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))  # not a submodule: not saved
+        self.taught_by = {"objective": teacher.objective, **(teacher.training_record or {})}
         self.teacher_cache: dict[tuple, tuple] = {}  # history -> the teacher's tree and targets (objectives)
+        if teacher.objective == "next_item":
+            self.item_teacher_targets = objectives.ItemTeacherTargets(self.catalog)
 
     def on_fit_start(self):
         if self.teacher is not None:
             self.teacher.to(self.device)
+        if self.item_teacher_targets is not None:
+            self.item_teacher_targets.to(self.device)
 
     def collate(self, windows: list[dict]) -> dict:
         return objectives.collate(
@@ -137,8 +159,9 @@ class SidRecommender(L.LightningModule):
             self.catalog,
             self.lm.kind,
             self.settings.placeholders,
-            aligned=self.teacher is not None,
+            aligned=self.teacher is not None and self.teacher.objective == "ntp",
             causal_encoder=self.settings.encoder == "causal",
+            item_ids=self.teacher is not None and self.teacher.objective == "next_item",
         )
 
     def training_step(self, batch, batch_idx):
@@ -152,7 +175,8 @@ class SidRecommender(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Every checkpoint says how long its weights took to train: the epochs completed
         and the wall seconds (validation included), on which machine, and the training
-        record of the model it started from (whose time is part of its own)."""
+        records of the model it started from and of the model it learned from (whose
+        times are part of its own)."""
         from bench.records import device_name
 
         checkpoint["training"] = {
@@ -160,11 +184,13 @@ class SidRecommender(L.LightningModule):
             "seconds": round(time.perf_counter() - self._fit_clock, 1),
             "device": device_name(self.device),
             **({"started_from": self.started_from} if self.started_from else {}),
+            **({"taught_by": self.taught_by} if self.taught_by else {}),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.training_record = dict(checkpoint.get("training") or {})
         self.started_from = self.training_record.get("started_from", self.started_from)
+        self.taught_by = self.training_record.get("taught_by", self.taught_by)
 
     def validation_step(self, batch, batch_idx):
         if self._val_decoder is None:
@@ -206,7 +232,7 @@ def lr_factor(step: int, warmup: int, total: int, cosine: bool) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
 
 
-def check_pairing(objective: str, backbone: str, history_loss: float = 0.0) -> None:
+def check_pairing(objective: str, backbone: str, history_loss: float = 0.0, item_teacher: float = 0.0) -> None:
     """Which objectives a backbone can be trained with, as one clear error."""
     kind = backbone_kind(backbone)
     if (objective == "next_item") != (kind == ITEM):
@@ -220,6 +246,11 @@ def check_pairing(objective: str, backbone: str, history_loss: float = 0.0) -> N
         raise BenchError(
             f"--history-loss trains the history tokens of NEZHA's one-pass layout, which only a decoder-only "
             f"backbone has; {backbone} is {kind}"
+        )
+    if objective == "ntp" and item_teacher and kind != DECODER_ONLY:
+        raise BenchError(
+            f"--item-teacher trains on the NTP layout of a decoder-only backbone (one causal pass over a window); "
+            f"{backbone} is {kind}"
         )
     if objective == "medusa" and kind != DECODER_ONLY:
         raise BenchError(

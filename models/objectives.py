@@ -3,6 +3,9 @@ and the loss on it.
 
 ntp:   the SID tokens of the window's items in one causal sequence; cross-entropy on
        every token of every item after the first (all training prefixes in one pass).
+       With item_teacher = W > 0 each token's target mixes the true code (1 - W) with
+       the frozen item model's distribution over the next item, summed per code under
+       the target's true prefix (W): see ItemTeacherTargets.
 medusa: the ntp layout; at the last token of every item but the last, Medusa head j is
        trained to guess level j+1 of the next item (cross-entropy per head). Medusa-1
        freezes the backbone (loss = heads only); Medusa-2 trains both (heads + ntp).
@@ -59,6 +62,7 @@ TEACHER_CACHE_BYTES = 8 * 2**30  # the teacher's trees and targets kept between 
 # the model settings only one objective reads; every other model setting shapes every model,
 # except those that pick another model's backbone
 OWN_SETTINGS = {
+    "ntp": ("item_teacher",),
     "nezha": ("transition", "placeholders", "history_loss", "nezha_init"),
     "medusa": ("medusa_mode",),
     "next_item": ("item_scores",),
@@ -136,11 +140,16 @@ def collate_packed_seq2seq(windows: list[list[int]], catalog: Catalog, objective
     return batch
 
 
-def collate_ntp(windows: list[list[int]], catalog: Catalog) -> dict:
+def collate_ntp(windows: list[list[int]], catalog: Catalog, item_ids: bool = False) -> dict:
+    """item_ids: the window's items too, as the item model reads them (an item teacher)."""
     input_ids, attention_mask = pad_rows([catalog.item_tokens(torch.tensor(items)).flatten() for items in windows])
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE)
     labels[:, : catalog.levels] = IGNORE  # the first item is context only
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if item_ids:
+        items = collate_next_item(windows)  # [B, w] item index + 1 (0 = PAD), right-padded as input_ids
+        batch.update(items=items["items"], items_mask=items["mask"])
+    return batch
 
 
 def ntp_loss(model, batch: dict) -> torch.Tensor:
@@ -148,7 +157,84 @@ def ntp_loss(model, batch: dict) -> torch.Tensor:
         logits = model.lm.logits(batch["history"], batch["mask"], batch["decoder"], batch.get("layout"))  # [B, m, V]
         return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
     logits = model.lm.logits(batch["input_ids"], batch["attention_mask"])  # [B, T, V]
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
+    hard = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
+    if "items" not in batch:
+        return hard
+    weight = model.settings.item_teacher
+    return (1 - weight) * hard + weight * item_teacher_loss(model, logits, batch)
+
+
+class ItemTeacherTargets:
+    """Soft targets for NTP training from an item model: its distribution over the next
+    item, summed per code of each SID level over the items that share the target's codes
+    of the earlier levels (teacher-forced on the true prefix, as the NTP model is). The
+    items are sorted by SID, the first level most significant, so the items under any
+    prefix are one run of that order."""
+
+    def __init__(self, catalog: Catalog):
+        sids = catalog.sids.long()  # [N, L]
+        key = torch.zeros(len(sids), dtype=torch.long)
+        prefix_keys = []  # per prefix length l = 1 .. L: [N] the item's first l codes as one integer
+        for level, size in enumerate(catalog.codebook_sizes):
+            key = key * size + sids[:, level]
+            prefix_keys.append(key)
+        self.order = torch.argsort(key)  # [N]: sorted place -> item
+        self.sorted_sids = sids[self.order]  # [N, L]
+        # per level l >= 1: where the run of the items sharing an item's first l codes starts and ends
+        self.run_start, self.run_end, self.run_width = [], [], []
+        for prefix in prefix_keys[:-1]:
+            ordered = prefix[self.order]
+            self.run_start.append(torch.searchsorted(ordered, prefix))  # [N], by item
+            self.run_end.append(torch.searchsorted(ordered, prefix, right=True))
+            self.run_width.append(int((self.run_end[-1] - self.run_start[-1]).max()))
+        self.codebook_sizes = catalog.codebook_sizes
+
+    def to(self, device) -> ItemTeacherTargets:
+        for name in ("order", "sorted_sids"):
+            setattr(self, name, getattr(self, name).to(device))
+        self.run_start = [t.to(device) for t in self.run_start]
+        self.run_end = [t.to(device) for t in self.run_end]
+        return self
+
+    def __call__(self, log_probs: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+        """log_probs [P, N] the teacher's over all items, targets [P] the true next items ->
+        per level l (from 0) the distribution over its codes given the target's codes of
+        levels 0 .. l-1 [P, C_l]."""
+        ranked = log_probs[:, self.order]  # [P, N] in SID order
+        first = torch.zeros(len(targets), self.codebook_sizes[0], device=ranked.device)
+        out = [first.index_add_(1, self.sorted_sids[:, 0], ranked.exp())]
+        for level in range(1, len(self.codebook_sizes)):
+            start, end = self.run_start[level - 1][targets], self.run_end[level - 1][targets]  # [P]
+            places = start[:, None] + torch.arange(self.run_width[level - 1], device=ranked.device)  # [P, R]
+            inside = places < end[:, None]
+            places = places.clamp(max=ranked.shape[1] - 1)
+            scores = ranked.gather(1, places).masked_fill(~inside, float("-inf"))  # the target is inside: finite max
+            mass = (scores - scores.max(-1, keepdim=True).values).exp()
+            codes = self.sorted_sids[places, level]  # [P, R]
+            summed = torch.zeros(len(targets), self.codebook_sizes[level], device=ranked.device)
+            out.append(summed.scatter_add_(1, codes, mass))
+        return [q / q.sum(-1, keepdim=True) for q in out]
+
+
+def item_teacher_loss(model, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Cross-entropy of the NTP model's code distributions against the item teacher's
+    soft targets, averaged over the same tokens as the one-hot loss. logits [B, T, V] of
+    the ntp layout (w items of L tokens, right-padded)."""
+    catalog, levels = model.catalog, model.catalog.levels
+    items, mask = batch["items"], batch["items_mask"]  # [B, w] (index + 1, 0 = PAD)
+    with torch.no_grad():
+        scores = model.teacher.lm.item_scores(items, mask)[:, :-1]  # [B, w-1, N]: item j+1 from items <= j
+        predicted = mask[:, 1:].bool()  # [B, w-1]
+        targets = model.item_teacher_targets(F.log_softmax(scores[predicted].float(), -1), items[:, 1:][predicted] - 1)
+    width = items.shape[1] - 1
+    # the token predicting level l of item j (j >= 1) sits at j * L + l - 1
+    per_item = logits[:, levels - 1 : levels - 1 + width * levels].unflatten(1, (width, levels))  # [B, w-1, L, V]
+    log_probs = F.log_softmax(per_item[predicted].float(), -1)  # [P, L, V]
+    terms = [
+        -(target * log_probs[:, level, catalog.offsets[level] : catalog.offsets[level] + target.shape[1]]).sum(-1)
+        for level, target in enumerate(targets)
+    ]
+    return torch.stack(terms).mean()
 
 
 def collate_nezha(windows: list[list[int]], catalog: Catalog, placeholders: bool = True) -> dict:
@@ -347,6 +433,7 @@ def collate(
     placeholders: bool = True,
     aligned: bool = False,
     causal_encoder: bool = False,
+    item_ids: bool = False,
 ) -> dict:
     if aligned:
         return collate_aligned(windows, catalog)
@@ -357,14 +444,14 @@ def collate(
     if kind == ENCODER_DECODER:
         return collate_seq2seq(windows, catalog, objective, placeholders)
     if objective == "ntp":
-        return collate_ntp(windows, catalog)
+        return collate_ntp(windows, catalog, item_ids)
     if objective == "medusa":
         return collate_medusa(windows, catalog)
     return collate_nezha(windows, catalog, placeholders)
 
 
 def loss(objective: str, model, batch: dict) -> torch.Tensor:
-    if model.teacher is not None:
+    if model.teacher is not None and model.teacher.objective == "ntp":
         return aligned_loss(model, batch)
     losses = {"ntp": ntp_loss, "nezha": nezha_loss, "medusa": medusa_loss, "next_item": next_item_loss}
     return losses[objective](model, batch)

@@ -609,6 +609,23 @@ CASES = [
         "only a decoder-only backbone has",
     ),
     case("history loss negative", RUN + " --history-loss -1", "--history-loss -1"),
+    case(
+        "item teacher on t5",
+        RUN + " --decoder beam --backbone t5-micro --item-teacher 0.5",
+        "--item-teacher trains on the NTP layout of a decoder-only backbone",
+    ),
+    case(
+        "train item teacher on t5",
+        "train --objective ntp --backbone t5-micro --item-teacher 0.5",
+        "--item-teacher trains on the NTP layout of a decoder-only backbone",
+    ),
+    case("item teacher above 1", RUN + " --item-teacher 1.5", "--item-teacher 1.5"),
+    case(
+        "item teacher of a nezha model's starting ntp model on t5",
+        RUN + " --decoder nezha --nezha-init ntp --backbone t5-micro --item-teacher 0.5",
+        "--item-teacher trains on the NTP layout of a decoder-only backbone",
+    ),
+    case("tune with an item teacher", "tune --objective ntp --item-teacher 0.5", "bench tune trains every NTP trial"),
     case("train run-dir a file", "train --run-dir {tmp}/taken", "--run-dir {tmp}/taken is a file", write("taken", "")),
     case(
         "train init-from a text file",

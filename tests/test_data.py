@@ -447,6 +447,32 @@ def test_a_draft_distilled_from_a_backbone_is_cached_apart_from_one_trained_on_t
     assert cache_key("ntp", settings, data, 0, teacher_key="ntp-qwen-tiny-0123456789") != plain
 
 
+def test_an_ntp_model_taught_by_the_item_model_is_cached_apart_and_names_its_teacher():
+    """Without a teacher an NTP model keeps the key it had before the setting existed."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from bench.settings import ModelSettings
+    from bench.train import cache_key
+    from models import objectives
+
+    settings, data = ModelSettings(backbone="qwen-micro"), load_dataset("synthetic")
+    before = objectives.shaping_settings("ntp", asdict(settings))
+    for later in ("attention_dropout", "encoder", "item_teacher"):  # none existed then
+        del before[later]
+    blob = json.dumps(
+        {"objective": "ntp", "catalog": data.catalog.fingerprint, "seed": 0, "init": "", **before}, sort_keys=True
+    )
+    plain = cache_key("ntp", settings, data, 0)
+    assert plain == f"ntp-qwen-micro-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+    taught = replace(settings, item_teacher=0.5)
+    first = cache_key("ntp", taught, data, 0, teacher_key="next_item-sasrec-tiny-0123456789")
+    other_teacher = cache_key("ntp", taught, data, 0, teacher_key="next_item-sasrec-small-0123456789")
+    assert len({plain, first, other_teacher}) == 3
+    assert cache_key("nezha", taught, data, 0) == cache_key("nezha", settings, data, 0)  # an NTP setting only
+
+
 def test_a_nezha_model_without_history_loss_keeps_the_key_it_had_before_the_setting_existed():
     """Runs cached before --history-loss (which then meant 0) must still be found; any
     other weight trains another model."""

@@ -254,3 +254,30 @@ def test_bf16_mixed_training_runs_on_the_cpu(tmp_path):
         mixed = weights["bf16-mixed"][name]
         assert mixed.dtype == fp32.dtype and torch.isfinite(mixed).all()
     assert any(not torch.equal(fp32, weights["bf16-mixed"][n]) for n, fp32 in weights["32-true"].items())
+
+
+def test_an_ntp_model_taught_by_the_item_model_finds_it_trains_it_and_records_its_time(tmp_path, capsys, monkeypatch):
+    """--item-teacher: bench train trains full_rank's item model first (its own cache entry),
+    the NTP checkpoint carries the item model's training record, and bench run finds both."""
+    monkeypatch.setenv("BENCH_RUNS_DIR", str(tmp_path / "runs"))
+    config = tmp_path / "taught.yaml"
+    config.write_text(
+        "data:\n  users: 400\nmodel:\n  max_epochs: 1\n  val_users: 100\n"
+        "  per_objective:\n    ntp: {item_teacher: 0.5}\n"
+    )
+    common = ["--config", str(config)]
+    assert main(["train", "--objective", "ntp", *common]) == 0
+    printed = capsys.readouterr().out
+    assert "training a next_item model" in printed
+    best = next(line.split(": ", 1)[1] for line in printed.splitlines() if line.startswith("best checkpoint: "))
+    [item_dir] = (tmp_path / "runs" / "synthetic").glob("next_item-*")
+    item_model = torch.load(item_dir / "best.ckpt", weights_only=True)
+    taught_by = torch.load(best, weights_only=True)["training"]["taught_by"]
+    assert taught_by["objective"] == "next_item" and taught_by["seconds_run"] == item_model["training"]["seconds_run"]
+    out = tmp_path / "taught.json"
+    assert main(["run", "--decoder", "beam,full_rank", "--limit-users", "20", "--out", str(out), *common]) == 0
+    assert "training a" not in capsys.readouterr().out
+    beam, full_rank = json.loads(out.read_text())
+    assert f"with soft targets from {item_dir.name}" in beam["backbone"]["source"]
+    assert beam["backbone"]["training"]["taught_by"] == taught_by
+    assert full_rank["backbone"]["source"].endswith(f"runs cache {item_dir.name})")

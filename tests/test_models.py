@@ -3,7 +3,7 @@ sees, losses fall, checkpoints refuse the wrong catalogue."""
 
 import pytest
 import torch
-from conftest import random_catalog, random_model
+from conftest import random_catalog, random_model, training_losses
 
 from bench.errors import BenchError
 from models import objectives
@@ -299,3 +299,107 @@ def test_head_input_table_follows_the_weights():
         torch.testing.assert_close(after, reference().view_as(after))
     head.double()
     assert head.advance_beams(0, state.double(), parent, codes).dtype == torch.float64
+
+
+def test_item_teacher_targets_sum_the_item_models_mass_under_the_true_prefix():
+    """Hand-computed: five items on two levels; level 1's target is the mass of each
+    first code, level 2's the mass of each code under the target's first code, normalised."""
+    from bench.data.catalog import build_catalog
+
+    codes = [[0, 0], [0, 2], [1, 0], [1, 1], [1, 2]]
+    toy = build_catalog("toy", [str(i) for i in range(5)], codes, codebook_sizes=(2, 3))
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.15, 0.25]] * 2)
+    first, second = objectives.ItemTeacherTargets(toy)(probs.log(), torch.tensor([3, 1]))
+    torch.testing.assert_close(first, torch.tensor([[0.3, 0.7], [0.3, 0.7]]))
+    torch.testing.assert_close(second, torch.tensor([[3 / 7, 1.5 / 7, 2.5 / 7], [1 / 3, 0.0, 2 / 3]]))
+
+
+def test_item_teacher_targets_equal_a_brute_force_sum_on_a_random_catalogue(catalog):
+    gen = torch.Generator().manual_seed(3)
+    log_probs = torch.log_softmax(3 * torch.randn(9, catalog.num_items, generator=gen), -1)
+    targets = torch.randint(0, catalog.num_items, (9,), generator=gen)
+    sids, probs = catalog.sids.long(), log_probs.exp()
+    for level, got in enumerate(objectives.ItemTeacherTargets(catalog)(log_probs, targets)):
+        for row, target in enumerate(targets):
+            under = (sids[:, :level] == sids[target, :level]).all(-1)  # items sharing the target's prefix
+            want = torch.zeros(catalog.codebook_sizes[level]).index_add_(0, sids[under, level], probs[row, under])
+            torch.testing.assert_close(got[row], want / want.sum())
+
+
+def item_teacher_pair(catalog, weight: float):
+    student = random_model("ntp", catalog, seed=5, backbone="qwen-micro", item_teacher=weight)
+    teacher = random_model("next_item", catalog, seed=6, backbone="sasrec-tiny")
+    student.distil_from(teacher)
+    return student, teacher
+
+
+def test_the_item_teacher_loss_reads_the_teachers_next_item_at_every_sid_token(catalog):
+    """Against a loop over windows, items and levels: the token predicting level l of item
+    j is scored against the teacher's distribution after items 1..j-1, under item j's first
+    l codes; the loss mixes it with the one-hot loss by the weight."""
+    student, teacher = item_teacher_pair(catalog, 0.25)
+    windows = [[3, 17, 42, 8], [11, 2], [5, 5, 40]]
+    batch = student.collate(windows)
+    sids, levels = catalog.sids.long(), catalog.levels
+    with torch.no_grad():
+        total = objectives.ntp_loss(student, batch)
+        hard = objectives.ntp_loss(student, objectives.collate_ntp(windows, catalog))
+        terms = []
+        for window in windows:
+            items = torch.tensor(window)
+            logits = student.lm.logits(catalog.item_tokens(items).flatten()[None], torch.ones(1, len(window) * levels))
+            lm_probs = torch.log_softmax(logits[0], -1)
+            teacher_probs = torch.softmax(teacher.lm.item_scores(items[None] + 1, torch.ones(1, len(window))), -1)[0]
+            for j in range(1, len(window)):
+                target = sids[window[j]]
+                for level in range(levels):
+                    under = (sids[:, :level] == target[:level]).all(-1)
+                    mass = torch.zeros(catalog.codebook_sizes[level])
+                    mass.index_add_(0, sids[under, level], teacher_probs[j - 1, under])
+                    offset = catalog.offsets[level]
+                    row = lm_probs[j * levels + level - 1, offset : offset + len(mass)]
+                    terms.append(-(mass / mass.sum() * row).sum())
+    torch.testing.assert_close(total, 0.75 * hard + 0.25 * torch.stack(terms).mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_an_item_teacher_sure_of_every_next_item_gives_the_one_hot_loss(catalog, monkeypatch):
+    student, teacher = item_teacher_pair(catalog, 0.5)
+    windows = [[3, 17, 42, 8], [11, 2], [5, 5, 40]]
+
+    def sure(items, mask):  # [B, w] -> [B, w, N]: all mass on the item that follows
+        scores = torch.full((*items.shape, catalog.num_items), -1e4)
+        following = (items.roll(-1, 1) - 1).clamp(min=0)
+        return scores.scatter(-1, following.unsqueeze(-1), 0.0)
+
+    monkeypatch.setattr(teacher.lm, "item_scores", sure)
+    batch = student.collate(windows)
+    assert "items" in batch  # what the teacher reads
+    with torch.no_grad():
+        taught = objectives.ntp_loss(student, batch)
+        plain = objectives.ntp_loss(student, objectives.collate_ntp(windows, catalog))
+    torch.testing.assert_close(taught, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_an_ntp_model_learns_from_a_frozen_item_teacher_and_saves_only_itself(catalog):
+    student, teacher = item_teacher_pair(catalog, 0.5)
+    frozen = {n: p.clone() for n, p in teacher.named_parameters()}
+    losses = training_losses(student, "ntp", steps=30)
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(torch.equal(frozen[n], p) for n, p in teacher.named_parameters())
+    assert not any(name.startswith("teacher") for name in student.state_dict())
+
+
+def test_an_item_teacher_must_read_histories_as_long_as_the_students(catalog):
+    teacher = random_model("next_item", catalog, seed=6, backbone="sasrec-tiny", max_history=5)
+    with pytest.raises(BenchError, match="reads histories of up to 5 items, this model 20"):
+        random_model("ntp", catalog, seed=5, backbone="qwen-micro", item_teacher=0.5).distil_from(teacher)
+
+
+def test_only_an_ntp_model_with_item_teacher_learns_from_the_item_model(catalog):
+    teacher = random_model("next_item", catalog, seed=6, backbone="sasrec-tiny")
+    with pytest.raises(BenchError, match="item_teacher=0.0 does not go with a next_item teacher"):
+        random_model("ntp", catalog, seed=5, backbone="qwen-micro").distil_from(teacher)
+    with pytest.raises(BenchError, match="item_teacher=0.5 does not go with a ntp teacher"):
+        random_model("ntp", catalog, seed=5, backbone="qwen-micro", item_teacher=0.5).distil_from(
+            random_model("ntp", catalog, seed=7, backbone="qwen-micro")
+        )

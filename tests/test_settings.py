@@ -4,7 +4,7 @@ decode builds no tensor from Python lists."""
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -116,6 +116,15 @@ def test_decoders_request_their_models():
     assert requests["draft"].teacher is None
     aligned = REGISTRY["speculative"].requests(REGISTRY["speculative"].Options(draft="aligned"), settings)
     assert aligned["draft"].teacher == requests["ntp"] and aligned["draft"].settings == requests["draft"].settings
+    taught = replace(settings, per_objective={"ntp": {"item_teacher": 0.5}, "next_item": {"dropout": 0.44}})
+    beam = REGISTRY["beam"].requests(REGISTRY["beam"].Options(), taught)["ntp"]
+    item_model = REGISTRY["full_rank"].requests(REGISTRY["full_rank"].Options(), taught)["next_item"]
+    assert beam.teacher == item_model and item_model.settings.dropout == 0.44  # full_rank's model, its own settings
+    assert REGISTRY["medusa"].requests(REGISTRY["medusa"].Options(), taught)["medusa"].init_from == beam
+    speculative = REGISTRY["speculative"].requests(REGISTRY["speculative"].Options(), taught)
+    assert speculative["draft"].teacher == item_model  # a draft trained on the data learns from it too
+    aligned = REGISTRY["speculative"].requests(REGISTRY["speculative"].Options(draft="aligned"), taught)["draft"]
+    assert aligned.teacher == beam and aligned.settings.item_teacher == 0  # an aligned draft from its backbone only
     requests = REGISTRY["medusa"].requests(REGISTRY["medusa"].Options(mode="joint"), settings)
     assert requests["medusa"].settings.medusa_mode == "joint"
     assert requests["medusa"].init_from == ModelRequest("ntp", settings)
