@@ -387,14 +387,10 @@ def resolve_models(
             wanted.add(role)
             if not untrained:
                 check_precision(request.settings)
-            pending = [request.init_from, request.teacher]
-            while pending:
-                start = pending.pop()
-                if start is not None:
-                    wanted.add(start.objective)
-                    if not untrained:
-                        check_precision(start.settings)
-                    pending += [start.init_from, start.teacher]
+            for start in request.starts():
+                wanted.add(start.objective)
+                if not untrained:
+                    check_precision(start.settings)
     for path, model in given:
         if model.objective not in wanted:
             roles = ", ".join(sorted(r for r in wanted if r not in objectives.FITTED)) or "none"

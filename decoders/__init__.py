@@ -35,13 +35,11 @@ def plan(spec: str, settings) -> tuple[str, object, dict[str, ModelRequest]]:
                 f"{' or '.join(cls.backbone_kinds)} backbone; "
                 f"{cls.kind_reason or 'it decodes SID tokens with a generative backbone'}"
             )
-    pending = list(requests.values())  # settings a backbone cannot be trained with, the models they start from
-    while pending:
-        request = pending.pop()
-        if request.objective in OBJECTIVES:
-            settings = request.settings
-            check_pairing(request.objective, settings.backbone, settings.history_loss, settings.item_teacher)
-        pending += [start for start in (request.init_from, request.teacher) if start is not None]
+    for request in requests.values():  # settings a backbone cannot be trained with, here or in a starting model
+        for model in (request, *request.starts()):
+            if model.objective in OBJECTIVES:
+                settings = model.settings
+                check_pairing(model.objective, settings.backbone, settings.history_loss, settings.item_teacher)
     return name, options, requests
 
 

@@ -55,6 +55,16 @@ class ModelRequest:
                 own = replace(own, item_teacher=0.0)
         self.settings = own
 
+    def starts(self) -> list[ModelRequest]:
+        """The models this one is trained from (init_from, teacher), and theirs, in turn."""
+        found, pending = [], [self.init_from, self.teacher]
+        while pending:
+            start = pending.pop()
+            if start is not None:
+                found.append(start)
+                pending += [start.init_from, start.teacher]
+        return found
+
 
 def item_model_settings(settings):
     """The item model's settings: --backbone when it is one, else --item-backbone (with

@@ -146,6 +146,11 @@ class SidRecommender(L.LightningModule):
         if teacher.objective == "next_item":
             self.item_teacher_targets = objectives.ItemTeacherTargets(self.catalog)
 
+    @property
+    def aligned(self) -> bool:
+        """An aligned draft: distilled along an NTP model's beams (not from the item model)."""
+        return self.teacher is not None and self.teacher.objective == "ntp"
+
     def on_fit_start(self):
         if self.teacher is not None:
             self.teacher.to(self.device)
@@ -159,9 +164,9 @@ class SidRecommender(L.LightningModule):
             self.catalog,
             self.lm.kind,
             self.settings.placeholders,
-            aligned=self.teacher is not None and self.teacher.objective == "ntp",
+            aligned=self.aligned,
             causal_encoder=self.settings.encoder == "causal",
-            item_ids=self.teacher is not None and self.teacher.objective == "next_item",
+            item_ids=self.item_teacher_targets is not None,
         )
 
     def training_step(self, batch, batch_idx):

@@ -451,7 +451,7 @@ def collate(
 
 
 def loss(objective: str, model, batch: dict) -> torch.Tensor:
-    if model.teacher is not None and model.teacher.objective == "ntp":
+    if model.aligned:
         return aligned_loss(model, batch)
     losses = {"ntp": ntp_loss, "nezha": nezha_loss, "medusa": medusa_loss, "next_item": next_item_loss}
     return losses[objective](model, batch)
