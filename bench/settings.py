@@ -248,7 +248,7 @@ class RunSettings:
     compile: bool = setting(
         False,
         "torch.compile every model's backbone and heads (dynamic shapes), the same for every decoder; "
-        "compilation happens in the untimed warm-up",
+        "NEZHA's search over its head stays eager; compilation happens in the untimed warm-up",
     )
     warmup: int = setting(2, "untimed passes over the first batch", low=0)
     repeats: int = setting(

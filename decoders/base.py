@@ -223,8 +223,9 @@ class ValidPrefixes:
 
     def mask(self, candidates: torch.Tensor, level: int) -> torch.Tensor:
         """candidates [B, beams, C] scores of extending each beam by each code -> the
-        same with -inf where the extended prefix belongs to no real item."""
-        return candidates.masked_fill(self.verifier.missing_children(self.nodes, level), NEG_INF)
+        same, in place, with -inf where the extended prefix belongs to no real item
+        (every search passes a sum it has just made)."""
+        return candidates.masked_fill_(self.verifier.missing_children(self.nodes, level), NEG_INF)
 
     def advance(self, parent: torch.Tensor, code: torch.Tensor, level: int) -> None:
         """parent, code [B, K]: the kept beams (prune's output) -> their nodes one level down."""

@@ -91,6 +91,7 @@ class Nezha(Decoder):
         )  # [B, d], [B, L, d]
         if placeholder_states is None:
             placeholder_states = h0.new_zeros(size, levels, h0.shape[-1])
+        layout = self.head.beam_levels()
         state = h0.unsqueeze(1)  # [B, beams, d]
         scores = h0.new_zeros(size, 1, 1, dtype=torch.float32)  # [B, beams, 1]
         valid = ValidPrefixes(catalog, h0.new_zeros(size, 1, 0, dtype=torch.long)) if self.verifier != "off" else None
@@ -98,7 +99,7 @@ class Nezha(Decoder):
         # the leaves at the end instead of being carried along
         prefixes = None if self.verifier == "every" else torch.zeros(size, 1, 0, dtype=torch.long, device=h0.device)
         for level in range(levels):
-            logits = self.head.level_logits(level, state, placeholder_states[:, level : level + 1])  # [B, beams, C]
+            logits = layout[level].logits(state, placeholder_states[:, level : level + 1])  # [B, beams, C]
             candidates = torch.log_softmax(logits.float(), dim=-1).add_(scores)
             if valid and (self.verifier == "every" or level == levels - 1):
                 candidates = valid.mask(candidates, level)
@@ -110,5 +111,5 @@ class Nezha(Decoder):
             if valid and (self.verifier == "every" or level + 1 < levels):
                 valid.advance(parent, code, level)
             if level + 1 < levels:
-                state = self.head.advance_beams(level, state, parent, code)  # [B, width, d]
+                state = layout[level].advance(state, parent, code)  # [B, width, d]
         return finish(valid.sids() if prefixes is None else prefixes, scores.squeeze(-1))

@@ -2,10 +2,47 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 from torch import nn
 
 TRANSITIONS = ("rnn", "gru", "none")
+
+
+@dataclass(frozen=True)
+class BeamLevel:
+    """One level of the draft head laid out for a beam search, where products are small
+    (a few rows per user): weights transposed to [d, out] and contiguous, on which such
+    products run faster than on a transposed view, and the tanh cell's input side as a
+    per-code table. Built by NezhaDraftHead.beam_levels."""
+
+    classifier: torch.Tensor  # [d, C]: Linear_l's weight, transposed
+    bias: torch.Tensor  # [C]
+    transition: str
+    recurrent: torch.Tensor | None = None  # [d, d]: the tanh cell's W_hh^T
+    inputs: torch.Tensor | None = None  # [C, d]: Embed_l(t) W_ih^T + b_ih + b_hh per code t
+    cell: nn.Module | None = None  # the GRU cell and its code embedding (transition gru)
+    embedding: nn.Module | None = None
+
+    def logits(self, state: torch.Tensor, placeholder: torch.Tensor) -> torch.Tensor:
+        """state [B, beams, d], placeholder [B, 1, d] -> [B, beams, C], NezhaDraftHead.level_logits."""
+        inputs = (state + placeholder).flatten(0, 1)
+        return torch.addmm(self.bias, inputs, self.classifier).view(*state.shape[:2], -1)
+
+    def advance(self, state: torch.Tensor, parent: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """A beam search's step: state [B, beams, d], the kept beams' parents and codes
+        [B, width] -> their states for the next level [B, width, d], NezhaDraftHead.advance.
+        The tanh cell's recurrent side s W_hh^T is computed on the parent beams before they
+        are copied (1 row per user at the first level instead of `width`)."""
+        rows = parent.unsqueeze(-1).expand(-1, -1, state.shape[-1])
+        if self.transition == "rnn":
+            recurrent = torch.matmul(state, self.recurrent).gather(1, rows)  # [B, width, d]
+            return recurrent.add_(self.inputs[codes]).tanh_()
+        kept = state.gather(1, rows)
+        if self.transition == "none":
+            return kept
+        return self.cell(self.embedding(codes.flatten()), kept.flatten(0, 1)).view_as(kept)
 
 
 class NezhaDraftHead(nn.Module):
@@ -21,7 +58,8 @@ class NezhaDraftHead(nn.Module):
         if transition not in TRANSITIONS:
             raise ValueError(f"unknown transition '{transition}'; choose one of {', '.join(TRANSITIONS)}")
         self.transition = transition
-        self._input_tables: dict[int, tuple] = {}  # level -> (weights' identity, table): see input_table
+        self._beam_levels: tuple | None = None  # (weights' identity, [BeamLevel]): see beam_levels
+        self._weights: list[nn.Parameter] | None = None
         self.classifiers = nn.ModuleList(nn.Linear(hidden_size, size) for size in codebook_sizes)
         if transition != "none":
             self.code_embeddings = nn.ModuleList(nn.Embedding(size, hidden_size) for size in codebook_sizes[:-1])
@@ -38,33 +76,31 @@ class NezhaDraftHead(nn.Module):
             return state
         return self.cells[level](self.code_embeddings[level](codes), state)
 
-    def advance_beams(self, level: int, state: torch.Tensor, parent: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """A beam search's step: state [B, beams, d], the kept beams' parents and codes
-        [B, width] -> their states for level + 1 [B, width, d].
-
-        The tanh cell is advance's arithmetic regrouped for inference: the input side
-        Embed(t) W_ih^T + b_ih + b_hh is one row of a per-code table (built once per
-        weights), and the recurrent side s W_hh^T is computed on the parent beams before
-        they are copied (1 row per user at the first level instead of `width`)."""
-        if self.transition == "rnn":
-            recurrent = state @ self.cells[level].weight_hh.T  # [B, beams, d]
-            kept = recurrent.gather(1, parent.unsqueeze(-1).expand(-1, -1, state.shape[-1]))
-            return torch.tanh(kept + self.input_table(level)[codes])
-        kept = state.gather(1, parent.unsqueeze(-1).expand(-1, -1, state.shape[-1]))
-        return self.advance(level, kept.flatten(0, 1), codes.flatten()).view_as(kept)
-
-    def input_table(self, level: int) -> torch.Tensor:
-        """[C_level, d]: the tanh cell's input side for every code of `level`, rebuilt
-        whenever a weight it is made of changes (training steps, loading, casting)."""
-        cell, embedding = self.cells[level], self.code_embeddings[level]
-        parts = (embedding.weight, cell.weight_ih, cell.bias_ih, cell.bias_hh)
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in parts)
-        cached = self._input_tables.get(level)
-        if cached is None or cached[0] != key:
+    def beam_levels(self) -> list[BeamLevel]:
+        """The head laid out for inference, one BeamLevel per level, rebuilt whenever a
+        weight changes (training steps, loading, casting: the parameters keep their
+        objects, their data pointers and versions move). A decoder fetches it once per
+        search."""
+        if self._weights is None:
+            self._weights = list(self.parameters())  # walking the module tree per search costs more than the check
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in self._weights)
+        if self._beam_levels is None or self._beam_levels[0] != key:
             with torch.no_grad():
-                table = torch.addmm(cell.bias_ih + cell.bias_hh, embedding.weight, cell.weight_ih.T)
-            self._input_tables[level] = cached = (key, table)
-        return cached[1]
+                levels = [self._beam_level(level) for level in range(len(self.classifiers))]
+            self._beam_levels = (key, levels)
+        return self._beam_levels[1]
+
+    def _beam_level(self, level: int) -> BeamLevel:
+        classifier = self.classifiers[level]
+        layout = BeamLevel(classifier.weight.T.contiguous(), classifier.bias.detach(), self.transition)
+        if level + 1 == len(self.classifiers) or self.transition == "none":
+            return layout
+        cell, embedding = self.cells[level], self.code_embeddings[level]
+        if self.transition == "gru":
+            return replace(layout, cell=cell, embedding=embedding)
+        # the tanh cell's input side Embed(t) W_ih^T + b_ih + b_hh, one row per code
+        inputs = torch.addmm(cell.bias_ih + cell.bias_hh, embedding.weight, cell.weight_ih.T)
+        return replace(layout, recurrent=cell.weight_hh.T.contiguous(), inputs=inputs)
 
     def teacher_forced_logits(
         self, h0: torch.Tensor, placeholders: torch.Tensor, codes: torch.Tensor

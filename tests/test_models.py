@@ -264,22 +264,28 @@ def test_learning_rate_warms_up_then_stays_or_decays_to_zero(step, cosine, share
 
 @pytest.mark.parametrize("transition", ["rnn", "gru", "none"])
 def test_beam_step_of_the_head_equals_its_training_step(transition):
-    """advance_beams (inference: parents gathered, the rnn cell's input side from a
-    per-code table) gives the states advance gives (training: teacher forcing)."""
+    """The head laid out for a beam search (transposed weights, parents gathered, the rnn
+    cell's input side from a per-code table) gives the logits and states of the training
+    step (teacher forcing)."""
     from models.heads import NezhaDraftHead
 
     torch.manual_seed(0)
     head = NezhaDraftHead(16, (6, 5, 8), transition)
-    state = torch.randn(3, 4, 16)  # [B, beams, d]
+    state, placeholder = torch.randn(3, 4, 16), torch.randn(3, 1, 16)  # [B, beams, d], [B, 1, d]
     parent, codes = torch.randint(0, 4, (3, 7)), torch.randint(0, 6, (3, 7))
     kept = state.gather(1, parent.unsqueeze(-1).expand(-1, -1, 16))
     expected = head.advance(0, kept.flatten(0, 1), codes.flatten()).view(3, 7, 16)
-    torch.testing.assert_close(head.advance_beams(0, state, parent, codes), expected)
+    with torch.no_grad():
+        layout = head.beam_levels()
+        torch.testing.assert_close(layout[0].advance(state, parent, codes), expected)
+        for level in range(3):
+            expected_logits = head.level_logits(level, state, placeholder)
+            torch.testing.assert_close(layout[level].logits(state, placeholder), expected_logits)
 
 
-def test_head_input_table_follows_the_weights():
-    """The rnn cell's per-code table is rebuilt after a training step changes the
-    weights it is made of, and after a cast."""
+def test_head_beam_layout_follows_the_weights():
+    """The laid-out weights are rebuilt after a training step changes the weights they
+    are made of, and after a cast; unchanged weights keep the same layout."""
     from models.heads import NezhaDraftHead
 
     torch.manual_seed(0)
@@ -289,16 +295,18 @@ def test_head_input_table_follows_the_weights():
     def reference():
         return head.advance(0, state.gather(1, parent.unsqueeze(-1).expand(-1, -1, 16)).flatten(0, 1), codes.flatten())
 
-    before = head.advance_beams(0, state, parent, codes)
+    with torch.no_grad():
+        before = head.beam_levels()[0].advance(state, parent, codes)
+    assert head.beam_levels() is head.beam_levels()
     optimizer = torch.optim.SGD(head.parameters(), lr=1.0)
     reference().sum().backward()
     optimizer.step()
-    after = head.advance_beams(0, state, parent, codes)
-    assert not torch.allclose(before, after)
     with torch.no_grad():
+        after = head.beam_levels()[0].advance(state, parent, codes)
+        assert not torch.allclose(before, after)
         torch.testing.assert_close(after, reference().view_as(after))
-    head.double()
-    assert head.advance_beams(0, state.double(), parent, codes).dtype == torch.float64
+        head.double()
+        assert head.beam_levels()[0].advance(state.double(), parent, codes).dtype == torch.float64
 
 
 def test_item_teacher_targets_sum_the_item_models_mass_under_the_true_prefix():
