@@ -247,8 +247,9 @@ class RunSettings:
     )
     compile: bool = setting(
         False,
-        "torch.compile every model's backbone and heads (dynamic shapes), the same for every decoder; "
-        "NEZHA's search over its head stays eager; compilation happens in the untimed warm-up",
+        "torch.compile every model's backbone and heads' modules (dynamic shapes), the same for every decoder "
+        "(NEZHA's beam search reads its head's classifiers and tanh cells as tensors, eager); compilation "
+        "happens in the untimed warm-up",
     )
     warmup: int = setting(2, "untimed passes over the first batch", low=0)
     repeats: int = setting(

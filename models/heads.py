@@ -10,7 +10,7 @@ from torch import nn
 TRANSITIONS = ("rnn", "gru", "none")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BeamLevel:
     """One level of the draft head laid out for a beam search, where products are small
     (a few rows per user): weights transposed to [d, out] and contiguous, on which such
@@ -28,7 +28,7 @@ class BeamLevel:
     def logits(self, state: torch.Tensor, placeholder: torch.Tensor) -> torch.Tensor:
         """state [B, beams, d], placeholder [B, 1, d] -> [B, beams, C], NezhaDraftHead.level_logits."""
         inputs = (state + placeholder).flatten(0, 1)
-        return torch.addmm(self.bias, inputs, self.classifier).view(*state.shape[:2], -1)
+        return torch.addmm(self.bias, inputs, self.classifier).view(*state.shape[:2], self.classifier.shape[1])
 
     def advance(self, state: torch.Tensor, parent: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """A beam search's step: state [B, beams, d], the kept beams' parents and codes
@@ -60,6 +60,7 @@ class NezhaDraftHead(nn.Module):
         self.transition = transition
         self._beam_levels: tuple | None = None  # (weights' identity, [BeamLevel]): see beam_levels
         self._weights: list[nn.Parameter] | None = None
+        self.register_load_state_dict_post_hook(self.forget_beam_levels)
         self.classifiers = nn.ModuleList(nn.Linear(hidden_size, size) for size in codebook_sizes)
         if transition != "none":
             self.code_embeddings = nn.ModuleList(nn.Embedding(size, hidden_size) for size in codebook_sizes[:-1])
@@ -78,17 +79,25 @@ class NezhaDraftHead(nn.Module):
 
     def beam_levels(self) -> list[BeamLevel]:
         """The head laid out for inference, one BeamLevel per level, rebuilt whenever a
-        weight changes (training steps, loading, casting: the parameters keep their
-        objects, their data pointers and versions move). A decoder fetches it once per
-        search."""
+        weight changes: in place (training steps, loading by copy: versions move), or
+        by a cast or move or loading by assignment (both forget the layout). A decoder
+        fetches it once per search. Built in the weights' own dtype, also under autocast."""
         if self._weights is None:
             self._weights = list(self.parameters())  # walking the module tree per search costs more than the check
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in self._weights)
         if self._beam_levels is None or self._beam_levels[0] != key:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(self._weights[0].device.type, enabled=False):
                 levels = [self._beam_level(level) for level in range(len(self.classifiers))]
             self._beam_levels = (key, levels)
         return self._beam_levels[1]
+
+    def forget_beam_levels(self, *_) -> None:
+        """Parameters may be new objects (casts, moves, load_state_dict(assign=True))."""
+        self._weights = self._beam_levels = None
+
+    def _apply(self, fn, recurse=True):
+        self.forget_beam_levels()
+        return super()._apply(fn, recurse)
 
     def _beam_level(self, level: int) -> BeamLevel:
         classifier = self.classifiers[level]

@@ -112,8 +112,8 @@ class SidRecommender(L.LightningModule):
         """torch.compile in place: the backbone's core (what every decoder calls and the
         floor times) and every leaf module of the heads; dynamic shapes, so batches of
         other history lengths reuse the compiled code instead of recompiling. NEZHA's
-        beam search runs its head's weights laid out for inference (BeamLevel), eager:
-        compiling that search was measured slower (README, "Compilation does not close")."""
+        beam search reads its head's classifiers and tanh cells as tensors laid out for
+        inference (BeamLevel), eager; a GRU cell is still called as its compiled module."""
         self.lm.core.compile(dynamic=True, backend=COMPILE_BACKEND)
         for head in (self.head, self.medusa):
             for module in head.modules() if head is not None else ():

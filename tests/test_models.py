@@ -272,12 +272,13 @@ def test_beam_step_of_the_head_equals_its_training_step(transition):
     torch.manual_seed(0)
     head = NezhaDraftHead(16, (6, 5, 8), transition)
     state, placeholder = torch.randn(3, 4, 16), torch.randn(3, 1, 16)  # [B, beams, d], [B, 1, d]
-    parent, codes = torch.randint(0, 4, (3, 7)), torch.randint(0, 6, (3, 7))
+    parent, codes = torch.randint(0, 4, (3, 7)), torch.randint(0, 5, (3, 7))  # codes of levels 0 and 1
     kept = state.gather(1, parent.unsqueeze(-1).expand(-1, -1, 16))
-    expected = head.advance(0, kept.flatten(0, 1), codes.flatten()).view(3, 7, 16)
     with torch.no_grad():
         layout = head.beam_levels()
-        torch.testing.assert_close(layout[0].advance(state, parent, codes), expected)
+        for level in range(2):
+            expected = head.advance(level, kept.flatten(0, 1), codes.flatten()).view(3, 7, 16)
+            torch.testing.assert_close(layout[level].advance(state, parent, codes), expected)
         for level in range(3):
             expected_logits = head.level_logits(level, state, placeholder)
             torch.testing.assert_close(layout[level].logits(state, placeholder), expected_logits)
@@ -285,7 +286,8 @@ def test_beam_step_of_the_head_equals_its_training_step(transition):
 
 def test_head_beam_layout_follows_the_weights():
     """The laid-out weights are rebuilt after a training step changes the weights they
-    are made of, and after a cast; unchanged weights keep the same layout."""
+    are made of, after a cast (in the weights' dtype, also under autocast) and after
+    loading new parameter objects; unchanged weights keep the same layout."""
     from models.heads import NezhaDraftHead
 
     torch.manual_seed(0)
@@ -307,6 +309,14 @@ def test_head_beam_layout_follows_the_weights():
         torch.testing.assert_close(after, reference().view_as(after))
         head.double()
         assert head.beam_levels()[0].advance(state.double(), parent, codes).dtype == torch.float64
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # a layout built under autocast keeps the weights' dtype
+            head.float().beam_levels()
+        assert head.beam_levels()[0].inputs.dtype == torch.float32
+        other = NezhaDraftHead(16, (6, 5, 8), "rnn")
+        head.load_state_dict(other.state_dict(), assign=True)  # new parameter objects
+        torch.testing.assert_close(
+            head.beam_levels()[0].advance(state, parent, codes), other.beam_levels()[0].advance(state, parent, codes)
+        )
 
 
 def test_item_teacher_targets_sum_the_item_models_mass_under_the_true_prefix():
