@@ -145,6 +145,11 @@ class ModelSettings:
         "the item model scores its state against its input item embeddings (tied, as SASRec) or against a "
         "separate output table, which need not score the items a user just took highest",
     )
+    repeat_bias: bool = setting(
+        False,
+        "the item model learns one offset added to the scores of the items in a user's history: where nobody "
+        "takes an item twice it learns to rank them last, where people do it can raise them",
+    )
     attention: str = setting(
         "sdpa", "attention backend; only sdpa applies the 4D boolean masks of NEZHA training and tree verification"
     )

@@ -150,6 +150,7 @@ KEYLESS_WHEN = {
     "nezha_init": "scratch",
     "encoder": "bidirectional",
     "item_scores": "tied",
+    "repeat_bias": False,
     "item_teacher": 0.0,
 }
 

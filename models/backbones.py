@@ -97,12 +97,14 @@ def build_backbone(
     attention_dropout: float | None = None,
     causal_encoder: bool = False,
     separate_item_scores: bool = False,
+    repeat_bias: bool = False,
 ):
     """attention: the Hugging Face attention backend, pinned to sdpa by ModelSettings: the
     4D boolean masks of NEZHA training and tree verification are masks only there.
     attention_dropout: of the attention probabilities (None: `dropout`).
     causal_encoder: an encoder-decoder's encoder masks causally (--encoder causal).
-    separate_item_scores: an item model scores against its own output table (--item-scores separate)."""
+    separate_item_scores: an item model scores against its own output table (--item-scores separate).
+    repeat_bias: an item model learns an offset for the items the history holds (--repeat-bias)."""
     from models.decoder_only import DecoderOnlyLM
     from models.encoder_decoder import EncoderDecoderLM
     from models.sasrec import ItemSequenceModel
@@ -119,7 +121,15 @@ def build_backbone(
         return EncoderDecoderLM(name, vocab_size, dropout, attention, shape, causal_encoder, attention_dropout)
     if kind == ITEM:
         return ItemSequenceModel(
-            name, num_items, max_positions, dropout, attention, shape, attention_dropout, separate_item_scores
+            name,
+            num_items,
+            max_positions,
+            dropout,
+            attention,
+            shape,
+            attention_dropout,
+            separate_item_scores,
+            repeat_bias,
         )
     return DecoderOnlyLM(name, vocab_size, max_positions, dropout, attention, shape, attention_dropout)
 

@@ -76,6 +76,7 @@ class SidRecommender(L.LightningModule):
             attention_dropout=self.settings.attention_dropout,
             causal_encoder=self.settings.encoder == "causal",
             separate_item_scores=objective == "next_item" and self.settings.item_scores == "separate",
+            repeat_bias=objective == "next_item" and self.settings.repeat_bias,
         )
         hidden, sizes = self.lm.hidden_size, tuple(codebook_sizes)
         self.head = NezhaDraftHead(hidden, sizes, self.settings.transition) if objective == "nezha" else None

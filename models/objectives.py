@@ -65,7 +65,7 @@ OWN_SETTINGS = {
     "ntp": ("item_teacher",),
     "nezha": ("transition", "placeholders", "history_loss", "nezha_init"),
     "medusa": ("medusa_mode",),
-    "next_item": ("item_scores",),
+    "next_item": ("item_scores", "repeat_bias"),
 }
 OTHER_MODELS = ("draft_backbone", "item_backbone")
 

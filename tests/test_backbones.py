@@ -9,7 +9,9 @@ from bench.errors import BenchError
 from bench.latency import count_calls
 from bench.settings import ModelSettings
 from decoders import REGISTRY, build_decoder, full_rank, plan
+from models import objectives, sasrec
 from models.backbones import BACKBONES, backbone_kind, build_backbone, parameter_count
+from models.module import SidRecommender
 
 GENERATIVE = ["qwen-tiny", "llama-tiny", "t5-tiny"]
 
@@ -25,6 +27,7 @@ GENERATIVE = ["qwen-tiny", "llama-tiny", "t5-tiny"]
         ("t5-tiny", "nezha", {"encoder": "causal"}),
         ("sasrec-tiny", "next_item", {}),
         ("sasrec-tiny", "next_item", {"item_scores": "separate"}),
+        ("sasrec-tiny", "next_item", {"repeat_bias": True}),
         ("llama-tiny", "medusa", {}),
     ],
 )
@@ -82,9 +85,11 @@ def test_every_decoder_runs_on_every_generative_backbone_or_refuses(catalog, bac
             assert calls[0] == expected_calls[name], name
 
 
-@pytest.mark.parametrize("item_scores", ["tied", "separate"])
-def test_full_rank_scores_every_item_in_one_call(catalog, item_scores):
+@pytest.mark.parametrize("item_scores,repeat_bias", [("tied", False), ("separate", False), ("tied", True)])
+def test_full_rank_scores_every_item_in_one_call(catalog, item_scores, repeat_bias):
     model = random_model("next_item", catalog, seed=2, backbone="sasrec-tiny", item_scores=item_scores)
+    if repeat_bias:
+        model = with_repeat_bias(model, -0.3)
     batch = random_batch(catalog, users=5, seed=2)
     decoder = build_decoder("full_rank", catalog, 7, {"next_item": model})
     with count_calls(decoder.backbone_core) as calls:
@@ -108,9 +113,59 @@ def test_separate_item_scores_are_a_table_of_their_own_and_tied_ones_the_input_e
     assert parameter_count(separate) == parameter_count(tied) + catalog.num_items * tied.hidden_size
 
 
-def test_full_rank_in_blocks_of_items_equals_scoring_all_at_once(catalog, monkeypatch):
+def with_repeat_bias(model, offset: float):
+    """The item model with a repeat bias whose offset (REPEAT_SCALE x the parameter) is `offset`."""
+    torch.manual_seed(0)
+    biased = random_model("next_item", model.catalog, backbone="sasrec-tiny", repeat_bias=True)
+    biased.load_state_dict({**model.state_dict(), "lm.repeat_bias": torch.tensor(offset / sasrec.REPEAT_SCALE)})
+    return biased
+
+
+def test_taken_marks_what_each_position_has_read_on_a_hand_made_batch():
+    items = torch.tensor([[3, 1, 0, 0], [0, 2, 4, 2]])  # item index + 1; 0 = PAD (right and left)
+    assert sasrec.taken(items, 0, 5, causal=True).int().tolist() == [
+        [[0, 0, 1, 0, 0], [1, 0, 1, 0, 0], [1, 0, 1, 0, 0], [1, 0, 1, 0, 0]],
+        [[0, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 1, 0, 1, 0], [0, 1, 0, 1, 0]],
+    ]
+    # items 1 and 2 (ids 2 and 3) of the whole history: a block of the catalogue
+    assert sasrec.taken(items, 1, 2, causal=False).int().tolist() == [[0, 1], [1, 0]]
+
+
+def test_repeat_bias_offsets_exactly_the_items_a_position_has_read(catalog):
+    plain = random_model("next_item", catalog, seed=4, backbone="sasrec-tiny")
+    biased = with_repeat_bias(plain, -2.5)
+    items = torch.tensor([[5, 9, 5, 0], [0, 0, 7, 2]])
+    mask = (items > 0).long()
+    with torch.no_grad():
+        difference = biased.lm.item_scores(items, mask) - plain.lm.item_scores(items, mask)  # [2, 4, N]
+    expected = torch.zeros_like(difference)
+    for row, position, item in [(0, 0, 4), (0, 1, 4), (0, 1, 8), (0, 2, 4), (0, 2, 8), (0, 3, 4), (0, 3, 8)]:
+        expected[row, position, item] = -2.5
+    for position, item in [(2, 6), (3, 6), (3, 1)]:
+        expected[1, position, item] = -2.5
+    torch.testing.assert_close(difference, expected)
+
+
+def test_repeat_bias_falls_where_nobody_takes_an_item_twice(catalog):
+    """The loss's gradient pushes the offset down when no target is in its own history
+    (and up when every one is)."""
+    torch.manual_seed(4)  # at its initial scale: random_model's peaked scores would leave no gradient
+    model = SidRecommender.for_catalog("next_item", ModelSettings(backbone="sasrec-tiny", repeat_bias=True), catalog)
+    batch = model.collate([[0, 1, 2, 3], [4, 5, 6], [7, 8, 9, 10, 11]])
+    objectives.loss("next_item", model.train(), batch).backward()
+    assert model.lm.repeat_bias.grad > 0
+    model.zero_grad()
+    batch = model.collate([[0, 0, 0], [4, 4, 4, 4]])  # every target read before
+    objectives.loss("next_item", model.train(), batch).backward()
+    assert model.lm.repeat_bias.grad < 0
+
+
+@pytest.mark.parametrize("repeat_bias", [False, True])
+def test_full_rank_in_blocks_of_items_equals_scoring_all_at_once(catalog, monkeypatch, repeat_bias):
     """A large catalogue is scored a block at a time; the top-K and the log-probabilities stay."""
     model = random_model("next_item", catalog, seed=3, backbone="sasrec-tiny")
+    if repeat_bias:  # strong enough to move the top-K
+        model = with_repeat_bias(model, -3.0)
     batch = random_batch(catalog, users=5, seed=3)
     decoder = build_decoder("full_rank", catalog, 7, {"next_item": model})
     whole = decoder.decode(batch)
