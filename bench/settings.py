@@ -313,7 +313,7 @@ SEARCH_SPACE = {
     },
     "ntp": {},
     "nezha": {"transition": {"choices": ["rnn", "gru", "none"]}, "decoder:head_beam": {"choices": [0, 40]}},
-    "next_item": {},
+    "next_item": {"repeat_bias": {"choices": [False, True]}},
 }
 
 

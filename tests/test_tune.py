@@ -47,6 +47,17 @@ def states(storage, study: str) -> list[str]:
     return [t.state.name for t in optuna.load_study(study_name=study, storage=storage_of(storage)).trials]
 
 
+def test_the_item_search_tries_the_repeat_bias_starting_from_the_run_own_setting():
+    from bench.settings import ModelSettings, TuneSettings
+    from bench.tune import default_params, search_space
+
+    space = search_space(TuneSettings(objective="next_item"))
+    assert space["repeat_bias"] == {"choices": [False, True]}
+    for own in (False, True):
+        model = ModelSettings(backbone="sasrec-tiny", repeat_bias=own)
+        assert default_params(space, model, "next_item")["repeat_bias"] is own
+
+
 def test_a_study_runs_and_its_exported_config_trains(workdir, capsys):
     code = main(["tune", "--config", "space.yaml", "--trials", "3", "--study", "s", *FAST])
     out = capsys.readouterr().out
