@@ -73,10 +73,12 @@ def suggest(trial, space: dict) -> dict:
 
 
 def default_params(space: dict, model: ModelSettings, objective: str) -> dict:
-    """The run's own settings as a point of the space (where they lie in it): trial 0 of a
-    new study, so the search reports its gain over them."""
+    """The run's own settings for the objective (per_objective entries in place) as a point
+    of the space (where they lie in it): trial 0 of a new study, so the search reports its
+    gain over them."""
     from models.backbones import SIZES, backbone_kind, generic_size
 
+    model = model.for_objective(objective)
     current = dataclasses.asdict(model)
     if model.backbone.partition("-")[2] in SIZES and backbone_kind(model.backbone):
         hidden, layers, heads, _, _ = generic_size(model.backbone, model.width, model.layers, model.heads)

@@ -19,17 +19,21 @@ from models.backbones import ITEM, generic_size, positions_from_mask
 REPEAT_SCALE = 10.0
 
 
-def taken(items: torch.Tensor, start: int, count: int, causal: bool) -> torch.Tensor:
-    """items [B, T] (item index + 1, 0 = PAD) -> bool: which of the items start .. start+count-1
-    the history holds, up to each position [B, T, count] (causal) or in all of it [B, count]."""
+def history_entries(items: torch.Tensor, start: int, count: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """items [B, T] (item index + 1, 0 = PAD) -> where the history's items fall among the items
+    start .. start+count-1: their columns and a weight, 1 at an item's first occurrence inside
+    the block and 0 elsewhere (padding, other blocks, repeats, later positions), [B, T, T] for
+    the history up to each position (causal) or [B, T] for all of it. Scattered onto scores, so
+    that no [B, T, N] mask is built."""
     index = items - 1 - start
-    outside = (items == 0) | (index < 0) | (index >= count)
-    index = index.masked_fill(outside, count)  # a spare column takes padding and the items of other blocks
+    repeat = (items.unsqueeze(2) == items.unsqueeze(1)).tril(-1).any(2)  # [B, T]: an earlier position holds it
+    weight = (items > 0) & (index >= 0) & (index < count) & ~repeat
+    index = index.clamp(0, count - 1)  # anywhere: its weight is 0
     if causal:
-        later = torch.ones(items.shape[1], items.shape[1], dtype=torch.bool, device=items.device).triu(1)  # [t, j]
-        index = index.unsqueeze(1).expand(-1, items.shape[1], -1).masked_fill(later, count)  # [B, T, T]
-    held = torch.zeros(*index.shape[:-1], count + 1, dtype=torch.bool, device=items.device)
-    return held.scatter_(-1, index, True)[..., :count]
+        length = items.shape[1]
+        earlier = torch.ones(length, length, dtype=torch.bool, device=items.device).tril()  # [t, j]: j <= t
+        index, weight = index.unsqueeze(1).expand(-1, length, -1), weight.unsqueeze(1) & earlier
+    return index, weight
 
 
 class ItemSequenceModel(nn.Module):
@@ -85,11 +89,13 @@ class ItemSequenceModel(nn.Module):
 
     def offset_taken(self, scores: torch.Tensor, items: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Scores of the items start .. start+n-1, at every position [B, T, n] or at the last
-        [B, n], plus the repeat bias where the history up to there holds the item."""
+        [B, n], plus the repeat bias where the history up to there holds the item. In place:
+        the scores are a product's output, which its backward does not read."""
         if self.repeat_bias is None:
             return scores
-        held = taken(items, start, scores.shape[-1], causal=scores.dim() == 3)
-        return scores + held * (REPEAT_SCALE * self.repeat_bias).to(scores.dtype)
+        index, weight = history_entries(items, start, scores.shape[-1], causal=scores.dim() == 3)
+        offset = (REPEAT_SCALE * self.repeat_bias).to(scores.dtype)
+        return scores.scatter_add_(-1, index, weight.to(scores.dtype) * offset)
 
     def item_table(self) -> torch.Tensor:
         """[N, d] the item embeddings that score a hidden state (tied: PAD's row left out)."""

@@ -88,9 +88,10 @@ def test_every_decoder_runs_on_every_generative_backbone_or_refuses(catalog, bac
 @pytest.mark.parametrize("item_scores,repeat_bias", [("tied", False), ("separate", False), ("tied", True)])
 def test_full_rank_scores_every_item_in_one_call(catalog, item_scores, repeat_bias):
     model = random_model("next_item", catalog, seed=2, backbone="sasrec-tiny", item_scores=item_scores)
-    if repeat_bias:
-        model = with_repeat_bias(model, -0.3)
     batch = random_batch(catalog, users=5, seed=2)
+    if repeat_bias:
+        plain = build_decoder("full_rank", catalog, 7, {"next_item": model}).decode(batch)
+        model = with_repeat_bias(model, -0.3)
     decoder = build_decoder("full_rank", catalog, 7, {"next_item": model})
     with count_calls(decoder.backbone_core) as calls:
         result = decoder.decode(batch)
@@ -101,6 +102,8 @@ def test_full_rank_scores_every_item_in_one_call(catalog, item_scores, repeat_bi
     top = scores.topk(7)
     assert torch.equal(items, top.indices)
     torch.testing.assert_close(result.scores, top.values)
+    if repeat_bias:  # the offset reached the decoder's scores
+        assert not torch.allclose(result.scores, plain.scores)
 
 
 def test_separate_item_scores_are_a_table_of_their_own_and_tied_ones_the_input_embeddings(catalog):
@@ -121,14 +124,20 @@ def with_repeat_bias(model, offset: float):
     return biased
 
 
-def test_taken_marks_what_each_position_has_read_on_a_hand_made_batch():
-    items = torch.tensor([[3, 1, 0, 0], [0, 2, 4, 2]])  # item index + 1; 0 = PAD (right and left)
-    assert sasrec.taken(items, 0, 5, causal=True).int().tolist() == [
+def held(items: torch.Tensor, start: int, count: int, causal: bool) -> torch.Tensor:
+    """history_entries scattered onto zeros: how often each item of the block is offset."""
+    index, weight = sasrec.history_entries(items, start, count, causal)
+    return torch.zeros(*index.shape[:-1], count).scatter_add_(-1, index, weight.float())
+
+
+def test_history_entries_mark_each_item_a_position_has_read_once_on_a_hand_made_batch():
+    items = torch.tensor([[3, 1, 3, 0], [0, 2, 4, 2]])  # item index + 1; 0 = PAD (right and left); repeats
+    assert held(items, 0, 5, causal=True).tolist() == [
         [[0, 0, 1, 0, 0], [1, 0, 1, 0, 0], [1, 0, 1, 0, 0], [1, 0, 1, 0, 0]],
         [[0, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 1, 0, 1, 0], [0, 1, 0, 1, 0]],
     ]
     # items 1 and 2 (ids 2 and 3) of the whole history: a block of the catalogue
-    assert sasrec.taken(items, 1, 2, causal=False).int().tolist() == [[0, 1], [1, 0]]
+    assert held(items, 1, 2, causal=False).tolist() == [[0, 1], [1, 0]]
 
 
 def test_repeat_bias_offsets_exactly_the_items_a_position_has_read(catalog):
@@ -173,6 +182,10 @@ def test_full_rank_in_blocks_of_items_equals_scoring_all_at_once(catalog, monkey
     blocks = decoder.decode(batch)
     assert torch.equal(blocks.sids, whole.sids)
     torch.testing.assert_close(blocks.scores, whole.scores)
+    if repeat_bias:  # the offset changed the lists, in every block
+        unbiased = random_model("next_item", catalog, seed=3, backbone="sasrec-tiny")
+        plain = build_decoder("full_rank", catalog, 7, {"next_item": unbiased})
+        assert not torch.equal(plain.decode(batch).sids, blocks.sids)
 
 
 def test_sid_decoders_refuse_the_item_model_and_full_rank_refuses_sid_models():

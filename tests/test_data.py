@@ -502,6 +502,7 @@ def test_a_nezha_model_without_history_loss_keeps_the_key_it_had_before_the_sett
     assert cache_key("next_item", separate, data, 0) != cache_key("next_item", item, data, 0)
     unread = replace(settings, item_scores="separate")  # nezha does not read it
     assert cache_key("nezha", unread, data, 0) == cache_key("nezha", settings, data, 0)
+    assert cache_key("next_item", item, data, 0) == "next_item-sasrec-micro-02ff140bce"  # at 135947d, before the bias
     repeat = replace(item, repeat_bias=True)
     assert cache_key("next_item", repeat, data, 0) != cache_key("next_item", item, data, 0)
     assert cache_key("nezha", replace(settings, repeat_bias=True), data, 0) == cache_key("nezha", settings, data, 0)

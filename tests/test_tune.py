@@ -47,15 +47,18 @@ def states(storage, study: str) -> list[str]:
     return [t.state.name for t in optuna.load_study(study_name=study, storage=storage_of(storage)).trials]
 
 
-def test_the_item_search_tries_the_repeat_bias_starting_from_the_run_own_setting():
+def test_the_item_search_tries_the_repeat_bias_starting_from_the_run_own_settings():
+    """Trial 0 is the run's own point, per_objective entries (a preset's) included."""
     from bench.settings import ModelSettings, TuneSettings
     from bench.tune import default_params, search_space
 
     space = search_space(TuneSettings(objective="next_item"))
     assert space["repeat_bias"] == {"choices": [False, True]}
     for own in (False, True):
-        model = ModelSettings(backbone="sasrec-tiny", repeat_bias=own)
-        assert default_params(space, model, "next_item")["repeat_bias"] is own
+        flag = ModelSettings(backbone="sasrec-tiny", repeat_bias=own)
+        assert default_params(space, flag, "next_item")["repeat_bias"] is own
+        preset = ModelSettings(backbone="sasrec-tiny", per_objective={"next_item": {"repeat_bias": own, "lr": 0.002}})
+        assert default_params(space, preset, "next_item") == {**default_params(space, flag, "next_item"), "lr": 0.002}
 
 
 def test_a_study_runs_and_its_exported_config_trains(workdir, capsys):
