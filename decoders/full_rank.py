@@ -39,7 +39,8 @@ class FullRank(Decoder):
         block = max(self.k, SCORES_PER_BLOCK // len(user))
         best_scores, best_items, normaliser = [], [], []
         for start in range(0, len(table), block):
-            scores = self.lm.offset_taken((user @ table[start : start + block].T).float(), prompt.items, start)
+            scores = (user @ table[start : start + block].T).float()  # [B, block]
+            scores = self.lm.offset_taken(scores, prompt.items, start)  # the repeat bias, if the model has one
             top = scores.topk(min(self.k, scores.shape[-1]), dim=-1)
             best_scores.append(top.values)
             best_items.append(top.indices + start)

@@ -118,7 +118,6 @@ def test_separate_item_scores_are_a_table_of_their_own_and_tied_ones_the_input_e
 
 def with_repeat_bias(model, offset: float):
     """The item model with a repeat bias whose offset (REPEAT_SCALE x the parameter) is `offset`."""
-    torch.manual_seed(0)
     biased = random_model("next_item", model.catalog, backbone="sasrec-tiny", repeat_bias=True)
     biased.load_state_dict({**model.state_dict(), "lm.repeat_bias": torch.tensor(offset / sasrec.REPEAT_SCALE)})
     return biased
