@@ -57,7 +57,7 @@ def cmd_train(settings) -> None:
     model_settings = settings["model"].for_objective(job.objective)
     if job.objective == "next_item" and "backbone" not in settings["fixed"]:
         model_settings = item_model_settings(model_settings)  # full_rank's model, in the same cache entry
-    check_pairing(job.objective, model_settings.backbone, model_settings.history_loss, model_settings.item_teacher)
+    check_pairing(job.objective, model_settings)
     check_precision(model_settings)
     if job.resume and not Path(job.resume).is_file():
         raise BenchError(f"--resume {job.resume}: no such checkpoint")

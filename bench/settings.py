@@ -147,8 +147,9 @@ class ModelSettings:
     )
     repeat_bias: bool = setting(
         False,
-        "the item model learns one offset added to the scores of the items in a user's history: where nobody "
-        "takes an item twice it learns to rank them last, where people do it can raise them",
+        "the item model learns one offset added to the scores of the items in a user's history, the NTP model "
+        "one per SID level for the codes that continue its prefix towards them: where nobody takes an item "
+        "twice they learn to rank them last, where people do they can raise them",
     )
     attention: str = setting(
         "sdpa", "attention backend; only sdpa applies the 4D boolean masks of NEZHA training and tree verification"

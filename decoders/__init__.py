@@ -38,8 +38,7 @@ def plan(spec: str, settings) -> tuple[str, object, dict[str, ModelRequest]]:
     for request in requests.values():  # settings a backbone cannot be trained with, here or in a starting model
         for model in (request, *request.starts()):
             if model.objective in OBJECTIVES:
-                settings = model.settings
-                check_pairing(model.objective, settings.backbone, settings.history_loss, settings.item_teacher)
+                check_pairing(model.objective, model.settings)
     return name, options, requests
 
 

@@ -23,6 +23,7 @@ from models.backbones import ITEM, backbone_kind
 if TYPE_CHECKING:
     from bench.data.batches import Prompt
     from bench.data.catalog import Catalog
+    from models.repeat import PromptRepeats
 
 NEG_INF = float("-inf")
 
@@ -143,7 +144,12 @@ class NtpDecoder(Decoder):
     def __init__(self, catalog: Catalog, k: int, models: dict, options):
         super().__init__(catalog, k, models, options)
         self.lm = models["ntp"].lm
+        self.repeat_bias = models["ntp"].repeat_bias  # None: a model trained without --repeat-bias
         self.constrained = getattr(options, "constrained", False)
+
+    def repeats(self, prompt: Prompt) -> PromptRepeats | None:
+        """The repeat offsets of the model for this prompt's histories (None without them)."""
+        return None if self.repeat_bias is None else self.repeat_bias.for_prompt(prompt.history, prompt.mask)
 
     @classmethod
     def requests(cls, options, settings: ModelSettings) -> dict[str, ModelRequest]:

@@ -56,16 +56,21 @@ class SharedPrompt:
         return logits.flatten(0, 1)
 
 
-def continue_beam(catalog, logits, steps, scores, prefixes, k: int, constrained: bool, trail: list | None = None):
+def continue_beam(
+    catalog, logits, steps, scores, prefixes, k: int, constrained: bool, trail: list | None = None, repeats=None
+):
     """Beam search from level prefixes.shape[-1] to the last level.
 
     logits [B*beams, V]: next-token logits after each beam's prefix; steps: how the
     backbone takes the next tokens (SharedPrompt or CopiedCache); scores [B, beams];
     prefixes [B, beams, l]. Returns (prefixes [B, K, L], scores [B, K]); `trail`, when
-    given, collects the kept prefixes of every level."""
+    given, collects the kept prefixes of every level; `repeats` (models.repeat.PromptRepeats),
+    the model's repeat offsets, added to the logits."""
     size = scores.shape[0]
     valid = ValidPrefixes(catalog, prefixes) if constrained else None
     for level in range(prefixes.shape[-1], catalog.levels):
+        if repeats is not None:
+            repeats.add(logits.view(size, scores.shape[1], -1), prefixes)
         log_probs = level_log_probs(logits, catalog, level).view(size, scores.shape[1], -1)
         candidates = scores.unsqueeze(-1) + log_probs  # [B, beams, C]
         if valid:
@@ -81,7 +86,7 @@ def continue_beam(catalog, logits, steps, scores, prefixes, k: int, constrained:
     return prefixes, scores
 
 
-def beam_search(lm, catalog, history, mask, k: int, constrained: bool, trail: list | None = None):
+def beam_search(lm, catalog, history, mask, k: int, constrained: bool, trail: list | None = None, repeats=None):
     """Prefill once, then continue_beam from the first level, on a shared prompt cache
     where the backbone offers one (decoder-only), else on copies."""
     logits, state = lm.prefill(history, mask)  # [B, V]
@@ -89,7 +94,7 @@ def beam_search(lm, catalog, history, mask, k: int, constrained: bool, trail: li
     steps = SharedPrompt(lm, state) if hasattr(lm, "extend_beams") else CopiedCache(lm, state)
     scores = logits.new_zeros(size, 1)
     prefixes = torch.zeros(size, 1, 0, dtype=torch.long, device=logits.device)
-    return continue_beam(catalog, logits, steps, scores, prefixes, k, constrained, trail)
+    return continue_beam(catalog, logits, steps, scores, prefixes, k, constrained, trail, repeats)
 
 
 @register
@@ -101,4 +106,7 @@ class BeamSearch(NtpDecoder):
 
     @torch.no_grad()
     def decode(self, prompt) -> DecodeResult:
-        return finish(*beam_search(self.lm, self.catalog, prompt.history, prompt.mask, self.k, self.constrained))
+        found = beam_search(
+            self.lm, self.catalog, prompt.history, prompt.mask, self.k, self.constrained, repeats=self.repeats(prompt)
+        )
+        return finish(*found)

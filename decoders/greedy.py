@@ -17,7 +17,11 @@ class Greedy(NtpDecoder):
     def decode(self, prompt) -> DecodeResult:
         logits, state = self.lm.prefill(prompt.history, prompt.mask)
         codes, score = [], logits.new_zeros(len(prompt))
+        repeats = self.repeats(prompt)
         for level in range(self.catalog.levels):
+            if repeats is not None:
+                prefix = logits.new_zeros(len(prompt), 1, 0, dtype=torch.long) if not codes else torch.stack(codes, -1)
+                repeats.add(logits.unsqueeze(1), prefix.view(len(prompt), 1, level))
             best, code = level_log_probs(logits, self.catalog, level).max(dim=-1)
             score, codes = score + best, codes + [code]
             if level + 1 < self.catalog.levels:

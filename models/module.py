@@ -21,6 +21,7 @@ from bench.settings import DataSettings, ModelSettings, from_dict
 from models import objectives
 from models.backbones import DECODER_ONLY, ITEM, backbone_kind, build_backbone
 from models.heads import MedusaHeads, NezhaDraftHead
+from models.repeat import SidRepeatBias
 
 COMPILE_BACKEND = "inductor"  # torch.compile's; tests use "eager" (tracing without code generation)
 VALIDATION_DECODER = {"ntp": "beam", "nezha": "nezha", "medusa": "medusa", "next_item": "full_rank"}
@@ -58,7 +59,7 @@ class SidRecommender(L.LightningModule):
         self.objective = objective
         self.settings = from_dict(ModelSettings, settings, "model settings")
         self.data_settings = from_dict(DataSettings, data, "data settings")
-        check_pairing(objective, self.settings.backbone, self.settings.history_loss, self.settings.item_teacher)
+        check_pairing(objective, self.settings)
         levels = len(codebook_sizes)
         vocab_size = 1 + sum(codebook_sizes) + levels
         max_history = self.settings.max_history
@@ -81,6 +82,10 @@ class SidRecommender(L.LightningModule):
         hidden, sizes = self.lm.hidden_size, tuple(codebook_sizes)
         self.head = NezhaDraftHead(hidden, sizes, self.settings.transition) if objective == "nezha" else None
         self.medusa = MedusaHeads(hidden, sizes) if objective == "medusa" else None
+        self.repeat_bias = None  # the NTP model's offsets for what the history holds (models/repeat.py)
+        if objective == "ntp" and self.settings.repeat_bias:
+            starts = [1 + sum(codebook_sizes[:level]) for level in range(levels)]  # Catalog.offsets
+            self.repeat_bias = SidRepeatBias(tuple(starts))
         if objective == "medusa" and self.settings.medusa_mode == "frozen":
             self.lm.requires_grad_(False)
         self.catalog = catalog
@@ -240,8 +245,9 @@ def lr_factor(step: int, warmup: int, total: int, cosine: bool) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
 
 
-def check_pairing(objective: str, backbone: str, history_loss: float = 0.0, item_teacher: float = 0.0) -> None:
+def check_pairing(objective: str, settings: ModelSettings) -> None:
     """Which objectives a backbone can be trained with, as one clear error."""
+    backbone = settings.backbone
     kind = backbone_kind(backbone)
     if (objective == "next_item") != (kind == ITEM):
         if kind == ITEM:
@@ -250,16 +256,17 @@ def check_pairing(objective: str, backbone: str, history_loss: float = 0.0, item
                 "next_item and decodes with full_rank"
             )
         raise BenchError(f"objective next_item needs an item-embedding backbone (sasrec-*), not {backbone}")
-    if objective == "nezha" and history_loss and kind != DECODER_ONLY:
+    if objective == "nezha" and settings.history_loss and kind != DECODER_ONLY:
         raise BenchError(
             f"--history-loss trains the history tokens of NEZHA's one-pass layout, which only a decoder-only "
             f"backbone has; {backbone} is {kind}"
         )
-    if objective == "ntp" and item_teacher and kind != DECODER_ONLY:
-        raise BenchError(
-            f"--item-teacher trains on the NTP layout of a decoder-only backbone (one causal pass over a window); "
-            f"{backbone} is {kind}"
-        )
+    for name, value in (("--item-teacher", settings.item_teacher), ("--repeat-bias", settings.repeat_bias)):
+        if objective == "ntp" and value and kind != DECODER_ONLY:
+            raise BenchError(
+                f"{name} trains on the NTP layout of a decoder-only backbone (one causal pass over a window); "
+                f"{backbone} is {kind}"
+            )
     if objective == "medusa" and kind != DECODER_ONLY:
         raise BenchError(
             f"Medusa heads need a decoder-only backbone (their tree check uses tree attention); {backbone} is {kind}"

@@ -5,7 +5,9 @@ ntp:   the SID tokens of the window's items in one causal sequence; cross-entrop
        every token of every item after the first (all training prefixes in one pass).
        With item_teacher = W > 0 each token's target mixes the true code (1 - W) with
        the frozen item model's distribution over the next item, summed per code under
-       the target's true prefix (W): see ItemTeacherTargets.
+       the target's true prefix (W): see ItemTeacherTargets. With repeat_bias each
+       target's logits carry the learned offsets of models/repeat.py against the items
+       before it in the window.
 medusa: the ntp layout; at the last token of every item but the last, Medusa head j is
        trained to guess level j+1 of the next item (cross-entropy per head). Medusa-1
        freezes the backbone (loss = heads only); Medusa-2 trains both (heads + ntp).
@@ -62,7 +64,7 @@ TEACHER_CACHE_BYTES = 8 * 2**30  # the teacher's trees and targets kept between 
 # the model settings only one objective reads; every other model setting shapes every model,
 # except those that pick another model's backbone
 OWN_SETTINGS = {
-    "ntp": ("item_teacher",),
+    "ntp": ("item_teacher", "repeat_bias"),
     "nezha": ("transition", "placeholders", "history_loss", "nezha_init"),
     "medusa": ("medusa_mode",),
     "next_item": ("item_scores", "repeat_bias"),
@@ -74,6 +76,7 @@ def shaping_settings(objective: str, settings: dict) -> dict:
     """The settings that shape a model of this objective (what names its cache and what a
     resumed checkpoint must agree on)."""
     others = {name for owner, names in OWN_SETTINGS.items() if owner != objective for name in names}
+    others -= set(OWN_SETTINGS.get(objective, ()))  # a setting several objectives read (repeat_bias)
     return {k: v for k, v in settings.items() if k not in others and k not in OTHER_MODELS}
 
 
@@ -157,6 +160,8 @@ def ntp_loss(model, batch: dict) -> torch.Tensor:
         logits = model.lm.logits(batch["history"], batch["mask"], batch["decoder"], batch.get("layout"))  # [B, m, V]
         return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
     logits = model.lm.logits(batch["input_ids"], batch["attention_mask"])  # [B, T, V]
+    if model.repeat_bias is not None:
+        model.repeat_bias.add_to_window(logits, batch["input_ids"], batch["attention_mask"])
     hard = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
     if "items" not in batch:
         return hard
