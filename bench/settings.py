@@ -312,7 +312,7 @@ SEARCH_SPACE = {
         "train_batch_size": {"choices": [64, 128, 256, 512]},
         "max_history": {"choices": [10, 20, 50]},
     },
-    "ntp": {},
+    "ntp": {"repeat_bias": {"choices": [False, True]}},
     "nezha": {"transition": {"choices": ["rnn", "gru", "none"]}, "decoder:head_beam": {"choices": [0, 40]}},
     "next_item": {"repeat_bias": {"choices": [False, True]}},
 }

@@ -156,6 +156,17 @@ class NtpDecoder(Decoder):
         return {"ntp": ModelRequest("ntp", settings)}
 
 
+def refuse_repeat_bias(decoder: str, request: ModelRequest, why: str) -> ModelRequest:
+    """An NTP model trained with --repeat-bias needs its offsets wherever its logits are
+    read: a decoder that does not add them refuses the model in one line."""
+    if request.objective == "ntp" and request.settings.repeat_bias:
+        raise BenchError(
+            f"{decoder} does not add the NTP model's repeat bias: {why}; run it without --repeat-bias, "
+            "or decode the model trained with it by greedy, beam or hf_beam"
+        )
+    return request
+
+
 REGISTRY: dict[str, type[Decoder]] = {}
 
 

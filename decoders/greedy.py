@@ -19,9 +19,9 @@ class Greedy(NtpDecoder):
         codes, score = [], logits.new_zeros(len(prompt))
         repeats = self.repeats(prompt)
         for level in range(self.catalog.levels):
-            if repeats is not None:
-                prefix = logits.new_zeros(len(prompt), 1, 0, dtype=torch.long) if not codes else torch.stack(codes, -1)
-                repeats.add(logits.unsqueeze(1), prefix.view(len(prompt), 1, level))
+            if repeats is not None:  # the codes so far as one beam's prefix [B, 1, level]
+                prefix = torch.stack(codes, -1) if codes else prompt.history.new_zeros(len(prompt), 0)
+                repeats.add(logits.unsqueeze(1), prefix.unsqueeze(1))
             best, code = level_log_probs(logits, self.catalog, level).max(dim=-1)
             score, codes = score + best, codes + [code]
             if level + 1 < self.catalog.levels:

@@ -20,18 +20,27 @@ from decoders.base import NEG_INF, DecodeResult, NtpDecoder, finish, register
 
 class SidLevelProcessor(LogitsProcessor):
     """Keeps only the codes of the level being generated (and, constrained, those that
-    extend a valid prefix)."""
+    extend a valid prefix). With the model's repeat offsets (models.repeat.PromptRepeats)
+    it first adds them and normalises again: log_softmax(z) + o, renormalised, is
+    log_softmax(z + o), the model's own log-probabilities (generate passes beam search's
+    processors log-probabilities, greedy search's raw logits: the argmax is the same)."""
 
-    def __init__(self, catalog, prompt_length: int, constrained: bool, device: torch.device):
+    def __init__(self, catalog, prompt_length: int, constrained: bool, device: torch.device, repeats=None):
         self.catalog, self.prompt_length, self.constrained = catalog, prompt_length, constrained
         self.offsets = catalog.on(device).offsets  # [L]
+        self.repeats = repeats
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         level = input_ids.shape[1] - self.prompt_length
         start, size = self.catalog.offsets[level], self.catalog.codebook_sizes[level]
+        generated = input_ids[:, self.prompt_length :] - self.offsets[:level]  # [B * beams, l]
+        if self.repeats is not None:
+            users = self.repeats.codes.shape[0]
+            beams = scores.view(users, -1, scores.shape[-1])
+            scores = self.repeats.add(beams.clone(), generated.view(users, beams.shape[1], level)).view_as(scores)
+            scores = scores - scores.logsumexp(-1, keepdim=True)
         allowed = torch.zeros_like(scores, dtype=torch.bool)
         if self.constrained:
-            generated = input_ids[:, self.prompt_length :] - self.offsets[:level]
             nodes = self.catalog.verifier.nodes_of(generated)
             allowed[:, start : start + size] = self.catalog.verifier.child_mask(nodes, level)
         else:
@@ -47,8 +56,13 @@ class HFBeam(NtpDecoder):
     @torch.no_grad()
     def decode(self, prompt) -> DecodeResult:
         levels, size = self.catalog.levels, len(prompt)
+        repeats = self.repeats(prompt)
         processor = SidLevelProcessor(
-            self.catalog, self.lm.generation_prompt_length(prompt.history), self.constrained, prompt.history.device
+            self.catalog,
+            self.lm.generation_prompt_length(prompt.history),
+            self.constrained,
+            prompt.history.device,
+            repeats,
         )
         # with one beam generate runs greedy search, which takes no beam settings and reports raw logits
         beam_settings = dict(length_penalty=0.0, early_stopping=True) if self.k > 1 else dict(output_logits=True)
@@ -69,11 +83,15 @@ class HFBeam(NtpDecoder):
             **beam_settings,
         )
         generated = out.sequences[:, -levels:]  # [B*K, L]
+        sids = (generated - processor.offsets).view(size, self.k, levels)
         if self.k > 1:
             scores = out.sequences_scores.float()
-        else:
-            log_probs = torch.stack([torch.log_softmax(step.float(), -1) for step in out.logits], 1)  # [B, L, V]
+        else:  # greedy search's raw logits, with the repeat offsets after the codes before each level
+            steps = [step.float() for step in out.logits]
+            if repeats is not None:
+                for level, step in enumerate(steps):
+                    repeats.add(step.unsqueeze(1), sids[:, :, :level])
+            log_probs = torch.stack([torch.log_softmax(step, -1) for step in steps], 1)  # [B, L, V]
             scores = log_probs.gather(2, generated.unsqueeze(-1)).sum((1, 2))
-        sids = (generated - processor.offsets).view(size, self.k, levels)
         scores = scores.view(size, self.k)
         return finish(sids.clamp(min=0), scores.masked_fill(scores < -1e30, NEG_INF))

@@ -32,6 +32,7 @@ from decoders.base import (
     finish,
     level_log_probs,
     prune,
+    refuse_repeat_bias,
     register,
 )
 from models.backbones import DECODER_ONLY
@@ -100,7 +101,9 @@ class Medusa(Decoder):
     def requests(cls, options, settings):
         """Heads trained on a trained NTP model of the same settings."""
         mode = options.mode or settings.medusa_mode
-        return {"medusa": ModelRequest("medusa", replace(settings, medusa_mode=mode), ModelRequest("ntp", settings))}
+        why = "its heads and tree check read the logits without it"
+        backbone = refuse_repeat_bias("medusa", ModelRequest("ntp", settings), why)
+        return {"medusa": ModelRequest("medusa", replace(settings, medusa_mode=mode), backbone)}
 
     @classmethod
     def check_options(cls, options, catalog, k):

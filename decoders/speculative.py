@@ -35,6 +35,7 @@ from decoders.base import (
     finish,
     level_log_probs,
     prune,
+    refuse_repeat_bias,
     register,
 )
 from decoders.beam import SharedPrompt, beam_search, continue_beam
@@ -77,7 +78,10 @@ class Speculative(NtpDecoder):
         data, or (draft=aligned) distilled from the backbone."""
         shape = dict(width=None, layers=None, heads=None)  # the draft keeps its own size preset
         backbone = ModelRequest("ntp", settings)
-        teacher = backbone if options.draft == "aligned" else None
+        teacher = None
+        if options.draft == "aligned":  # a data draft learns offsets of its own (the same setting)
+            why = "the draft is distilled from the backbone's logits without them"
+            teacher = refuse_repeat_bias("speculative:draft=aligned", backbone, why)
         draft = ModelRequest("ntp", replace(settings, backbone=settings.draft_backbone, **shape), teacher=teacher)
         return {"ntp": backbone, "draft": draft}
 
@@ -90,13 +94,18 @@ class Speculative(NtpDecoder):
         super().__init__(catalog, k, models, replace(options, draft_beam=width))
         self.draft_beam = self.options.draft_beam
         self.draft = models["draft"].lm
+        self.draft_repeat_bias = models["draft"].repeat_bias
 
     @property
     def draft_core(self):
         return self.draft.core
 
     def draft_tree(self, prompt):
-        return beam_tree(self.draft, self.catalog, prompt.history, prompt.mask, self.draft_beam, self.constrained)
+        bias = self.draft_repeat_bias
+        repeats = None if bias is None else bias.for_prompt(prompt.history, prompt.mask)
+        return beam_tree(
+            self.draft, self.catalog, prompt.history, prompt.mask, self.draft_beam, self.constrained, repeats
+        )
 
     def inside_tree(self, candidates, prefixes, drafted):
         """candidates [B, K, C] extending prefixes [B, K, l] -> -inf where the extended
@@ -137,8 +146,11 @@ class Speculative(NtpDecoder):
         accepted = torch.full((size,), levels, dtype=torch.long, device=logits.device)  # levels decided before a miss
         strict = self.options.accept == "strict"  # relaxed keeps only drafted prefixes: agreement 1 by rule
         drafted = checked = 0  # the backbone's kept prefixes that the draft kept too, of those checked
+        repeats = self.repeats(prompt)
         for level in range(levels):
             if level == 0:
+                if repeats is not None:
+                    repeats.add(logits.unsqueeze(1), prefixes)
                 log_probs = level_log_probs(logits, catalog, 0).unsqueeze(1)
             else:
                 block = node_codes[:, (level - 1) * width : level * width]  # drafted prefixes of this length
@@ -153,6 +165,8 @@ class Speculative(NtpDecoder):
                 accepted[missing] = level
                 node = (level - 1) * width + match.float().argmax(-1)  # [B, K]
                 picked = node_logits.gather(1, node.unsqueeze(-1).expand(-1, -1, node_logits.shape[-1]))
+                if repeats is not None:
+                    repeats.add(picked, prefixes)
                 log_probs = level_log_probs(picked, catalog, level)
             candidates = scores.unsqueeze(-1) + log_probs
             if valid:
@@ -172,7 +186,14 @@ class Speculative(NtpDecoder):
             state = self.lm.select(self.lm.crop(state, prompt.history.shape[1]), fallback)
             step_logits, steps = self.refeed(state, base_prefixes[fallback])  # the kept prefixes, one call
             redo_prefixes, redo_scores = continue_beam(
-                catalog, step_logits, steps, base_scores[fallback], base_prefixes[fallback], k, self.constrained
+                catalog,
+                step_logits,
+                steps,
+                base_scores[fallback],
+                base_prefixes[fallback],
+                k,
+                self.constrained,
+                repeats=None if repeats is None else repeats.rows(fallback),
             )
             prefixes, scores = prefixes.clone(), scores.clone()
             prefixes[fallback], scores[fallback] = redo_prefixes, redo_scores
@@ -182,15 +203,16 @@ class Speculative(NtpDecoder):
         return finish(prefixes, scores, stats)
 
 
-def beam_tree(lm, catalog, history, mask, width: int, constrained: bool):
-    """The prefixes a beam search of `width` beams keeps at levels 1..L-1, as a token tree.
+def beam_tree(lm, catalog, history, mask, width: int, constrained: bool, repeats=None):
+    """The prefixes a beam search of `width` beams keeps at levels 1..L-1, as a token tree
+    (with `repeats`, the model's repeat offsets for these histories).
 
     -> node tokens [B, N], tree mask [B, N, N] (a node sees itself and its ancestors),
     node prefix codes [B, N] (-1 where the search had no candidate); N = width * (L - 1),
     nodes in blocks of `width`, one block per depth. The draft's tree in `speculative`,
     and the teacher's tree an aligned draft is distilled along."""
     trail = []
-    beam_search(lm, catalog, history, mask, width, constrained, trail)
+    beam_search(lm, catalog, history, mask, width, constrained, trail, repeats)
     size, levels, device = history.shape[0], catalog.levels, history.device
     tokens, codes, masks = [], [], []
     eye = torch.eye(width, dtype=torch.bool, device=device).expand(size, width, width)

@@ -27,18 +27,24 @@ def history_codes(tokens: torch.Tensor, mask: torch.Tensor, starts: torch.Tensor
     return codes, mask.view(codes.shape)[..., 0].bool()
 
 
-def first_holders(codes: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """codes [B, H, L], real [B, H] -> [B, H, L]: item h is the first real item of the
-    history with its first l + 1 codes (the one whose code at level l carries the offset,
-    so that a code shared by several items is offset once)."""
-    same = (codes.unsqueeze(2) == codes.unsqueeze(1)).cumprod(-1).bool()  # [B, h, h', L]: first l + 1 codes equal
-    slots = codes.shape[1]
-    earlier = torch.ones(slots, slots, dtype=torch.bool, device=codes.device).tril(-1)  # [h, h']: h' < h
-    taken = (same & earlier[:, :, None] & real[:, None, :, None]).any(2)  # [B, H, L]
+def shared_codes(codes: torch.Tensor) -> torch.Tensor:
+    """codes [B, H, L] -> [B, H, H, L]: whether items h and h' share their first l + 1 codes."""
+    return (codes.unsqueeze(2) == codes.unsqueeze(1)).cumprod(-1).bool()
+
+
+def first_holders(shared: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """shared [B, H, H, L] (shared_codes), real [B, H] -> [B, H, L]: item h is the first real
+    item of the history with its first l + 1 codes (the one whose code at level l carries
+    the offset, so that a code several items share is offset once)."""
+    slots = shared.shape[1]
+    earlier = torch.ones(slots, slots, dtype=torch.bool, device=shared.device).tril(-1)  # [h, h']: h' < h
+    taken = (shared & earlier[:, :, None] & real[:, None, :, None]).any(2)  # [B, H, L]
     return real.unsqueeze(-1) & ~taken
 
 
 class SidRepeatBias(nn.Module):
+    """The learned offsets, one per level, and where they go in training and decoding."""
+
     def __init__(self, vocabulary_starts: tuple[int, ...]):
         """vocabulary_starts: the first token of each level's codes (Catalog.offsets)."""
         super().__init__()
@@ -59,10 +65,10 @@ class SidRepeatBias(nn.Module):
         slots = codes.shape[1]
         if slots < 2:
             return logits
-        equal = (codes.unsqueeze(2) == codes.unsqueeze(1)).cumprod(-1).bool()  # [B, j, h, L]: first l + 1 equal
-        prefix = torch.cat([torch.ones_like(equal[..., :1]), equal[..., :-1]], -1)  # first l codes equal
+        shared = shared_codes(codes)  # [B, j, h, L]
+        prefix = torch.cat([torch.ones_like(shared[..., :1]), shared[..., :-1]], -1)  # the first l codes
         before = torch.ones(slots, slots, dtype=torch.bool, device=codes.device).tril(-1)  # [j, h]: h < j
-        weight = prefix & before[:, :, None] & first_holders(codes, real).unsqueeze(1) & real[:, :, None, None]
+        weight = prefix & before[:, :, None] & first_holders(shared, real).unsqueeze(1) & real[:, :, None, None]
         weight = weight[:, 1:].transpose(2, 3)  # [B, W - 1, L, W]: target j >= 1, level, history item
         columns = (codes + self.starts).clamp(min=0)  # padding: token 0, with weight 0
         columns = columns.transpose(1, 2).unsqueeze(1).expand(size, slots - 1, levels, slots)
@@ -74,7 +80,7 @@ class SidRepeatBias(nn.Module):
     def for_prompt(self, history: torch.Tensor, mask: torch.Tensor) -> PromptRepeats:
         """A prompt's history [B, H * L] (left-padded by whole items): what its searches offset."""
         codes, real = history_codes(history, mask, self.starts)
-        return PromptRepeats(self, codes, first_holders(codes, real))
+        return PromptRepeats(self, codes, first_holders(shared_codes(codes), real))
 
 
 class PromptRepeats:
@@ -83,6 +89,10 @@ class PromptRepeats:
 
     def __init__(self, bias: SidRepeatBias, codes: torch.Tensor, first: torch.Tensor):
         self.bias, self.codes, self.first = bias, codes, first  # [B, H, L] each
+
+    def rows(self, index: torch.Tensor) -> PromptRepeats:
+        """The offsets of some of the prompts (index [B'])."""
+        return PromptRepeats(self.bias, self.codes[index], self.first[index])
 
     def add(self, logits: torch.Tensor, prefixes: torch.Tensor) -> torch.Tensor:
         """logits [B, beams, V] after each beam's prefix [B, beams, l] -> the same, in place,

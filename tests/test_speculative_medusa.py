@@ -46,6 +46,8 @@ class NegatedAfterTheFirstLevel(NegatedLM):
 
 
 class AsModel:
+    repeat_bias = None  # as a model trained without --repeat-bias
+
     def __init__(self, lm):
         self.lm = lm
 

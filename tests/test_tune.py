@@ -47,18 +47,19 @@ def states(storage, study: str) -> list[str]:
     return [t.state.name for t in optuna.load_study(study_name=study, storage=storage_of(storage)).trials]
 
 
-def test_the_item_search_tries_the_repeat_bias_starting_from_the_run_own_settings():
+@pytest.mark.parametrize("objective,backbone", [("next_item", "sasrec-tiny"), ("ntp", "qwen-micro")])
+def test_the_search_tries_the_repeat_bias_starting_from_the_run_own_settings(objective, backbone):
     """Trial 0 is the run's own point, per_objective entries (a preset's) included."""
     from bench.settings import ModelSettings, TuneSettings
     from bench.tune import default_params, search_space
 
-    space = search_space(TuneSettings(objective="next_item"))
+    space = search_space(TuneSettings(objective=objective))
     assert space["repeat_bias"] == {"choices": [False, True]}
     for own in (False, True):
-        flag = ModelSettings(backbone="sasrec-tiny", repeat_bias=own)
-        assert default_params(space, flag, "next_item")["repeat_bias"] is own
-        preset = ModelSettings(backbone="sasrec-tiny", per_objective={"next_item": {"repeat_bias": own, "lr": 0.002}})
-        assert default_params(space, preset, "next_item") == {**default_params(space, flag, "next_item"), "lr": 0.002}
+        flag = ModelSettings(backbone=backbone, repeat_bias=own)
+        assert default_params(space, flag, objective)["repeat_bias"] is own
+        preset = ModelSettings(backbone=backbone, per_objective={objective: {"repeat_bias": own, "lr": 0.002}})
+        assert default_params(space, preset, objective) == {**default_params(space, flag, objective), "lr": 0.002}
 
 
 def test_a_study_runs_and_its_exported_config_trains(workdir, capsys):
