@@ -269,6 +269,11 @@ def train_model(
     if resume:
         check_resumable(resume, model, data)
     if init_from is not None:
+        if objective == "medusa" and init_from.repeat_bias is not None:
+            raise BenchError(
+                "Medusa heads read the NTP backbone's logits without its repeat bias: start them from an NTP "
+                "model trained without --repeat-bias"
+            )
         model.lm.load_state_dict(init_from.lm.state_dict())
         model.started_from = {"objective": init_from.objective, **(init_from.training_record or {})}
     if teacher is not None:

@@ -131,6 +131,12 @@ class Decoder:
         raise NotImplementedError
 
 
+def repeats_of(bias, prompt: Prompt) -> PromptRepeats | None:
+    """An NTP model's repeat offsets (models.repeat.SidRepeatBias) for this prompt's
+    histories; None for a model trained without them."""
+    return None if bias is None else bias.for_prompt(prompt.history, prompt.mask)
+
+
 @dataclass
 class ConstrainedOption:
     constrained: bool = setting(False, "mask prefixes that belong to no real item")
@@ -148,8 +154,7 @@ class NtpDecoder(Decoder):
         self.constrained = getattr(options, "constrained", False)
 
     def repeats(self, prompt: Prompt) -> PromptRepeats | None:
-        """The repeat offsets of the model for this prompt's histories (None without them)."""
-        return None if self.repeat_bias is None else self.repeat_bias.for_prompt(prompt.history, prompt.mask)
+        return repeats_of(self.repeat_bias, prompt)
 
     @classmethod
     def requests(cls, options, settings: ModelSettings) -> dict[str, ModelRequest]:
@@ -162,7 +167,7 @@ def refuse_repeat_bias(decoder: str, request: ModelRequest, why: str) -> ModelRe
     if request.objective == "ntp" and request.settings.repeat_bias:
         raise BenchError(
             f"{decoder} does not add the NTP model's repeat bias: {why}; run it without --repeat-bias, "
-            "or decode the model trained with it by greedy, beam or hf_beam"
+            "or decode the model trained with it by greedy, beam, hf_beam or speculative (with a data draft)"
         )
     return request
 

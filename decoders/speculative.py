@@ -37,6 +37,7 @@ from decoders.base import (
     prune,
     refuse_repeat_bias,
     register,
+    repeats_of,
 )
 from decoders.beam import SharedPrompt, beam_search, continue_beam
 from models.backbones import DecodeState
@@ -101,8 +102,7 @@ class Speculative(NtpDecoder):
         return self.draft.core
 
     def draft_tree(self, prompt):
-        bias = self.draft_repeat_bias
-        repeats = None if bias is None else bias.for_prompt(prompt.history, prompt.mask)
+        repeats = repeats_of(self.draft_repeat_bias, prompt)
         return beam_tree(
             self.draft, self.catalog, prompt.history, prompt.mask, self.draft_beam, self.constrained, repeats
         )

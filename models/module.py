@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from bench.data.catalog import Catalog
+from bench.data.catalog import Catalog, level_starts
 from bench.errors import BenchError
 from bench.metrics import target_ranks
 from bench.settings import DataSettings, ModelSettings, from_dict
@@ -84,8 +84,7 @@ class SidRecommender(L.LightningModule):
         self.medusa = MedusaHeads(hidden, sizes) if objective == "medusa" else None
         self.repeat_bias = None  # the NTP model's offsets for what the history holds (models/repeat.py)
         if objective == "ntp" and self.settings.repeat_bias:
-            starts = [1 + sum(codebook_sizes[:level]) for level in range(levels)]  # Catalog.offsets
-            self.repeat_bias = SidRepeatBias(tuple(starts))
+            self.repeat_bias = SidRepeatBias(level_starts(codebook_sizes))
         if objective == "medusa" and self.settings.medusa_mode == "frozen":
             self.lm.requires_grad_(False)
         self.catalog = catalog

@@ -70,8 +70,8 @@ class SidRepeatBias(nn.Module):
         before = torch.ones(slots, slots, dtype=torch.bool, device=codes.device).tril(-1)  # [j, h]: h < j
         weight = prefix & before[:, :, None] & first_holders(shared, real).unsqueeze(1) & real[:, :, None, None]
         weight = weight[:, 1:].transpose(2, 3)  # [B, W - 1, L, W]: target j >= 1, level, history item
-        columns = (codes + self.starts).clamp(min=0)  # padding: token 0, with weight 0
-        columns = columns.transpose(1, 2).unsqueeze(1).expand(size, slots - 1, levels, slots)
+        columns = tokens.view(size, slots, levels).transpose(1, 2)  # [B, L, W] each item's token per level
+        columns = columns.unsqueeze(1).expand(size, slots - 1, levels, slots)
         rows = logits[:, levels - 1 : length - 1].view(size, slots - 1, levels, vocabulary)
         values = weight.to(logits.dtype) * self.offsets(logits.dtype).view(1, 1, levels, 1)
         rows.scatter_add_(-1, columns, values)
@@ -101,7 +101,7 @@ class PromptRepeats:
         size, beams = prefixes.shape[:2]
         continues = (self.codes[:, None, :, :level] == prefixes[:, :, None, :]).all(-1)  # [B, beams, H]
         weight = continues & self.first[:, None, :, level]
-        columns = (self.codes[..., level] + self.bias.starts[level]).clamp(min=0)  # [B, H]
+        columns = self.codes[..., level] + self.bias.starts[level]  # [B, H] the items' tokens (padding: PAD)
         offset = self.bias.offsets(logits.dtype)[level]
         values = weight.to(logits.dtype) * offset
         return logits.scatter_add_(-1, columns[:, None].expand(size, beams, -1), values)

@@ -85,17 +85,21 @@ def test_decode_offsets_are_exactly_those_of_a_hand_loop(catalog, biased, relate
     prompt = prompt_of(catalog, histories)
     repeats = biased.repeat_bias.for_prompt(prompt.history, prompt.mask)  # left-padded
     sids = catalog.sids.tolist()
+    taken = {sids[h][0] for history in histories for h in history}
+    outsider = next(item for item, sid in enumerate(sids) if sid[0] not in taken)  # continues towards no item
     for level in range(catalog.levels):
-        prefixes = torch.stack([catalog.sids[h[:2], :level] for h in (*histories[:3], histories[3] * 2)])  # [4, 2, l]
-        logits = torch.zeros(4, 2, catalog.vocab_size)
+        beams = [[*h[:2], outsider] for h in (*histories[:3], histories[3] * 2)]
+        prefixes = catalog.sids[torch.tensor(beams), :level]  # [4, 3, l]
+        logits = torch.zeros(4, 3, catalog.vocab_size)
         repeats.add(logits, prefixes)
         expected = torch.zeros_like(logits)
         for user, history in enumerate(histories):
-            for beam in range(2):
+            for beam in range(3):
                 prefix = prefixes[user, beam].tolist()
                 for code in {sids[h][level] for h in history if sids[h][:level] == prefix}:
                     expected[user, beam, catalog.offsets[level] + code] = OFFSETS[level]
         torch.testing.assert_close(logits, expected)
+        assert level == 0 or not logits[:, 2].any()
 
 
 def test_beam_scores_are_the_training_pass_log_probabilities(catalog, biased, related):
@@ -197,6 +201,17 @@ def test_decoders_that_would_leave_the_offsets_out_refuse_the_model():
     plan("medusa", ModelSettings(backbone="qwen-tiny", per_objective={"next_item": {"repeat_bias": True}}))
     with pytest.raises(BenchError, match="--repeat-bias trains on the NTP layout of a decoder-only backbone"):
         plan("beam", replace(settings, backbone="t5-tiny"))
+
+
+def test_medusa_heads_refuse_a_backbone_trained_with_the_bias(catalog, biased, tmp_path):
+    from types import SimpleNamespace
+
+    from bench.settings import DataSettings
+    from bench.train import train_model
+
+    data, settings = SimpleNamespace(catalog=catalog), ModelSettings(backbone="qwen-tiny")
+    with pytest.raises(BenchError, match="start them from an NTP model trained without --repeat-bias"):
+        train_model(data, "medusa", settings, DataSettings(), tmp_path, init_from=biased)
 
 
 def test_the_bias_names_its_own_ntp_model_and_no_other():

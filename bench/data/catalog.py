@@ -25,6 +25,14 @@ COLLISION_RULES = ("last_code", "extra_level")
 MAX_SIDS = 2**62  # the verifier's mixed-radix codes are 64-bit integers
 
 
+def level_starts(codebook_sizes) -> tuple[int, ...]:
+    """The first vocabulary token of each level's codes (after PAD)."""
+    starts = [1]
+    for size in codebook_sizes[:-1]:
+        starts.append(starts[-1] + size)
+    return tuple(starts)
+
+
 @dataclass
 class CatalogTensors:
     """The catalogue's small lookup tensors on one device, built once: a decode never
@@ -56,12 +64,10 @@ class Catalog:
         self.verifier_build_seconds = time.perf_counter() - started
         codes = self.verifier.encode(self.sids)
         self._sorted_codes, self._item_of_sorted = torch.sort(codes)
-        starts = [1]
-        for size in self.codebook_sizes:
-            starts.append(starts[-1] + size)
-        self.offsets = tuple(starts[:-1])
-        self.placeholder_tokens = tuple(range(starts[-1], starts[-1] + self.levels))
-        self.vocab_size = starts[-1] + self.levels
+        self.offsets = level_starts(self.codebook_sizes)
+        codes_end = self.offsets[-1] + self.codebook_sizes[-1]
+        self.placeholder_tokens = tuple(range(codes_end, codes_end + self.levels))
+        self.vocab_size = codes_end + self.levels
         self._on_device: dict[torch.device, CatalogTensors] = {}
 
     def on(self, device) -> CatalogTensors:
