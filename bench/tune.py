@@ -26,6 +26,7 @@ import yaml
 from bench.errors import BenchError
 from bench.settings import SEARCH_SPACE, DataSettings, ModelSettings, TuneSettings
 from bench.train import runs_dir
+from models.backbones import DECODER_ONLY, backbone_kind
 from models.module import VALIDATION_DECODER
 
 FINISHED = ("COMPLETE", "PRUNED")
@@ -299,14 +300,23 @@ def export(study, settings: dict, out: Path) -> Path:
     return out / "best.yaml"
 
 
+def fixed_settings(objective: str, model: ModelSettings, given: set[str]) -> set[str]:
+    """The model settings every trial keeps: those given by flag or config, and those the
+    backbone cannot train with (an NTP repeat bias off a decoder-only backbone would fail
+    every trial that samples it)."""
+    backbone = model.for_objective(objective).backbone
+    unusable = objective == "ntp" and backbone is not None and backbone_kind(backbone) != DECODER_ONLY
+    return set(given) | ({"repeat_bias"} if unusable else set())
+
+
 def tune(settings: dict, fixed: set[str] = frozenset()) -> None:
     """fixed: model settings given by flag or config, the same for every trial."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    settings = {**settings, "fixed": set(fixed)}
     tune_settings: TuneSettings = settings["tune"]
     data_settings: DataSettings = settings["data"]
+    settings = {**settings, "fixed": fixed_settings(tune_settings.objective, settings["model"], fixed)}
     space = search_space(tune_settings, settings["fixed"])  # an unknown parameter fails before any work
     if tune_settings.objective == "nezha" and settings["model"].for_objective("nezha").nezha_init != "scratch":
         raise BenchError(

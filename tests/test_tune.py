@@ -62,6 +62,18 @@ def test_the_search_tries_the_repeat_bias_starting_from_the_run_own_settings(obj
         assert default_params(space, preset, objective) == {**default_params(space, flag, objective), "lr": 0.002}
 
 
+def test_an_ntp_search_on_t5_keeps_the_repeat_bias_off():
+    from bench.settings import ModelSettings, TuneSettings
+    from bench.tune import fixed_settings, search_space
+
+    for backbone, searched in (("t5-micro", False), ("qwen-micro", True), (None, True)):
+        fixed = fixed_settings("ntp", ModelSettings(backbone=backbone), {"lr"})
+        space = search_space(TuneSettings(objective="ntp"), fixed)
+        assert ("repeat_bias" in space) is searched and "lr" not in space
+    item = fixed_settings("next_item", ModelSettings(backbone="sasrec-tiny"), set())
+    assert "repeat_bias" in search_space(TuneSettings(objective="next_item"), item)
+
+
 def test_a_study_runs_and_its_exported_config_trains(workdir, capsys):
     code = main(["tune", "--config", "space.yaml", "--trials", "3", "--study", "s", *FAST])
     out = capsys.readouterr().out
