@@ -62,9 +62,7 @@ class SidRepeatBias(nn.Module):
         size, length, vocabulary = logits.shape
         levels = self.starts.shape[0]
         codes, real = history_codes(tokens, mask, self.starts)  # [B, W, L], [B, W]
-        slots = codes.shape[1]
-        if slots < 2:
-            return logits
+        slots = codes.shape[1]  # W; windows of one item leave the scatter below empty
         shared = shared_codes(codes)  # [B, j, h, L]
         prefix = torch.cat([torch.ones_like(shared[..., :1]), shared[..., :-1]], -1)  # the first l codes
         before = torch.ones(slots, slots, dtype=torch.bool, device=codes.device).tril(-1)  # [j, h]: h < j
