@@ -33,7 +33,8 @@ class SidLevelProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         level = input_ids.shape[1] - self.prompt_length
         start, size = self.catalog.offsets[level], self.catalog.codebook_sizes[level]
-        generated = input_ids[:, self.prompt_length :] - self.offsets[:level]  # [B * beams, l]
+        if self.repeats is not None or self.constrained:
+            generated = input_ids[:, self.prompt_length :] - self.offsets[:level]  # [B * beams, l]
         if self.repeats is not None:
             users = self.repeats.codes.shape[0]
             beams = scores.view(users, -1, scores.shape[-1])
