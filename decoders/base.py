@@ -142,6 +142,11 @@ class ConstrainedOption:
     constrained: bool = setting(False, "mask prefixes that belong to no real item")
 
 
+@dataclass
+class BeamOptions(ConstrainedOption):
+    width: int = setting(0, "beams kept before the last level, which keeps the best K (0: K)", low=0)
+
+
 class NtpDecoder(Decoder):
     """A decoder on the NTP backbone that can mask invalid prefixes (':constrained')."""
 
@@ -159,6 +164,21 @@ class NtpDecoder(Decoder):
     @classmethod
     def requests(cls, options, settings: ModelSettings) -> dict[str, ModelRequest]:
         return {"ntp": ModelRequest("ntp", settings)}
+
+
+class WideBeamDecoder(NtpDecoder):
+    """A beam search on the NTP backbone that can keep more beams than K before the last
+    level (':width=N'): a wider search finds likelier SIDs, at more cost a step."""
+
+    Options = BeamOptions
+
+    def __init__(self, catalog: Catalog, k: int, models: dict, options):
+        super().__init__(catalog, k, models, options)
+        self.width = beam_width(self.name, "width", options.width, k, catalog)
+
+    @classmethod
+    def check_options(cls, options, catalog: Catalog, k: int) -> None:
+        beam_width(cls.name, "width", options.width, k, catalog)
 
 
 def refuse_repeat_bias(decoder: str, request: ModelRequest, why: str) -> ModelRequest:

@@ -8,8 +8,8 @@ import torch
 
 from decoders.base import (
     DecodeResult,
-    NtpDecoder,
     ValidPrefixes,
+    WideBeamDecoder,
     extend_prefixes,
     finish,
     level_log_probs,
@@ -57,7 +57,16 @@ class SharedPrompt:
 
 
 def continue_beam(
-    catalog, logits, steps, scores, prefixes, k: int, constrained: bool, trail: list | None = None, repeats=None
+    catalog,
+    logits,
+    steps,
+    scores,
+    prefixes,
+    k: int,
+    constrained: bool,
+    trail: list | None = None,
+    repeats=None,
+    width: int | None = None,
 ):
     """Beam search from level prefixes.shape[-1] to the last level.
 
@@ -65,7 +74,8 @@ def continue_beam(
     backbone takes the next tokens (SharedPrompt or CopiedCache); scores [B, beams];
     prefixes [B, beams, l]. Returns (prefixes [B, K, L], scores [B, K]); `trail`, when
     given, collects the kept prefixes of every level; `repeats` (models.repeat.PromptRepeats),
-    the model's repeat offsets, added to the logits."""
+    the model's repeat offsets, added to the logits; `width` (default k), the beams kept
+    before the last level, which keeps k."""
     size = scores.shape[0]
     valid = ValidPrefixes(catalog, prefixes) if constrained else None
     for level in range(prefixes.shape[-1], catalog.levels):
@@ -75,18 +85,29 @@ def continue_beam(
         candidates = scores.unsqueeze(-1) + log_probs  # [B, beams, C]
         if valid:
             candidates = valid.mask(candidates, level)
-        scores, parent, code = prune(candidates, k)  # [B, K] each
+        last = level + 1 == catalog.levels
+        scores, parent, code = prune(candidates, k if last or width is None else width)  # [B, K or width] each
         prefixes = extend_prefixes(prefixes, parent, code)
-        if valid and level + 1 < catalog.levels:
+        if valid and not last:
             valid.advance(parent, code, level)
         if trail is not None:
             trail.append((prefixes, scores, parent))
-        if level + 1 < catalog.levels:
+        if not last:
             logits = steps.step(parent, code + catalog.offsets[level])
     return prefixes, scores
 
 
-def beam_search(lm, catalog, history, mask, k: int, constrained: bool, trail: list | None = None, repeats=None):
+def beam_search(
+    lm,
+    catalog,
+    history,
+    mask,
+    k: int,
+    constrained: bool,
+    trail: list | None = None,
+    repeats=None,
+    width: int | None = None,
+):
     """Prefill once, then continue_beam from the first level, on a shared prompt cache
     where the backbone offers one (decoder-only), else on copies."""
     logits, state = lm.prefill(history, mask)  # [B, V]
@@ -94,19 +115,27 @@ def beam_search(lm, catalog, history, mask, k: int, constrained: bool, trail: li
     steps = SharedPrompt(lm, state) if hasattr(lm, "extend_beams") else CopiedCache(lm, state)
     scores = logits.new_zeros(size, 1)
     prefixes = torch.zeros(size, 1, 0, dtype=torch.long, device=logits.device)
-    return continue_beam(catalog, logits, steps, scores, prefixes, k, constrained, trail, repeats)
+    return continue_beam(catalog, logits, steps, scores, prefixes, k, constrained, trail, repeats, width)
 
 
 @register
-class BeamSearch(NtpDecoder):
+class BeamSearch(WideBeamDecoder):
     name = "beam"
     description = (
-        "one prefill, L-1 decode steps of K beams sharing the prompt's KV cache; :constrained masks invalid prefixes"
+        "one prefill, L-1 decode steps of K beams sharing the prompt's KV cache; :constrained masks invalid "
+        "prefixes; :width=N keeps N >= K beams before the last level"
     )
 
     @torch.no_grad()
     def decode(self, prompt) -> DecodeResult:
         found = beam_search(
-            self.lm, self.catalog, prompt.history, prompt.mask, self.k, self.constrained, repeats=self.repeats(prompt)
+            self.lm,
+            self.catalog,
+            prompt.history,
+            prompt.mask,
+            self.k,
+            self.constrained,
+            repeats=self.repeats(prompt),
+            width=self.width,
         )
         return finish(*found)

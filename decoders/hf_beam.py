@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from decoders.base import NEG_INF, DecodeResult, NtpDecoder, finish, register
+from decoders.base import NEG_INF, DecodeResult, WideBeamDecoder, finish, register
 
 
 class SidLevelProcessor(LogitsProcessor):
@@ -50,9 +50,12 @@ class SidLevelProcessor(LogitsProcessor):
 
 
 @register
-class HFBeam(NtpDecoder):
+class HFBeam(WideBeamDecoder):
     name = "hf_beam"
-    description = "transformers generate(num_beams=K): prompt prefilled once per beam, cache reordered each step"
+    description = (
+        "transformers generate(num_beams=K): prompt prefilled once per beam, cache reordered each step; "
+        ":constrained masks invalid prefixes; :width=N runs N >= K beams and returns the best K"
+    )
 
     @torch.no_grad()
     def decode(self, prompt) -> DecodeResult:
@@ -66,11 +69,11 @@ class HFBeam(NtpDecoder):
             repeats,
         )
         # with one beam generate runs greedy search, which takes no beam settings and reports raw logits
-        beam_settings = dict(length_penalty=0.0, early_stopping=True) if self.k > 1 else dict(output_logits=True)
+        beam_settings = dict(length_penalty=0.0, early_stopping=True) if self.width > 1 else dict(output_logits=True)
         out = self.lm.lm.generate(
             input_ids=prompt.history,
             attention_mask=prompt.mask,
-            num_beams=self.k,
+            num_beams=self.width,
             num_return_sequences=self.k,
             max_new_tokens=levels,
             min_new_tokens=levels,
@@ -85,7 +88,7 @@ class HFBeam(NtpDecoder):
         )
         generated = out.sequences[:, -levels:]  # [B*K, L]
         sids = (generated - processor.offsets).view(size, self.k, levels)
-        if self.k > 1:
+        if self.width > 1:
             scores = out.sequences_scores.float()
         else:  # greedy search's raw logits, with the repeat offsets after the codes before each level
             steps = [step.float() for step in out.logits]

@@ -66,6 +66,49 @@ def test_beam_equals_huggingface_generate_on_the_other_backbones(catalog, backbo
     torch.testing.assert_close(ours.scores, theirs.scores, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("k,width,constrained", [(1, 4, False), (5, 9, False), (5, 12, True)])
+def test_wider_beam_equals_huggingface_generate_with_as_many_beams(catalog, ntp, k, width, constrained):
+    """beam:width=N keeps N beams before the last level and the best K at it, which is
+    what generate(num_beams=N, num_return_sequences=K) returns."""
+    batch = random_batch(catalog, users=5, seed=width)
+    spec = f"{':constrained' if constrained else ''}:width={width}"
+    ours, calls = decode("beam" + spec, catalog, k, {"ntp": ntp}, batch)
+    theirs, _ = decode("hf_beam" + spec, catalog, k, {"ntp": ntp}, batch)
+    assert ours.sids.shape == (5, k, catalog.levels)
+    assert torch.equal(ours.sids, theirs.sids)
+    torch.testing.assert_close(ours.scores, theirs.scores, atol=1e-4, rtol=1e-4)
+    assert calls == catalog.levels
+    narrow, _ = decode("beam" + spec.replace(f"width={width}", f"width={k}"), catalog, k, {"ntp": ntp}, batch)
+    default, _ = decode("beam" + spec.split(":width")[0], catalog, k, {"ntp": ntp}, batch)
+    assert torch.equal(narrow.sids, default.sids)
+
+
+def test_beam_as_wide_as_the_code_space_is_exhaustive(catalog, ntp):
+    """With a width of every SID, beam scores every SID: it returns the top-K of the
+    backbone's joint log-probabilities over the whole code space."""
+    batch = random_batch(catalog, users=2, seed=8)
+    result, _ = decode(f"beam:width={catalog.code_space}", catalog, 4, {"ntp": ntp}, batch)
+    grid = torch.cartesian_prod(*[torch.arange(s) for s in catalog.codebook_sizes])  # [240, L]
+    levels = catalog.levels
+    for user in range(2):
+        history = batch.history[user][batch.mask[user].bool()]
+        tokens = torch.cat([history.expand(len(grid), -1), grid + torch.tensor(catalog.offsets)], dim=1)
+        with torch.no_grad():
+            log_probs = torch.log_softmax(ntp.lm.logits(tokens, torch.ones_like(tokens)).float(), -1)
+        steps = log_probs[:, len(history) - 1 : len(history) - 1 + levels]  # [240, L, V]
+        joint = steps.gather(2, tokens[:, len(history) :].unsqueeze(-1)).squeeze(-1).sum(1)
+        best = joint.topk(4)
+        assert torch.equal(grid[best.indices], result.sids[user])
+        torch.testing.assert_close(best.values, result.scores[user], atol=1e-4, rtol=1e-4)
+
+
+def test_beam_width_below_k_or_beyond_the_code_space_is_refused(catalog, ntp):
+    with pytest.raises(BenchError, match="beam: width=3 is below K=5; it must be at least K"):
+        build_decoder("beam:width=3", catalog, 5, {"ntp": ntp})
+    with pytest.raises(BenchError, match="hf_beam: width=241 is above the 240 SIDs of the code space"):
+        build_decoder("hf_beam:width=241", catalog, 5, {"ntp": ntp})
+
+
 def test_beams_share_the_prompt_cache_instead_of_copying_it(catalog, ntp):
     """After a beam search the cache still holds one row per user: the prompt once and
     K generated columns per decode step, never K copies of the prompt."""
@@ -190,8 +233,8 @@ def test_decoder_specs_are_parsed_and_checked():
     assert (name, options.verifier, options.head_beam, options.transition) == ("nezha", "last", 40, None)
     with pytest.raises(BenchError, match="unknown decoder 'bream'"):
         parse_spec("bream")
-    with pytest.raises(BenchError, match="unknown option 'width'"):
-        parse_spec("beam:width=3")
+    with pytest.raises(BenchError, match="unknown option 'widht'"):
+        parse_spec("beam:widht=3")
     with pytest.raises(BenchError, match="option 'head_beam' in 'nezha:head_beam=wide': 'wide' is not an integer"):
         parse_spec("nezha:head_beam=wide")
     with pytest.raises(BenchError, match="head_beam -1: must be at least 0"):
