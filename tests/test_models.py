@@ -344,18 +344,23 @@ def test_item_teacher_targets_equal_a_brute_force_sum_on_a_random_catalogue(cata
             torch.testing.assert_close(got[row], want / want.sum())
 
 
-def item_teacher_pair(catalog, weight: float):
-    student = random_model("ntp", catalog, seed=5, backbone="qwen-micro", item_teacher=weight)
+def item_teacher_pair(catalog, weight: float, **settings):
+    student = random_model("ntp", catalog, seed=5, backbone="qwen-micro", item_teacher=weight, **settings)
     teacher = random_model("next_item", catalog, seed=6, backbone="sasrec-tiny")
     student.distil_from(teacher)
     return student, teacher
 
 
-def test_the_item_teacher_loss_reads_the_teachers_next_item_at_every_sid_token(catalog):
+@pytest.mark.parametrize("repeat_bias", [False, True])
+def test_the_item_teacher_loss_reads_the_teachers_next_item_at_every_sid_token(catalog, repeat_bias):
     """Against a loop over windows, items and levels: the token predicting level l of item
     j is scored against the teacher's distribution after items 1..j-1, under item j's first
-    l codes; the loss mixes it with the one-hot loss by the weight."""
-    student, teacher = item_teacher_pair(catalog, 0.25)
+    l codes; the loss mixes it with the one-hot loss by the weight. With --repeat-bias both
+    terms read the logits after the model's repeat offsets."""
+    student, teacher = item_teacher_pair(catalog, 0.25, repeat_bias=repeat_bias)
+    if repeat_bias:  # offsets large enough to move the loss (the window [5, 5, 40] repeats an item)
+        with torch.no_grad():
+            student.repeat_bias.per_level.copy_(torch.tensor([0.2, -0.1, -0.4]))
     windows = [[3, 17, 42, 8], [11, 2], [5, 5, 40]]
     batch = student.collate(windows)
     sids, levels = catalog.sids.long(), catalog.levels
@@ -365,7 +370,10 @@ def test_the_item_teacher_loss_reads_the_teachers_next_item_at_every_sid_token(c
         terms = []
         for window in windows:
             items = torch.tensor(window)
-            logits = student.lm.logits(catalog.item_tokens(items).flatten()[None], torch.ones(1, len(window) * levels))
+            tokens, mask = catalog.item_tokens(items).flatten()[None], torch.ones(1, len(window) * levels)
+            logits = student.lm.logits(tokens, mask)
+            if repeat_bias:
+                logits = student.repeat_bias.add_to_window(logits, tokens, mask)
             lm_probs = torch.log_softmax(logits[0], -1)
             teacher_probs = torch.softmax(teacher.lm.item_scores(items[None] + 1, torch.ones(1, len(window))), -1)[0]
             for j in range(1, len(window)):
