@@ -225,7 +225,7 @@ class RunSettings:
         "(see README for every decoder and option)",
     )
     constrained: bool = setting(False, "every decoder that takes the option masks invalid prefixes")
-    k: int = setting(20, "recommendations per user (beam width)", low=1)
+    k: int = setting(20, "recommendations per user (and the beams of a beam search unless it sets its own)", low=1)
     batch_size: int = setting(32, "users per decoding batch", low=1)
     split: Literal["test", "valid"] = setting("test", "the held-out item to predict")
     ckpt: list[str] = setting(

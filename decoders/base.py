@@ -9,6 +9,7 @@ on `backbone_core`, never declared by the decoder.
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, ClassVar
@@ -173,12 +174,13 @@ class WideBeamDecoder(NtpDecoder):
     Options = BeamOptions
 
     def __init__(self, catalog: Catalog, k: int, models: dict, options):
-        super().__init__(catalog, k, models, options)
-        self.width = beam_width(self.name, "width", options.width, k, catalog)
+        width = beam_width(self.name, "width", options.width, k, catalog, last_keeps_k=True)
+        super().__init__(catalog, k, models, replace(options, width=width))  # records hold the width searched
+        self.width = width
 
     @classmethod
     def check_options(cls, options, catalog: Catalog, k: int) -> None:
-        beam_width(cls.name, "width", options.width, k, catalog)
+        beam_width(cls.name, "width", options.width, k, catalog, last_keeps_k=True)
 
 
 def refuse_repeat_bias(decoder: str, request: ModelRequest, why: str) -> ModelRequest:
@@ -228,10 +230,17 @@ def parse_spec(spec: str):
     return name, options_cls(**values)
 
 
-def beam_width(decoder: str, option: str, width: int, k: int, catalog: Catalog) -> int:
-    """A decoder's own beam width option: 0 means K; below K or beyond the code space is refused."""
+def beam_width(decoder: str, option: str, width: int, k: int, catalog: Catalog, last_keeps_k: bool = False) -> int:
+    """A decoder's own beam width option: 0 means K; below K or beyond what the search can
+    hold is refused: the code space, or (a search whose last level keeps K) the prefixes
+    of the levels before the last."""
     if width and width < k:
         raise BenchError(f"{decoder}: {option}={width} is below K={k}; it must be at least K")
+    if last_keeps_k and width > math.prod(catalog.codebook_sizes[:-1]):
+        raise BenchError(
+            f"{decoder}: {option}={width} is above the {math.prod(catalog.codebook_sizes[:-1])} prefixes "
+            "of the levels before the last, which the beams hold; more beams cannot find more"
+        )
     if width > catalog.code_space:
         raise BenchError(
             f"{decoder}: {option}={width} is above the {catalog.code_space} SIDs of the code space; "

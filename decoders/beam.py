@@ -1,6 +1,7 @@
 """Beam search on the NTP backbone, written for SIDs: the prompt is prefilled once per
-batch, then L-1 decode steps of the K beams; on decoder-only backbones the beams share
-the prompt's KV cache (no copy), on encoder-decoders each beam gets its own."""
+batch, then L-1 decode steps of the K beams (or :width=N of them before the last level);
+on decoder-only backbones the beams share the prompt's KV cache (no copy), on
+encoder-decoders each beam gets its own."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Hugging Face `generate(num_beams=K)` on the NTP backbone: the reference for
-correctness and the comparator of the NEZHA paper.
+correctness and the comparator of the NEZHA paper (:width=N: num_beams=N, the best K
+returned).
 
 How it differs from `beam`: on a decoder-only backbone generate expands the prompt to
 B*K rows before the prefill, so the prompt is computed K times instead of once, and it

@@ -53,7 +53,7 @@ class Nezha(Decoder):
 
     @classmethod
     def check_options(cls, options, catalog, k):
-        beam_width("nezha", "head_beam", options.head_beam, k, catalog)
+        beam_width("nezha", "head_beam", options.head_beam, k, catalog, last_keeps_k=True)
 
     def __init__(self, catalog, k, models, options):
         model = models["nezha"]
@@ -66,7 +66,7 @@ class Nezha(Decoder):
                 )
         options = replace(
             options,
-            head_beam=beam_width("nezha", "head_beam", options.head_beam, k, catalog),
+            head_beam=beam_width("nezha", "head_beam", options.head_beam, k, catalog, last_keeps_k=True),
             transition=model.settings.transition,
             placeholders=model.settings.placeholders,
         )

@@ -237,7 +237,9 @@ CASES = [
     case("nezha verifier not a choice", RUN + " --decoder nezha:verifier=x", "'x' is not one of every, last, off"),
     case("nezha head_beam not a number", RUN + " --decoder nezha:head_beam=wide", "'wide' is not an integer"),
     case("nezha head_beam negative", RUN + " --decoder nezha:head_beam=-1", "head_beam -1: must be at least 0"),
-    case("nezha head_beam above the code space", RUN + " --decoder nezha:head_beam=100000", "above the 8192 SIDs"),
+    case("nezha head_beam above the prefixes", RUN + " --decoder nezha:head_beam=100000", "above the 256 prefixes"),
+    case("beam width below K", RUN + " --decoder beam:width=5", "beam: width=5 is below K=20"),
+    case("hf_beam width above the prefixes", RUN + " --decoder hf_beam:width=300", "above the 256 prefixes"),
     case("nezha head_beam below K", RUN + " --decoder nezha:head_beam=5", "head_beam=5 is below K=20"),
     case("speculative draft_beam below K", RUN + " --decoder speculative:draft_beam=5", "draft_beam=5 is below K=20"),
     case(

@@ -66,28 +66,34 @@ def test_beam_equals_huggingface_generate_on_the_other_backbones(catalog, backbo
     torch.testing.assert_close(ours.scores, theirs.scores, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("k,width,constrained", [(1, 4, False), (5, 9, False), (5, 12, True)])
-def test_wider_beam_equals_huggingface_generate_with_as_many_beams(catalog, ntp, k, width, constrained):
+@pytest.mark.parametrize(
+    "k,width,constrained,backbone",
+    [(1, 4, False, None), (5, 9, False, None), (5, 12, True, None), (5, 9, True, "t5-tiny")],
+)
+def test_wider_beam_equals_huggingface_generate_with_as_many_beams(catalog, ntp, k, width, constrained, backbone):
     """beam:width=N keeps N beams before the last level and the best K at it, which is
-    what generate(num_beams=N, num_return_sequences=K) returns."""
+    what generate(num_beams=N, num_return_sequences=K) returns (T5: beams on copied caches);
+    it finds other lists than K beams do, and width=K is beam itself."""
+    model = random_model("ntp", catalog, seed=4, backbone=backbone) if backbone else ntp
     batch = random_batch(catalog, users=5, seed=width)
     spec = f"{':constrained' if constrained else ''}:width={width}"
-    ours, calls = decode("beam" + spec, catalog, k, {"ntp": ntp}, batch)
-    theirs, _ = decode("hf_beam" + spec, catalog, k, {"ntp": ntp}, batch)
+    ours, calls = decode("beam" + spec, catalog, k, {"ntp": model}, batch)
+    theirs, _ = decode("hf_beam" + spec, catalog, k, {"ntp": model}, batch)
     assert ours.sids.shape == (5, k, catalog.levels)
     assert torch.equal(ours.sids, theirs.sids)
     torch.testing.assert_close(ours.scores, theirs.scores, atol=1e-4, rtol=1e-4)
     assert calls == catalog.levels
-    narrow, _ = decode("beam" + spec.replace(f"width={width}", f"width={k}"), catalog, k, {"ntp": ntp}, batch)
-    default, _ = decode("beam" + spec.split(":width")[0], catalog, k, {"ntp": ntp}, batch)
+    narrow, _ = decode("beam" + spec.replace(f"width={width}", f"width={k}"), catalog, k, {"ntp": model}, batch)
+    default, _ = decode("beam" + spec.split(":width")[0], catalog, k, {"ntp": model}, batch)
     assert torch.equal(narrow.sids, default.sids)
+    assert not torch.equal(ours.sids, default.sids)
 
 
 def test_beam_as_wide_as_the_code_space_is_exhaustive(catalog, ntp):
-    """With a width of every SID, beam scores every SID: it returns the top-K of the
-    backbone's joint log-probabilities over the whole code space."""
+    """With a width of every prefix before the last level, beam scores every SID: it
+    returns the top-K of the backbone's joint log-probabilities over the whole code space."""
     batch = random_batch(catalog, users=2, seed=8)
-    result, _ = decode(f"beam:width={catalog.code_space}", catalog, 4, {"ntp": ntp}, batch)
+    result, _ = decode("beam:width=30", catalog, 4, {"ntp": ntp}, batch)  # 6 x 5 prefixes of 2 codes
     grid = torch.cartesian_prod(*[torch.arange(s) for s in catalog.codebook_sizes])  # [240, L]
     levels = catalog.levels
     for user in range(2):
@@ -102,11 +108,13 @@ def test_beam_as_wide_as_the_code_space_is_exhaustive(catalog, ntp):
         torch.testing.assert_close(best.values, result.scores[user], atol=1e-4, rtol=1e-4)
 
 
-def test_beam_width_below_k_or_beyond_the_code_space_is_refused(catalog, ntp):
+def test_beam_width_below_k_or_beyond_the_prefixes_is_refused(catalog, ntp):
     with pytest.raises(BenchError, match="beam: width=3 is below K=5; it must be at least K"):
         build_decoder("beam:width=3", catalog, 5, {"ntp": ntp})
-    with pytest.raises(BenchError, match="hf_beam: width=241 is above the 240 SIDs of the code space"):
-        build_decoder("hf_beam:width=241", catalog, 5, {"ntp": ntp})
+    with pytest.raises(BenchError, match="hf_beam: width=31 is above the 30 prefixes of the levels before the last"):
+        build_decoder("hf_beam:width=31", catalog, 5, {"ntp": ntp})
+    assert build_decoder("beam:width=30", catalog, 5, {"ntp": ntp}).options.width == 30
+    assert build_decoder("beam", catalog, 5, {"ntp": ntp}).options.width == 5  # what records hold
 
 
 def test_beams_share_the_prompt_cache_instead_of_copying_it(catalog, ntp):
@@ -183,8 +191,7 @@ def test_nezha_beam_ranks_by_head_scores(catalog, nezha):
     """Unconstrained head beam with a beam as wide as the code space is exhaustive:
     its best SID is the argmax of the head's joint score over all SIDs."""
     batch = random_batch(catalog, users=2, seed=6)
-    width = 6 * 5 * 8
-    result, _ = decode(f"nezha:verifier=off:head_beam={width}", catalog, 3, {"nezha": nezha}, batch)
+    result, _ = decode("nezha:verifier=off:head_beam=30", catalog, 3, {"nezha": nezha}, batch)  # 6 x 5 prefixes
     with torch.no_grad():
         h0_all, hp_all = nezha.lm.nezha_states(batch.history, batch.mask, torch.tensor(catalog.placeholder_tokens))
         grid = torch.cartesian_prod(*[torch.arange(s) for s in catalog.codebook_sizes])  # [240, 3]
@@ -202,7 +209,7 @@ def test_verified_nezha_ranks_the_real_items_by_head_scores(catalog, nezha):
     """Verified at every level with an exhaustive head beam, NEZHA returns the top-K of
     the catalogue's own SIDs by the head's joint score (read off the trie's leaves)."""
     batch = random_batch(catalog, users=2, seed=6)
-    result, _ = decode(f"nezha:head_beam={6 * 5 * 8}", catalog, 5, {"nezha": nezha}, batch)
+    result, _ = decode("nezha:head_beam=30", catalog, 5, {"nezha": nezha}, batch)
     sids = catalog.sids  # [60, 3]
     with torch.no_grad():
         h0_all, hp_all = nezha.lm.nezha_states(batch.history, batch.mask, torch.tensor(catalog.placeholder_tokens))
@@ -252,8 +259,8 @@ def test_nezha_options_are_checked(catalog, nezha):
         build_decoder("nezha:transition=gru", catalog, 4, {"nezha": nezha})
     with pytest.raises(BenchError, match="below K"):
         build_decoder("nezha:head_beam=2", catalog, 4, {"nezha": nezha})
-    with pytest.raises(BenchError, match="head_beam=241 is above the 240 SIDs of the code space"):
-        build_decoder("nezha:head_beam=241", catalog, 4, {"nezha": nezha})
+    with pytest.raises(BenchError, match="head_beam=31 is above the 30 prefixes of the levels before the last"):
+        build_decoder("nezha:head_beam=31", catalog, 4, {"nezha": nezha})
 
 
 def test_verifier_only_at_the_last_level_returns_no_invalid_sid_but_may_leave_slots_empty(catalog, nezha):
@@ -268,7 +275,7 @@ def test_verifier_only_at_the_last_level_returns_no_invalid_sid_but_may_leave_sl
 def test_wider_head_beam_never_finds_worse_candidates(catalog, nezha):
     batch = random_batch(catalog, users=8, seed=9)
     narrow, _ = decode("nezha:verifier=off", catalog, 3, {"nezha": nezha}, batch)
-    wide, _ = decode("nezha:verifier=off:head_beam=60", catalog, 3, {"nezha": nezha}, batch)
+    wide, _ = decode("nezha:verifier=off:head_beam=30", catalog, 3, {"nezha": nezha}, batch)
     assert (wide.scores >= narrow.scores - 1e-5).all()
     assert (wide.scores > narrow.scores + 1e-5).any()
 
