@@ -90,6 +90,12 @@ class ModelSettings:
         "constant", "after the warm-up: constant, or cosine decay to 0 at --max-epochs"
     )
     dropout: float = setting(0.1, "embedding, attention and output dropout", low=0.0, below=1.0)
+    label_smoothing: float = setting(
+        0.0,
+        "label smoothing of every one-hot cross-entropy (torch's: that share of the target spread over all classes)",
+        low=0.0,
+        below=1.0,
+    )
     attention_dropout: float | None = setting(
         None,
         "dropout of the attention probabilities instead of --dropout (unset: --dropout); on the CPU drawing it "

@@ -152,6 +152,7 @@ KEYLESS_WHEN = {
     "item_scores": "tied",
     "repeat_bias": False,
     "item_teacher": 0.0,
+    "label_smoothing": 0.0,
 }
 
 

@@ -155,14 +155,21 @@ def collate_ntp(windows: list[list[int]], catalog: Catalog, item_ids: bool = Fal
     return batch
 
 
+def one_hot_loss(model, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy of every objective's one-hot targets: logits [N, C], labels [N]
+    (IGNORE: no target), with the model's --label-smoothing (torch's: that share of the
+    target spread evenly over all C classes)."""
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE, label_smoothing=model.settings.label_smoothing)
+
+
 def ntp_loss(model, batch: dict) -> torch.Tensor:
     if "decoder" in batch:
         logits = model.lm.logits(batch["history"], batch["mask"], batch["decoder"], batch.get("layout"))  # [B, m, V]
-        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
+        return one_hot_loss(model, logits.flatten(0, 1), batch["labels"].flatten())
     logits = model.lm.logits(batch["input_ids"], batch["attention_mask"])  # [B, T, V]
     if model.repeat_bias is not None:
         model.repeat_bias.add_to_window(logits, batch["input_ids"], batch["attention_mask"])
-    hard = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
+    hard = one_hot_loss(model, logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
     if "items" not in batch:
         return hard
     weight = model.settings.item_teacher
@@ -312,11 +319,11 @@ def nezha_loss(model, batch: dict) -> torch.Tensor:
         placeholders = h0.new_zeros(h0.shape[0], len(model.head.classifiers), h0.shape[1])
     codes = batch["target_codes"]
     logits = model.head.teacher_forced_logits(h0, placeholders, codes)
-    head = torch.stack([F.cross_entropy(lg, codes[:, level]) for level, lg in enumerate(logits)]).mean()
+    head = torch.stack([one_hot_loss(model, lg, codes[:, level]) for level, lg in enumerate(logits)]).mean()
     if not model.settings.history_loss:
         return head
     labeled = batch["history_labels"] != IGNORE  # [B, T]
-    history = F.cross_entropy(model.lm.lm.lm_head(hidden[labeled]), batch["history_labels"][labeled])
+    history = one_hot_loss(model, model.lm.lm.lm_head(hidden[labeled]), batch["history_labels"][labeled])
     return head + model.settings.history_loss * history
 
 
@@ -410,11 +417,12 @@ def medusa_loss(model, batch: dict) -> torch.Tensor:
         hidden = model.lm.hidden(batch["input_ids"], batch["attention_mask"])  # [B, T, d]
     at_item_end = hidden[batch["rows"], batch["item_end"]]  # [N, d]
     codes = batch["target_codes"]
-    heads = torch.stack([F.cross_entropy(lg, codes[:, j + 1]) for j, lg in enumerate(model.medusa(at_item_end))]).mean()
+    heads = torch.stack([one_hot_loss(model, lg, codes[:, j + 1]) for j, lg in enumerate(model.medusa(at_item_end))])
+    heads = heads.mean()
     if not joint:
         return heads
     logits = model.lm.lm.lm_head(hidden)
-    lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
+    lm = one_hot_loss(model, logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
     return lm + heads
 
 
@@ -427,7 +435,7 @@ def collate_next_item(windows: list[list[int]]) -> dict:
 
 def next_item_loss(model, batch: dict) -> torch.Tensor:
     scores = model.lm.item_scores(batch["items"], batch["mask"])  # [B, T, N]
-    return F.cross_entropy(scores[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
+    return one_hot_loss(model, scores[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
 
 
 def collate(

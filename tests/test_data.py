@@ -459,7 +459,7 @@ def test_an_ntp_model_taught_by_the_item_model_is_cached_apart_and_names_its_tea
 
     settings, data = ModelSettings(backbone="qwen-micro"), load_dataset("synthetic")
     before = objectives.shaping_settings("ntp", asdict(settings))
-    for later in ("attention_dropout", "encoder", "item_teacher", "repeat_bias"):  # none existed then
+    for later in ("attention_dropout", "encoder", "item_teacher", "repeat_bias", "label_smoothing"):  # none then
         del before[later]
     blob = json.dumps(
         {"objective": "ntp", "catalog": data.catalog.fingerprint, "seed": 0, "init": "", **before}, sort_keys=True
@@ -487,7 +487,7 @@ def test_a_nezha_model_without_history_loss_keeps_the_key_it_had_before_the_sett
     data = load_dataset("synthetic")
     settings = ModelSettings(backbone="qwen-micro")
     before = objectives.shaping_settings("nezha", asdict(settings))
-    for later in ("history_loss", "attention_dropout", "nezha_init", "encoder"):  # none existed then
+    for later in ("history_loss", "attention_dropout", "nezha_init", "encoder", "label_smoothing"):  # none then
         del before[later]
     blob = json.dumps({"objective": "nezha", "catalog": data.catalog.fingerprint, "seed": 0, "init": "", **before}, sort_keys=True)
     assert cache_key("nezha", settings, data, 0) == f"nezha-qwen-micro-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"

@@ -1,6 +1,8 @@
 """Objectives and checkpoints: the one-pass NEZHA layout sees exactly what inference
 sees, losses fall, checkpoints refuse the wrong catalogue."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import random_catalog, random_model, training_losses
@@ -430,3 +432,32 @@ def test_only_an_ntp_model_with_item_teacher_learns_from_the_item_model(catalog)
         random_model("ntp", catalog, seed=5, backbone="qwen-micro", item_teacher=0.5).distil_from(
             random_model("ntp", catalog, seed=7, backbone="qwen-micro")
         )
+
+
+@pytest.mark.parametrize("objective,settings", [("ntp", {}), ("nezha", {"history_loss": 0.5}), ("next_item", {})])
+def test_label_smoothing_mixes_each_objectives_one_hot_loss_with_a_uniform_target(catalog, objective, settings):
+    """Smoothing e gives (1 - e) x the one-hot loss + e x the loss against a uniform
+    target, so the loss moves linearly in e (every term of NEZHA's loss too)."""
+    backbone = "sasrec-tiny" if objective == "next_item" else "qwen-micro"
+    model = random_model(objective, catalog, seed=7, backbone=backbone, **settings).eval()
+    batch = model.collate([[3, 17, 42, 8], [11, 2], [5, 5, 40]])
+    losses = []
+    for smoothing in (0.0, 0.2, 0.4):
+        model.settings = replace(model.settings, label_smoothing=smoothing)
+        with torch.no_grad():
+            losses.append(objectives.loss(objective, model, batch))
+    assert abs(float(losses[1] - losses[0])) > 0.01  # the smoothing moves the loss
+    torch.testing.assert_close(losses[2] - losses[0], 2 * (losses[1] - losses[0]), atol=1e-5, rtol=1e-4)
+
+
+def test_label_smoothing_of_the_ntp_loss_by_hand(catalog):
+    model = random_model("ntp", catalog, seed=7, backbone="qwen-micro", label_smoothing=0.1).eval()
+    window, levels = [3, 17, 42], catalog.levels
+    tokens = catalog.item_tokens(torch.tensor(window)).flatten()
+    with torch.no_grad():
+        total = objectives.ntp_loss(model, model.collate([window]))
+        log_probs = torch.log_softmax(model.lm.logits(tokens[None], torch.ones(1, len(tokens)))[0], -1)
+    targets = range(levels, len(tokens))  # the first item is context only
+    nll = torch.stack([-log_probs[t - 1, tokens[t]] for t in targets]).mean()
+    uniform = torch.stack([-log_probs[t - 1].mean() for t in targets]).mean()
+    torch.testing.assert_close(total, 0.9 * nll + 0.1 * uniform, atol=1e-5, rtol=1e-5)
