@@ -471,6 +471,8 @@ def test_an_ntp_model_taught_by_the_item_model_is_cached_apart_and_names_its_tea
     other_teacher = cache_key("ntp", taught, data, 0, teacher_key="next_item-sasrec-small-0123456789")
     assert len({plain, first, other_teacher}) == 3
     assert cache_key("nezha", taught, data, 0) == cache_key("nezha", settings, data, 0)  # an NTP setting only
+    smoothed = replace(settings, label_smoothing=0.1)
+    assert cache_key("ntp", smoothed, data, 0) != plain
 
 
 def test_a_nezha_model_without_history_loss_keeps_the_key_it_had_before_the_setting_existed():

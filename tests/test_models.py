@@ -434,10 +434,8 @@ def test_only_an_ntp_model_with_item_teacher_learns_from_the_item_model(catalog)
         )
 
 
-@pytest.mark.parametrize("objective,settings", [("ntp", {}), ("nezha", {"history_loss": 0.5}), ("next_item", {})])
-def test_label_smoothing_mixes_each_objectives_one_hot_loss_with_a_uniform_target(catalog, objective, settings):
-    """Smoothing e gives (1 - e) x the one-hot loss + e x the loss against a uniform
-    target, so the loss moves linearly in e (every term of NEZHA's loss too)."""
+def smoothing_slopes(catalog, objective: str, **settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss's changes from label smoothing 0 to 0.2 and to 0.4, on fixed windows."""
     backbone = "sasrec-tiny" if objective == "next_item" else "qwen-micro"
     model = random_model(objective, catalog, seed=7, backbone=backbone, **settings).eval()
     batch = model.collate([[3, 17, 42, 8], [11, 2], [5, 5, 40]])
@@ -446,8 +444,26 @@ def test_label_smoothing_mixes_each_objectives_one_hot_loss_with_a_uniform_targe
         model.settings = replace(model.settings, label_smoothing=smoothing)
         with torch.no_grad():
             losses.append(objectives.loss(objective, model, batch))
-    assert abs(float(losses[1] - losses[0])) > 0.01  # the smoothing moves the loss
-    torch.testing.assert_close(losses[2] - losses[0], 2 * (losses[1] - losses[0]), atol=1e-5, rtol=1e-4)
+    return losses[1] - losses[0], losses[2] - losses[0]
+
+
+@pytest.mark.parametrize(
+    "objective,settings",
+    [("ntp", {}), ("nezha", {"history_loss": 0.5}), ("next_item", {}), ("medusa", {"medusa_mode": "joint"})],
+)
+def test_label_smoothing_mixes_each_objectives_one_hot_loss_with_a_uniform_target(catalog, objective, settings):
+    """Smoothing e gives (1 - e) x the one-hot loss + e x the loss against a uniform
+    target, so the loss moves linearly in e."""
+    first, second = smoothing_slopes(catalog, objective, **settings)
+    assert abs(float(first)) > 0.01  # the smoothing moves the loss
+    torch.testing.assert_close(second, 2 * first, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("objective,term", [("nezha", {"history_loss": 0.5}), ("medusa", {"medusa_mode": "joint"})])
+def test_label_smoothing_reaches_every_term_of_a_loss(catalog, objective, term):
+    """NEZHA's history term and Medusa-2's LM term are smoothed too: with them the loss
+    moves by another amount than without them."""
+    assert abs(float(smoothing_slopes(catalog, objective, **term)[0] - smoothing_slopes(catalog, objective)[0])) > 1e-3
 
 
 def test_label_smoothing_of_the_ntp_loss_by_hand(catalog):

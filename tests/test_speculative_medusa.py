@@ -326,3 +326,19 @@ def test_medusa_training_freezes_the_backbone_only_in_frozen_mode(catalog, mode)
     assert changed == (mode == "joint")
     model.eval().validation_step(random_eval_batch(catalog, users=4), 0)  # validates with the decoder of its own mode
     assert 0 <= float(model.val_recall.compute()) <= 1
+
+
+def test_an_aligned_draft_is_trained_without_the_one_hot_settings_it_has_no_use_for():
+    """Distilled on its backbone's distributions (a KL), an aligned draft takes neither
+    the item teacher nor label smoothing: the same draft whatever they are."""
+    from bench.settings import ModelSettings
+    from decoders import REGISTRY, parse_spec
+
+    name, options = parse_spec("speculative:draft=aligned")
+    plain = REGISTRY[name].requests(options, ModelSettings(backbone="qwen-micro", draft_backbone="qwen-micro"))
+    smoothed = REGISTRY[name].requests(
+        options, ModelSettings(backbone="qwen-micro", draft_backbone="qwen-micro", label_smoothing=0.1)
+    )
+    assert smoothed["ntp"].settings.label_smoothing == 0.1  # the backbone trains with it
+    assert smoothed["draft"].settings == plain["draft"].settings
+    assert smoothed["draft"].settings.label_smoothing == 0.0
