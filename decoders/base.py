@@ -235,10 +235,11 @@ def beam_width(decoder: str, option: str, width: int, k: int, catalog: Catalog, 
     of the levels before the last."""
     if width and width < k:
         raise BenchError(f"{decoder}: {option}={width} is below K={k}; it must be at least K")
-    if last_keeps_k and width > math.prod(catalog.codebook_sizes[:-1]):
+    prefixes = math.prod(catalog.codebook_sizes[:-1])
+    if last_keeps_k and width > prefixes:
         raise BenchError(
-            f"{decoder}: {option}={width} is above the {math.prod(catalog.codebook_sizes[:-1])} prefixes "
-            "of the levels before the last, which the beams hold; more beams cannot find more"
+            f"{decoder}: {option}={width} is above the {prefixes} prefixes of the levels before the last, "
+            "which the beams hold; more beams cannot find more"
         )
     if width > catalog.code_space:
         raise BenchError(
