@@ -68,6 +68,8 @@ def cmd_train(settings) -> None:
     starts_from_ntp = job.objective == "nezha" and model_settings.nezha_init == "ntp"
     if job.objective == "nezha" and job.init_from and not starts_from_ntp:
         raise BenchError("--init-from with --objective nezha needs --nezha-init ntp (the model records its start)")
+    if job.objective == "next_item" and job.init_from:
+        raise BenchError("--init-from starts Medusa, NEZHA or NTP training from an NTP model; not the item model's")
     data = load_data(settings)
     init, init_key = None, job.init_from or ""
     if job.init_from:
@@ -75,7 +77,8 @@ def cmd_train(settings) -> None:
         if init.objective != "ntp" or init.settings.backbone != model_settings.backbone:
             raise BenchError(
                 f"--init-from {job.init_from} is a {init.objective} model with backbone {init.settings.backbone}; "
-                f"{'Medusa' if job.objective == 'medusa' else 'NEZHA'} needs an ntp model with backbone "
+                f"{ {'medusa': 'Medusa', 'nezha': 'NEZHA', 'ntp': 'NTP training'}[job.objective]} needs an ntp "
+                "model with backbone "
                 f"{model_settings.backbone}"
             )
     elif starts_from_ntp:  # the starting model the nezha decoder asks for, from the runs cache

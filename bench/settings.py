@@ -139,6 +139,13 @@ class ModelSettings:
         low=0.0,
         high=1.0,
     )
+    seen_unlikelihood: float = setting(
+        0.0,
+        "NTP models, decoder-only: weight of an unlikelihood term on an item the user already took, one drawn per "
+        "target from the window's items before it: -log(1 - p(its whole SID | the history)), the joint "
+        "probability beam search ranks, in a context teacher forcing on the targets never reaches (0: off)",
+        low=0.0,
+    )
     medusa_mode: Literal["frozen", "joint"] = setting(
         "frozen", "Medusa heads on a frozen backbone (Medusa-1) or trained with it (Medusa-2)"
     )
@@ -289,7 +296,8 @@ class TrainSettings:
     init_from: str | None = setting(
         None,
         "medusa: the trained NTP checkpoint whose backbone the heads sit on; nezha with --nezha-init ntp: the one "
-        "its backbone starts from (default: the runs cache's)",
+        "its backbone starts from (default: the runs cache's); ntp: the one training continues from, with these "
+        "settings (a new schedule; its training record goes into the new one's)",
     )
     resume: str | None = setting(None, "checkpoint to resume from (e.g. runs/.../last.ckpt)")
     run_dir: str | None = setting(None, "where checkpoints go (default: runs/<dataset>/<objective>-<backbone>-<hash>)")

@@ -153,6 +153,7 @@ KEYLESS_WHEN = {
     "repeat_bias": False,
     "item_teacher": 0.0,
     "label_smoothing": 0.0,
+    "seen_unlikelihood": 0.0,
 }
 
 
@@ -275,7 +276,14 @@ def train_model(
                 "Medusa heads read the NTP backbone's logits without its repeat bias: start them from an NTP "
                 "model trained without --repeat-bias"
             )
+        if objective == "ntp" and (init_from.repeat_bias is None) != (model.repeat_bias is None):
+            raise BenchError(
+                f"--init-from: that NTP model was trained {'with' if init_from.repeat_bias is not None else 'without'} "
+                "--repeat-bias; continue it with the same"
+            )
         model.lm.load_state_dict(init_from.lm.state_dict())
+        if model.repeat_bias is not None:
+            model.repeat_bias.load_state_dict(init_from.repeat_bias.state_dict())
         model.started_from = {"objective": init_from.objective, **(init_from.training_record or {})}
     if teacher is not None:
         model.distil_from(teacher)

@@ -51,7 +51,7 @@ class ModelRequest:
     def __post_init__(self):
         own = self.settings.for_objective(self.objective)  # a preset's per-objective settings
         if self.objective == "ntp" and self.teacher is not None:  # an aligned draft learns from its backbone alone
-            own = replace(own, item_teacher=0.0, label_smoothing=0.0)  # (a KL: no one-hot targets to smooth)
+            own = replace(own, item_teacher=0.0, label_smoothing=0.0, seen_unlikelihood=0.0)  # (a KL alone)
         elif self.objective == "ntp" and own.item_teacher > 0:  # trained on the data, it learns from the item model
             self.teacher = ModelRequest("next_item", item_model_settings(self.settings))
         self.settings = own

@@ -174,6 +174,7 @@ class SidRecommender(L.LightningModule):
             aligned=self.aligned,
             causal_encoder=self.settings.encoder == "causal",
             item_ids=self.item_teacher_targets is not None,
+            seen=self.settings.seen_unlikelihood > 0 and not self.aligned,
         )
 
     def training_step(self, batch, batch_idx):
@@ -260,12 +261,22 @@ def check_pairing(objective: str, settings: ModelSettings) -> None:
             f"--history-loss trains the history tokens of NEZHA's one-pass layout, which only a decoder-only "
             f"backbone has; {backbone} is {kind}"
         )
-    for name, value in (("--item-teacher", settings.item_teacher), ("--repeat-bias", settings.repeat_bias)):
+    own = (
+        ("--item-teacher", settings.item_teacher),
+        ("--repeat-bias", settings.repeat_bias),
+        ("--seen-unlikelihood", settings.seen_unlikelihood),
+    )
+    for name, value in own:
         if objective == "ntp" and value and kind != DECODER_ONLY:
             raise BenchError(
                 f"{name} trains on the NTP layout of a decoder-only backbone (one causal pass over a window); "
                 f"{backbone} is {kind}"
             )
+    if objective == "ntp" and settings.seen_unlikelihood and settings.repeat_bias:
+        raise BenchError(
+            "--seen-unlikelihood scores seen items' SIDs without the repeat bias's offsets: drop one of "
+            "--seen-unlikelihood and --repeat-bias"
+        )
     if objective == "medusa" and kind != DECODER_ONLY:
         raise BenchError(
             f"Medusa heads need a decoder-only backbone (their tree check uses tree attention); {backbone} is {kind}"

@@ -7,7 +7,10 @@ ntp:   the SID tokens of the window's items in one causal sequence; cross-entrop
        the frozen item model's distribution over the next item, summed per code under
        the target's true prefix (W): see ItemTeacherTargets. With repeat_bias each
        target's logits carry the learned offsets of models/repeat.py against the items
-       before it in the window.
+       before it in the window. With seen_unlikelihood = W > 0 it adds W x
+       -log(1 - p(s | history)) for an item s drawn from the window before each target,
+       over s's whole SID: seen_item_groups lays the s out after the window as NEZHA
+       lays out its placeholders, so one pass scores the window and them.
 medusa: the ntp layout; at the last token of every item but the last, Medusa head j is
        trained to guess level j+1 of the next item (cross-entropy per head). Medusa-1
        freezes the backbone (loss = heads only); Medusa-2 trains both (heads + ntp).
@@ -64,7 +67,7 @@ TEACHER_CACHE_BYTES = 8 * 2**30  # the teacher's trees and targets kept between 
 # the model settings only one objective reads; every other model setting shapes every model,
 # except those that pick another model's backbone
 OWN_SETTINGS = {
-    "ntp": ("item_teacher", "repeat_bias"),
+    "ntp": ("item_teacher", "repeat_bias", "seen_unlikelihood"),
     "nezha": ("transition", "placeholders", "history_loss", "nezha_init"),
     "medusa": ("medusa_mode",),
     "next_item": ("item_scores", "repeat_bias"),
@@ -143,8 +146,9 @@ def collate_packed_seq2seq(windows: list[list[int]], catalog: Catalog, objective
     return batch
 
 
-def collate_ntp(windows: list[list[int]], catalog: Catalog, item_ids: bool = False) -> dict:
-    """item_ids: the window's items too, as the item model reads them (an item teacher)."""
+def collate_ntp(windows: list[list[int]], catalog: Catalog, item_ids: bool = False, seen: bool = False) -> dict:
+    """item_ids: the window's items too, as the item model reads them (an item teacher);
+    seen: the groups of the seen-item unlikelihood after the window's tokens (seen_item_groups)."""
     input_ids, attention_mask = pad_rows([catalog.item_tokens(torch.tensor(items)).flatten() for items in windows])
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE)
     labels[:, : catalog.levels] = IGNORE  # the first item is context only
@@ -152,7 +156,57 @@ def collate_ntp(windows: list[list[int]], catalog: Catalog, item_ids: bool = Fal
     if item_ids:
         items = collate_next_item(windows)  # [B, w] item index + 1 (0 = PAD), right-padded as input_ids
         batch.update(items=items["items"], items_mask=items["mask"])
+    if seen:
+        batch.update(seen_item_groups(windows, catalog, input_ids))
     return batch
+
+
+def group_attention_mask(group: torch.Tensor, levels: int) -> torch.Tensor:
+    """group [B, T]: 0 history, g >= 1 a group of `levels` tokens after history item g - 1,
+    -1 padding -> [B, 1, T, T]: history tokens see the history causally, group g sees the
+    history tokens of items 0 .. g - 1 and its own tokens causally (what
+    models/decoder_only.py's nezha_split_attention attends without building this)."""
+    index = torch.arange(group.shape[1])
+    history_read = torch.where(group >= 1, levels * group, index + 1)  # [B, T]: history tokens before it are read
+    reads_history = (group[:, None, :] == 0) & (index < history_read[:, :, None])  # [B, q, k]
+    reads_own_group = (group[:, None, :] == group[:, :, None]) & (group[:, :, None] >= 1) & (index <= index[:, None])
+    return (reads_history | reads_own_group).unsqueeze(1)
+
+
+def seen_item_groups(windows: list[list[int]], catalog: Catalog, tokens: torch.Tensor) -> dict:
+    """For every target j >= 1 of a window, an item s drawn uniformly from items 0 .. j-1,
+    laid out as NEZHA lays out its placeholders: a group of s's L codes after the window's
+    tokens [B, w L], reading the history up to item j - 1 and itself causally, with the
+    positions item j has in the window. The group's first L - 1 states and the window's
+    token before item j give log p(s | items 0 .. j-1) over s's whole SID.
+    -> the layout (ids, 4D mask, positions; the window's part is `tokens` unchanged) and per
+    target its row, the window index predicting s's first code and s's tokens [N, L]."""
+    L, (size, history) = catalog.levels, tokens.shape
+    groups = history // L - 1
+    input_ids = torch.cat([tokens, torch.full((size, groups * L), PAD, dtype=torch.long)], 1)
+    positions = torch.zeros(input_ids.shape, dtype=torch.long)
+    positions[:, :history] = torch.arange(history)
+    group = torch.full(input_ids.shape, -1, dtype=torch.long)
+    rows, first_index, seen_tokens = [], [], []
+    for b, items in enumerate(windows):
+        group[b, : len(items) * L] = 0
+        for j in range(1, len(items)):
+            drawn = items[int(torch.randint(j, ()))]
+            start = history + (j - 1) * L
+            input_ids[b, start : start + L] = catalog.item_tokens(torch.tensor([drawn]))[0]
+            positions[b, start : start + L] = torch.arange(j * L, (j + 1) * L)
+            group[b, start : start + L] = j
+            rows.append(b)
+            first_index.append(j * L - 1)
+            seen_tokens.append(input_ids[b, start : start + L])
+    return {
+        "seen_input_ids": input_ids,
+        "seen_attention_mask": group_attention_mask(group, L),
+        "seen_position_ids": positions,
+        "seen_rows": torch.tensor(rows, dtype=torch.long),
+        "seen_first_index": torch.tensor(first_index, dtype=torch.long),
+        "seen_tokens": torch.stack(seen_tokens) if seen_tokens else torch.zeros(0, L, dtype=torch.long),
+    }
 
 
 def one_hot_loss(model, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -166,14 +220,51 @@ def ntp_loss(model, batch: dict) -> torch.Tensor:
     if "decoder" in batch:
         logits = model.lm.logits(batch["history"], batch["mask"], batch["decoder"], batch.get("layout"))  # [B, m, V]
         return one_hot_loss(model, logits.flatten(0, 1), batch["labels"].flatten())
-    logits = model.lm.logits(batch["input_ids"], batch["attention_mask"])  # [B, T, V]
+    if "seen_input_ids" in batch:
+        logits, group_hidden = seen_layout_pass(model, batch)
+    else:
+        logits = model.lm.logits(batch["input_ids"], batch["attention_mask"])  # [B, T, V]
     if model.repeat_bias is not None:
         model.repeat_bias.add_to_window(logits, batch["input_ids"], batch["attention_mask"])
-    hard = one_hot_loss(model, logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
-    if "items" not in batch:
-        return hard
-    weight = model.settings.item_teacher
-    return (1 - weight) * hard + weight * item_teacher_loss(model, logits, batch)
+    loss = one_hot_loss(model, logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+    if "items" in batch:
+        weight = model.settings.item_teacher
+        loss = (1 - weight) * loss + weight * item_teacher_loss(model, logits, batch)
+    if "seen_input_ids" in batch:
+        loss = loss + model.settings.seen_unlikelihood * seen_unlikelihood(model, logits, group_hidden, batch)
+    return loss
+
+
+def seen_layout_pass(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over the window and the seen items' groups (seen_item_groups) -> the
+    window's logits [B, T, V] and the groups' states [B, G L, d]."""
+    window = batch["input_ids"].shape[1]
+    ids, mask, positions = batch["seen_input_ids"], batch["seen_attention_mask"], batch["seen_position_ids"]
+    hidden = model.lm.hidden(ids, mask, positions, (window, model.catalog.levels))
+    return model.lm.lm.lm_head(hidden[:, :window]), hidden[:, window:]
+
+
+def seen_log_probs(model, window_logits: torch.Tensor, group_hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+    """log p(s | history) of each target's drawn seen item s over its whole SID [N], each
+    code's probability under the full softmax as beam search reads it: the first from the
+    window's logits [B, T, V], the others from the group's states [B, G L, d]."""
+    levels, rows, tokens = model.catalog.levels, batch["seen_rows"], batch["seen_tokens"]  # [N], [N, L]
+    first = window_logits[rows, batch["seen_first_index"]]  # [N, V]
+    group_start = (batch["seen_first_index"] + 1 - levels)[:, None] + torch.arange(levels - 1, device=rows.device)
+    later = model.lm.lm.lm_head(group_hidden[rows[:, None], group_start])  # [N, L-1, V]: read s's codes 1 .. L-1
+    step_logits = torch.cat([first[:, None], later], 1)  # [N, L, V]
+    return F.log_softmax(step_logits.float(), -1).gather(-1, tokens[..., None]).squeeze(-1).sum(-1)
+
+
+def seen_unlikelihood(model, window_logits: torch.Tensor, group_hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Unlikelihood (Welleck et al., 2019) of the items a user took: -log(1 - p(s | history)),
+    mean over targets. Its gradient on log p(s) is p / (1 - p), so it pushes down the seen
+    items the model would generate and leaves the others; where a user takes an item
+    again, the one-hot term pulls the other way."""
+    log_p = seen_log_probs(model, window_logits, group_hidden, batch)
+    if not len(log_p):
+        return window_logits.new_zeros(())
+    return -torch.log1p(-log_p.exp().clamp(max=1 - 1e-6)).mean()
 
 
 class ItemTeacherTargets:
@@ -262,7 +353,7 @@ def collate_nezha(windows: list[list[int]], catalog: Catalog, placeholders: bool
     n = len(windows)
     input_ids = torch.full((n, width), PAD, dtype=torch.long)
     positions = torch.zeros((n, width), dtype=torch.long)
-    group = torch.full((n, width), -1, dtype=torch.long)  # 0 history, g >= 1 placeholder group g, -1 pad
+    group = torch.full((n, width), -1, dtype=torch.long)  # group_attention_mask's: placeholder group g after item g - 1
     history_labels = torch.full((n, width), IGNORE, dtype=torch.long)  # the next history token, where known
     rows, h0_index, placeholder_index, target_items = [], [], [], []
     sp = torch.tensor(catalog.placeholder_tokens)
@@ -282,13 +373,9 @@ def collate_nezha(windows: list[list[int]], catalog: Catalog, placeholders: bool
             rows.append(b)
             h0_index.append((j + 1) * L - 1)
             target_items.append(items[j + 1])
-    index = torch.arange(width)
-    history_read = torch.where(group >= 1, L * group, index + 1)  # [B, T]: history tokens before it are read
-    reads_history = (group[:, None, :] == 0) & (index < history_read[:, :, None])  # [B, q, k]
-    reads_own_group = (group[:, None, :] == group[:, :, None]) & (group[:, :, None] >= 1) & (index <= index[:, None])
     batch = {
         "input_ids": input_ids,
-        "attention_mask": (reads_history | reads_own_group).unsqueeze(1),  # [B, 1, T, T]
+        "attention_mask": group_attention_mask(group, L),  # [B, 1, T, T]
         "position_ids": positions,
         "history_length": history,
         "rows": torch.tensor(rows),
@@ -447,6 +534,7 @@ def collate(
     aligned: bool = False,
     causal_encoder: bool = False,
     item_ids: bool = False,
+    seen: bool = False,
 ) -> dict:
     if aligned:
         return collate_aligned(windows, catalog)
@@ -457,7 +545,7 @@ def collate(
     if kind == ENCODER_DECODER:
         return collate_seq2seq(windows, catalog, objective, placeholders)
     if objective == "ntp":
-        return collate_ntp(windows, catalog, item_ids)
+        return collate_ntp(windows, catalog, item_ids, seen)
     if objective == "medusa":
         return collate_medusa(windows, catalog)
     return collate_nezha(windows, catalog, placeholders)

@@ -641,6 +641,29 @@ CASES = [
         "is a nezha model with backbone qwen-micro; Medusa needs an ntp model",
         checkpoint("nezha"),
     ),
+    case(
+        "train ntp init-from a nezha model",
+        "train --objective ntp --backbone qwen-micro --init-from {tmp}/model.ckpt",
+        "is a nezha model with backbone qwen-micro; NTP training needs an ntp model",
+        checkpoint("nezha"),
+    ),
+    case(
+        "train the item model from a checkpoint",
+        "train --objective next_item --init-from {tmp}/model.ckpt",
+        "--init-from starts Medusa, NEZHA or NTP training from an NTP model",
+        checkpoint("ntp"),
+    ),
+    case(
+        "seen unlikelihood on t5",
+        RUN + " --decoder beam --backbone t5-micro --seen-unlikelihood 0.5",
+        "--seen-unlikelihood trains on the NTP layout of a decoder-only backbone",
+    ),
+    case(
+        "seen unlikelihood with the repeat bias",
+        "train --objective ntp --seen-unlikelihood 0.5 --repeat-bias",
+        "drop one of --seen-unlikelihood and --repeat-bias",
+    ),
+    case("seen unlikelihood negative", RUN + " --seen-unlikelihood -1", "--seen-unlikelihood -1"),
     case("data unknown dataset", "data --dataset nosuch", "unknown dataset 'nosuch'"),
     # ---- Ctrl-C
     case("ctrl-c", RUN + " --decoder popularity", "interrupted; no result was written", ctrl_c, code=130),

@@ -459,8 +459,9 @@ def test_an_ntp_model_taught_by_the_item_model_is_cached_apart_and_names_its_tea
 
     settings, data = ModelSettings(backbone="qwen-micro"), load_dataset("synthetic")
     before = objectives.shaping_settings("ntp", asdict(settings))
-    for later in ("attention_dropout", "encoder", "item_teacher", "repeat_bias", "label_smoothing"):  # none then
-        del before[later]
+    later = ("attention_dropout", "encoder", "item_teacher", "repeat_bias", "label_smoothing", "seen_unlikelihood")
+    for name in later:  # none then
+        del before[name]
     blob = json.dumps(
         {"objective": "ntp", "catalog": data.catalog.fingerprint, "seed": 0, "init": "", **before}, sort_keys=True
     )
@@ -473,6 +474,9 @@ def test_an_ntp_model_taught_by_the_item_model_is_cached_apart_and_names_its_tea
     assert cache_key("nezha", taught, data, 0) == cache_key("nezha", settings, data, 0)  # an NTP setting only
     smoothed = replace(settings, label_smoothing=0.1)
     assert cache_key("ntp", smoothed, data, 0) != plain
+    unlikely = replace(settings, seen_unlikelihood=0.5)
+    assert len({cache_key("ntp", unlikely, data, 0), cache_key("ntp", smoothed, data, 0), plain}) == 3
+    assert cache_key("nezha", unlikely, data, 0) == cache_key("nezha", settings, data, 0)  # an NTP setting only
 
 
 def test_a_nezha_model_without_history_loss_keeps_the_key_it_had_before_the_setting_existed():

@@ -121,6 +121,25 @@ def test_a_nezha_model_starts_from_the_cached_ntp_model(first_run, tmp_path, cap
     assert record["backbone"]["training"]["started_from"] == started
 
 
+def test_an_ntp_model_continues_from_a_trained_one_with_the_seen_item_term(first_run, tmp_path, capsys):
+    """bench train --objective ntp --init-from: the new model starts from the given NTP
+    model's weights (at learning rate 0 it keeps them), trains with the term, and its
+    checkpoint carries the starting model's training record."""
+    root, _, _ = first_run
+    [ntp_dir] = (root / "runs" / "synthetic").glob("ntp-*")
+    ntp = torch.load(ntp_dir / "best.ckpt", weights_only=True)
+    args = ["train", "--objective", "ntp", "--init-from", str(ntp_dir / "best.ckpt"), "--seen-unlikelihood", "0.5"]
+    args += ["--max-epochs", "1", "--lr", "0", "--val-users", "300", "--run-dir", str(tmp_path / "continued")]
+    capsys.readouterr()
+    assert main(args) == 0
+    continued = torch.load(tmp_path / "continued" / "best.ckpt", weights_only=True)
+    assert continued["hyper_parameters"]["settings"]["seen_unlikelihood"] == 0.5
+    assert continued["state_dict"].keys() == ntp["state_dict"].keys()
+    assert all(torch.equal(value, ntp["state_dict"][name]) for name, value in continued["state_dict"].items())
+    started = continued["training"]["started_from"]
+    assert started["objective"] == "ntp" and started["seconds_run"] == ntp["training"]["seconds_run"]
+
+
 def test_training_resumes_from_its_last_checkpoint(first_run, tmp_path):
     root, _, _ = first_run
     last = next((root / "runs" / "synthetic").glob("ntp-*/last.ckpt"))

@@ -223,3 +223,36 @@ def test_the_bias_names_its_own_ntp_model_and_no_other():
     assert cache_key("ntp", biased, data, 0) != cache_key("ntp", settings, data, 0)
     assert cache_key("nezha", biased, data, 0) == cache_key("nezha", settings, data, 0)
     assert cache_key("medusa", biased, data, 0) == cache_key("medusa", settings, data, 0)
+
+
+def test_an_ntp_model_continues_one_with_the_bias_only_with_it_and_keeps_its_offsets(
+    catalog, plain, biased, tmp_path, monkeypatch
+):
+    """bench train --objective ntp --init-from: the starting model's repeat bias must match;
+    a biased one continues with its learned offsets, not zeros."""
+    from types import SimpleNamespace
+
+    from bench import train
+    from bench.settings import DataSettings
+
+    data, settings = SimpleNamespace(catalog=catalog), ModelSettings(backbone="qwen-tiny")
+    with pytest.raises(BenchError, match="that NTP model was trained with --repeat-bias; continue it with the same"):
+        train.train_model(data, "ntp", settings, DataSettings(), tmp_path, init_from=biased)
+    with pytest.raises(BenchError, match="that NTP model was trained without --repeat-bias"):
+        train.train_model(data, "ntp", replace(settings, repeat_bias=True), DataSettings(), tmp_path, init_from=plain)
+    started = {}
+
+    def stop(*_, **__):  # where training would begin: the model as it starts
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(train, "train_windows", stop)
+    original = train.build_model
+
+    def keep(*args, **kwargs):
+        started["model"] = original(*args, **kwargs)
+        return started["model"]
+
+    monkeypatch.setattr(train, "build_model", keep)
+    with pytest.raises(RuntimeError, match="stopped"):
+        train.train_model(data, "ntp", replace(settings, repeat_bias=True), DataSettings(), tmp_path, init_from=biased)
+    assert torch.equal(started["model"].repeat_bias.per_level, biased.repeat_bias.per_level)  # OFFSETS, not zeros

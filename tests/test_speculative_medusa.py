@@ -330,15 +330,19 @@ def test_medusa_training_freezes_the_backbone_only_in_frozen_mode(catalog, mode)
 
 def test_an_aligned_draft_is_trained_without_the_one_hot_settings_it_has_no_use_for():
     """Distilled on its backbone's distributions (a KL), an aligned draft takes neither
-    the item teacher nor label smoothing: the same draft whatever they are."""
+    the item teacher nor label smoothing nor the seen-item unlikelihood: the same draft
+    whatever they are."""
     from bench.settings import ModelSettings
     from decoders import REGISTRY, parse_spec
 
     name, options = parse_spec("speculative:draft=aligned")
     plain = REGISTRY[name].requests(options, ModelSettings(backbone="qwen-micro", draft_backbone="qwen-micro"))
     smoothed = REGISTRY[name].requests(
-        options, ModelSettings(backbone="qwen-micro", draft_backbone="qwen-micro", label_smoothing=0.1)
+        options,
+        ModelSettings(backbone="qwen-micro", draft_backbone="qwen-micro", label_smoothing=0.1, seen_unlikelihood=0.5),
     )
-    assert smoothed["ntp"].settings.label_smoothing == 0.1  # the backbone trains with it
+    assert smoothed["ntp"].settings.label_smoothing == 0.1  # the backbone trains with them
+    assert smoothed["ntp"].settings.seen_unlikelihood == 0.5
     assert smoothed["draft"].settings == plain["draft"].settings
     assert smoothed["draft"].settings.label_smoothing == 0.0
+    assert smoothed["draft"].settings.seen_unlikelihood == 0.0
