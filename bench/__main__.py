@@ -48,6 +48,9 @@ def cmd_data(settings) -> None:
     print(json.dumps(load_data(settings).describe(), indent=1))
 
 
+STARTS_FROM_NTP = {"medusa": "Medusa", "nezha": "NEZHA", "ntp": "NTP training"}  # what --init-from starts
+
+
 def cmd_train(settings) -> None:
     from bench.train import cache_key, cached_checkpoint, check_precision, runs_dir, train_model
     from decoders.base import item_model_settings
@@ -69,7 +72,7 @@ def cmd_train(settings) -> None:
     if job.objective == "nezha" and job.init_from and not starts_from_ntp:
         raise BenchError("--init-from with --objective nezha needs --nezha-init ntp (the model records its start)")
     if job.objective == "next_item" and job.init_from:
-        raise BenchError("--init-from starts Medusa, NEZHA or NTP training from an NTP model; not the item model's")
+        raise BenchError("--init-from does not apply to --objective next_item: the item model trains from scratch")
     data = load_data(settings)
     init, init_key = None, job.init_from or ""
     if job.init_from:
@@ -77,8 +80,7 @@ def cmd_train(settings) -> None:
         if init.objective != "ntp" or init.settings.backbone != model_settings.backbone:
             raise BenchError(
                 f"--init-from {job.init_from} is a {init.objective} model with backbone {init.settings.backbone}; "
-                f"{ {'medusa': 'Medusa', 'nezha': 'NEZHA', 'ntp': 'NTP training'}[job.objective]} needs an ntp "
-                "model with backbone "
+                f"{STARTS_FROM_NTP[job.objective]} needs an ntp model with backbone "
                 f"{model_settings.backbone}"
             )
     elif starts_from_ntp:  # the starting model the nezha decoder asks for, from the runs cache

