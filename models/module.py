@@ -174,7 +174,7 @@ class SidRecommender(L.LightningModule):
             aligned=self.aligned,
             causal_encoder=self.settings.encoder == "causal",
             item_ids=self.item_teacher_targets is not None,
-            seen=self.settings.seen_unlikelihood > 0 and not self.aligned,
+            seen=self.settings.seen_unlikelihood > 0,  # an aligned draft collates its own layout whatever it says
         )
 
     def training_step(self, batch, batch_idx):
