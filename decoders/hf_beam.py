@@ -99,4 +99,6 @@ class HFBeam(WideBeamDecoder):
             log_probs = torch.stack([torch.log_softmax(step, -1) for step in steps], 1)  # [B, L, V]
             scores = log_probs.gather(2, generated.unsqueeze(-1)).sum((1, 2))
         scores = scores.view(size, self.k)
-        return finish(sids.clamp(min=0), scores.masked_fill(scores < -1e30, NEG_INF))
+        # a slot generate could not fill (fewer valid SIDs than K) scores -inf or transformers' -1e9,
+        # far below any SID's log-probability: absent, as the other decoders return it
+        return finish(sids.clamp(min=0), scores.masked_fill(scores <= -1e9, NEG_INF))

@@ -222,7 +222,7 @@ def test_verified_nezha_ranks_the_real_items_by_head_scores(catalog, nezha):
             torch.testing.assert_close(best.values, result.scores[user], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("spec", ["beam:constrained", "nezha"])
+@pytest.mark.parametrize("spec", ["beam:constrained", "hf_beam:constrained", "nezha"])
 def test_k_above_candidates_leaves_empty_slots(catalog, ntp, nezha, spec):
     batch = random_batch(catalog, users=2, seed=7)
     result, _ = decode(spec, catalog, catalog.num_items + 5, {"ntp": ntp, "nezha": nezha}, batch)
