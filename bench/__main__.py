@@ -52,6 +52,7 @@ STARTS_FROM_NTP = {"medusa": "Medusa", "nezha": "NEZHA", "ntp": "NTP training"} 
 
 
 def cmd_train(settings) -> None:
+    from bench.data import letter
     from bench.train import cache_key, cached_checkpoint, check_precision, runs_dir, train_model
     from decoders.base import item_model_settings
     from models.module import check_pairing, load_checkpoint
@@ -74,9 +75,11 @@ def cmd_train(settings) -> None:
     if job.objective == "next_item" and job.init_from:
         raise BenchError("--init-from does not apply to --objective next_item: the item model trains from scratch")
     data = load_data(settings)
-    init, init_key = None, job.init_from or ""
+    init, init_key = None, ""
     if job.init_from:
         init = load_checkpoint(job.init_from, data.catalog)
+        # named by its contents: another file at the same path is another start
+        init_key = f"sha256:{letter.sha256_of(Path(job.init_from))[:16]}"
         if init.objective != "ntp" or init.settings.backbone != model_settings.backbone:
             raise BenchError(
                 f"--init-from {job.init_from} is a {init.objective} model with backbone {init.settings.backbone}; "

@@ -298,7 +298,8 @@ class TrainSettings:
         None,
         "medusa: the trained NTP checkpoint whose backbone the heads sit on; nezha with --nezha-init ntp: the one "
         "its backbone starts from (default: the runs cache's); ntp: the one training continues from, with these "
-        "settings (a new schedule; its training record goes into the new one's)",
+        "settings (a new schedule; its training record goes into the new one's); the runs cache names it by "
+        "its contents' sha256",
     )
     resume: str | None = setting(None, "checkpoint to resume from (e.g. runs/.../last.ckpt)")
     run_dir: str | None = setting(None, "where checkpoints go (default: runs/<dataset>/<objective>-<backbone>-<hash>)")

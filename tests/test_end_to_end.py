@@ -2,6 +2,8 @@
 models once (cached), evaluates several decoders on the same batches."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,6 +140,33 @@ def test_an_ntp_model_continues_from_a_trained_one_with_the_seen_item_term(first
     assert all(torch.equal(value, ntp["state_dict"][name]) for name, value in continued["state_dict"].items())
     started = continued["training"]["started_from"]
     assert started["objective"] == "ntp" and started["seconds_run"] == ntp["training"]["seconds_run"]
+
+
+def test_a_start_model_is_cached_by_its_contents_not_its_path(first_run, tmp_path, capsys, monkeypatch):
+    """--init-from names its start in the runs cache by the file's sha256: the same
+    checkpoint under another path finds the run trained from it, another checkpoint
+    written over the first one's path trains anew."""
+    root, _, _ = first_run
+    monkeypatch.setenv("BENCH_RUNS_DIR", str(tmp_path / "runs"))  # the module's runs stay as they are
+    [ntp_dir] = (root / "runs" / "synthetic").glob("ntp-*")
+    here, there = tmp_path / "here.ckpt", tmp_path / "elsewhere" / "start.ckpt"
+    there.parent.mkdir()
+    shutil.copy(ntp_dir / "best.ckpt", here)
+    shutil.copy(ntp_dir / "best.ckpt", there)
+    args = ["train", "--objective", "ntp", "--max-epochs", "1", "--lr", "0", "--val-users", "300"]
+
+    def train_from(start: Path) -> str:
+        capsys.readouterr()
+        assert main([*args, "--init-from", str(start)]) == 0
+        return capsys.readouterr().out
+
+    first = train_from(here)
+    assert "best checkpoint: " in first
+    assert "already trained with these settings" in train_from(there)
+    continued = next(line.split(": ", 1)[1] for line in first.splitlines() if line.startswith("best checkpoint: "))
+    shutil.copy(continued, here)  # another NTP model at the same path
+    assert "best checkpoint: " in train_from(here)
+    assert len(list((tmp_path / "runs" / "synthetic").glob("ntp-*"))) == 2
 
 
 def test_training_resumes_from_its_last_checkpoint(first_run, tmp_path):
