@@ -33,8 +33,9 @@ def drop_seen(
 ) -> torch.Tensor:
     """ranked_items [B, K] (-1 = none), seen [B, S] the items each user interacted with
     before the target (pad_rows: seen_mask [B, S] 1 on real entries) -> [B, K]: each list
-    without its seen items, the rest moved up in order and -1 after them (RecBole's
-    full-sort evaluation: an item the user has is never recommended again)."""
+    without its seen items, the rest moved up in order and -1 after them (an item the
+    user has is never recommended again, as RecBole's full-sort evaluation of
+    non-sequential models has it)."""
     out = ranked_items.clone()
     for rows in torch.split(torch.arange(len(out)), rows_at_once):  # bounds the [b, K, S] comparison
         chunk = out[rows]  # [b, K]

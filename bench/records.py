@@ -34,7 +34,7 @@ PROTOCOL = (
 )
 EXCLUDED_HISTORY = (
     "; every item the user interacted with before the target is dropped from each list before the metrics "
-    "(RecBole's full-sort protocol)"
+    "(as RecBole's full-sort evaluation does for non-sequential models)"
 )
 
 

@@ -257,8 +257,8 @@ class RunSettings:
     exclude_history: bool = setting(
         False,
         "drop every item the user interacted with before the target (all of them, not only the --max-history "
-        "read) from each decoder's list before the metrics, as RecBole's full-sort evaluation does; off: "
-        "lists scored as generated (TIGER's and LETTER's protocol)",
+        "read) from each decoder's list before the metrics, as RecBole does for non-sequential models; off: "
+        "lists scored as generated (TIGER's, LETTER's and RecBole's for sequential models such as SASRec)",
     )
     device: str = setting("auto", "auto, cpu or cuda")
     dtype: Literal["fp32", "bf16", "fp16"] = setting(
