@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import multiprocessing
 import os
+import re
+import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -23,8 +27,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from bench.data import NAME
 from bench.errors import BenchError
-from bench.settings import SEARCH_SPACE, DataSettings, ModelSettings, TuneSettings
+from bench.settings import SEARCH_SPACE, DataSettings, ModelSettings, TuneSettings, check_value
 from bench.train import runs_dir
 from models.backbones import DECODER_ONLY, backbone_kind
 from models.module import VALIDATION_DECODER
@@ -34,10 +39,14 @@ FINISHED = ("COMPLETE", "PRUNED")
 
 def search_space(settings: TuneSettings, fixed: set[str] = frozenset()) -> dict[str, dict]:
     """The objective's space (the common entries and its own), or the config's `space`
-    instead when it has one, less the settings fixed for every trial."""
+    instead when it has one, less the settings fixed for every trial. Every entry is
+    checked: a range low <= high (above 0 with log), inside the setting's own type and bounds."""
+    from decoders import REGISTRY
+
     space = settings.space or {**SEARCH_SPACE["common"], **SEARCH_SPACE[settings.objective]}
     known = {f.name for f in dataclasses.fields(ModelSettings)}
     decoder = _decoder_options(settings.objective)
+    options = REGISTRY[VALIDATION_DECODER[settings.objective]].Options
     for name, spec in space.items():
         option = name.removeprefix("decoder:")
         if (name.startswith("decoder:") and option not in decoder) or (
@@ -52,7 +61,25 @@ def search_space(settings: TuneSettings, fixed: set[str] = frozenset()) -> dict[
             raise BenchError(
                 f"search space entry '{name}' must be {{choices: [...]}} or {{low: x, high: y[, log: true]}}"
             )
+        _check_entry(name, spec, options if name.startswith("decoder:") else ModelSettings)
     return {name: spec for name, spec in space.items() if name not in fixed}
+
+
+def _check_entry(name: str, spec: dict, cls) -> None:
+    """One search-space entry against the shape optuna takes and the setting's declared bounds."""
+    if "choices" in spec:
+        if not isinstance(spec["choices"], list) or not spec["choices"]:
+            raise BenchError(f"search space entry '{name}': choices must be a non-empty list")
+        values = spec["choices"]
+    else:
+        low, high = values = [spec["low"], spec["high"]]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            if low > high:
+                raise BenchError(f"search space entry '{name}': low {low} is above high {high}; swap them")
+            if spec.get("log") and low <= 0:
+                raise BenchError(f"search space entry '{name}': log: true needs low above 0, not {low}")
+    for value in values:
+        check_value(cls, name.removeprefix("decoder:"), value, f"search space entry '{name}'")
 
 
 def _decoder_options(objective: str) -> set[str]:
@@ -107,6 +134,46 @@ def trial_settings(params: dict, model: ModelSettings, objective: str) -> tuple[
     return dataclasses.replace(model.for_objective(objective), **model_params), VALIDATION_DECODER[objective] + options
 
 
+def masked(text: str, url: str) -> str:
+    """text (an error line, a log line) with the password of the RDB URL in it shown as ***."""
+    password = re.search(r"://[^/@:]*:([^/]*)@", url)
+    return text.replace(password[1], "***") if password and password[1] else text
+
+
+def writable_folder(folder: Path, what: str, instead: str) -> None:
+    """The folder (made if missing) takes files, or one error line naming `what`."""
+    if folder.exists() and not folder.is_dir():
+        raise BenchError(f"{what}: {folder} is a file, not a folder; choose another {instead}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise BenchError(f"{what}: cannot write in {folder} ({reason}); choose another {instead}") from None
+
+
+def check_journal(path: Path) -> None:
+    """A journal file optuna can append to: missing, empty, or an optuna journal (its first
+    line a JSON record with op_code); anything else is refused before optuna writes to it."""
+    if path.is_dir():
+        raise BenchError(f"--storage {path} is a folder; give a journal file ({path / 'journal.log'}) or an RDB URL")
+    writable_folder(path.parent, f"--storage {path}", "journal file")
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    try:
+        with open(path, "r+b") as f:  # read and write access, nothing written
+            record = json.loads(f.readline(1 << 20))
+    except OSError as exc:
+        raise BenchError(f"--storage {path}: cannot read and write it ({exc.strerror or exc})") from None
+    except ValueError:  # not JSON, not UTF-8
+        record = None
+    if not (isinstance(record, dict) and {"op_code", "worker_id"} <= set(record)):
+        raise BenchError(
+            f"--storage {path} is not an optuna journal (its first line is no journal record); "
+            "it was left untouched: give a new file or an RDB URL"
+        )
+
+
 def storage_of(url_or_path: str):
     """An optuna storage: an RDB URL (with heartbeats, so a killed worker's trial fails)
     or a journal file."""
@@ -119,10 +186,10 @@ def storage_of(url_or_path: str):
             return optuna.storages.RDBStorage(url_or_path, heartbeat_interval=10, grace_period=30)
         except Exception as exc:  # any driver's connection error is one line
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BenchError(f"cannot open the study storage {url_or_path}: {reason[:200]}") from None
-    path = Path(url_or_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path)))
+            message = f"cannot open the study storage {url_or_path}: {reason[:200]}"
+            raise BenchError(masked(message, url_or_path)) from None
+    check_journal(Path(url_or_path))
+    return JournalStorage(JournalFileBackend(url_or_path))
 
 
 def open_study(settings: TuneSettings, study_name: str, storage_url: str, dataset: str, create: bool):
@@ -153,7 +220,7 @@ def open_study(settings: TuneSettings, study_name: str, storage_url: str, datase
     mismatch = {k: v for k, v in study.user_attrs.items() if k in wanted and wanted[k] != v}
     if mismatch:
         raise BenchError(
-            f"study '{study_name}' in {storage_url} was made for "
+            masked(f"study '{study_name}' in {storage_url} was made for ", storage_url)
             + ", ".join(f"{k}={v}" for k, v in study.user_attrs.items())
             + "; choose another --study name"
         )
@@ -208,7 +275,7 @@ def worker(settings: dict, study_name: str, storage_url: str, out: str, threads:
 
     from bench.data import load
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is our line, not optuna's warning
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     torch.set_num_threads(threads)
     tune: TuneSettings = settings["tune"]
@@ -217,7 +284,11 @@ def worker(settings: dict, study_name: str, storage_url: str, out: str, threads:
     target = tune.trials
 
     def objective(trial):
-        return run_trial(trial, settings, data, Path(out))
+        try:
+            return run_trial(trial, settings, data, Path(out))
+        except (RuntimeError, ValueError) as exc:  # the trial fails; its line names the error
+            trial.set_user_attr("error", (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200])
+            raise
 
     def stop_when_done(study, trial):
         if finished(study) >= target:
@@ -226,7 +297,9 @@ def worker(settings: dict, study_name: str, storage_url: str, out: str, threads:
     def line(study, trial):
         values = "/".join(f"{v:.4f}" for v in trial.values) if trial.values else "-"
         epoch = trial.last_step
-        if trial.state.name == "PRUNED" and epoch is None:
+        if trial.state.name == "FAIL":
+            values = f"({trial.user_attrs.get('error', 'error')})"
+        elif trial.state.name == "PRUNED" and epoch is None:
             values = "before training (settings that build no model)"
         elif trial.state.name == "PRUNED":  # optuna keeps the last reported value: the pruner's, not the objective
             values = f"after epoch {epoch + 1} (val/recall@10 {trial.intermediate_values[epoch]:.4f})"
@@ -236,14 +309,14 @@ def worker(settings: dict, study_name: str, storage_url: str, out: str, threads:
 
     remaining = target - finished(study)
     if remaining > 0:
-        alone = tune.workers == 1  # one bar; several workers' bars would interleave, their lines do not
+        alone = tune.workers == 1  # one bar on a terminal; several workers' bars would interleave, their lines do not
         study.optimize(
             objective,
             n_trials=remaining if alone else None,
             timeout=tune.timeout,
             callbacks=[line, stop_when_done] if report else [stop_when_done],
             catch=(RuntimeError, ValueError),
-            show_progress_bar=report and alone,
+            show_progress_bar=report and alone and sys.stderr.isatty(),
         )
 
 
@@ -329,7 +402,18 @@ def tune(settings: dict, fixed: set[str] = frozenset()) -> None:
             "setting); pass --item-teacher 0, and train the chosen settings with a teacher by bench train"
         )
     study_name = tune_settings.study or f"{tune_settings.objective}-{data_settings.dataset}"
+    if not NAME.fullmatch(study_name):  # it names folders (runs/tune/<study>/): no paths
+        hint = (
+            "choose another --study (folders come with --out and --storage)"
+            if tune_settings.study
+            else "a dataset folder comes with --data-dir FOLDER beside --dataset NAME"
+        )
+        raise BenchError(
+            f"study name {study_name!r} is not a name (letters, digits, '-', '_' and '.', not starting with '.'); "
+            + hint
+        )
     out = Path(tune_settings.out or runs_dir() / "tune" / study_name)
+    writable_folder(out, "--out", "folder")
     storage_url = tune_settings.storage or str(runs_dir() / "tune" / study_name / "journal.log")
     study = open_study(tune_settings, study_name, storage_url, data_settings.dataset, create=True)
     stale = fail_stale_trials(study) if "://" not in storage_url else 0
@@ -341,7 +425,8 @@ def tune(settings: dict, fixed: set[str] = frozenset()) -> None:
         else "median (2 startup trials, 1 warm-up epoch)"
     )
     print(
-        f"study '{study_name}' in {storage_url}: {finished(study)} of {tune_settings.trials} trials finished"
+        f"study '{study_name}' in {masked(storage_url, storage_url)}: "
+        f"{finished(study)} of {tune_settings.trials} trials finished"
         + (f", {stale} interrupted trial(s) marked failed" if stale else "")
         + f"; objective: validation {tune_settings.metric}"
         + (" and decode p50" if tune_settings.latency else "")

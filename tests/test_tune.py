@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from bench.__main__ import main
+from bench.errors import BenchError
 
 ROOT = Path(__file__).resolve().parents[1]
 # tiny trials: the smallest backbone, one epoch, few valid users; a two-parameter space
@@ -192,3 +193,112 @@ def test_a_study_of_another_objective_is_refused(workdir, capsys):
     code = main(["tune", "--objective", "nezha", "--study", "x", "--storage", storage, "--trials", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "study 'x'" in err and "objective=ntp" in err and "choose another --study" in err
+
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """A folder we may not write in: read-only to a user; sysfs for root, who writes anywhere else."""
+    if os.geteuid() == 0:
+        return Path("/sys")
+    folder = tmp_path / "ro"
+    folder.mkdir(mode=0o500)
+    return folder
+
+
+def refused(args: list[str], capsys) -> str:
+    code = main(["tune", "--trials", "1", *FAST, *args])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1, err
+    return err.removeprefix("error: ").rstrip("\n")
+
+
+@pytest.mark.parametrize("content", [b"just some notes\n", b"\xff\xfe\x00binary", b'{"op": 1}\n', b"[1, 2]\n"])
+def test_a_storage_file_that_is_no_journal_is_refused_untouched(workdir, capsys, content):
+    (workdir / "notes.txt").write_bytes(content)
+    assert refused(["--storage", "notes.txt"], capsys) == (
+        "--storage notes.txt is not an optuna journal (its first line is no journal record); "
+        "it was left untouched: give a new file or an RDB URL"
+    )
+    assert (workdir / "notes.txt").read_bytes() == content
+
+
+def test_bad_storage_and_out_paths_are_one_line_before_any_trial(workdir, capsys, unwritable):
+    (workdir / "folder").mkdir()
+    (workdir / "file").write_bytes(b"keep me")
+    assert refused(["--storage", "folder"], capsys) == (
+        "--storage folder is a folder; give a journal file (folder/journal.log) or an RDB URL"
+    )
+    assert refused(["--storage", f"{unwritable}/j.log"], capsys).startswith(
+        f"--storage {unwritable}/j.log: cannot write in {unwritable} ("
+    )
+    assert refused(["--out", "file"], capsys) == "--out: file is a file, not a folder; choose another folder"
+    assert refused(["--out", str(unwritable)], capsys).startswith(f"--out: cannot write in {unwritable} (")
+    assert (workdir / "file").read_bytes() == b"keep me" and list(workdir.glob("folder/*")) == []
+    assert not (workdir / "runs" / "tune" / "ntp-synthetic" / "journal.log").exists()
+
+
+@pytest.mark.parametrize(
+    "entry,message",
+    [
+        ("lr: {low: 0.1, high: 0.01}", "search space entry 'lr': low 0.1 is above high 0.01; swap them"),
+        ("lr: {low: -1, high: 0.01, log: true}", "search space entry 'lr': log: true needs low above 0, not -1"),
+        ("dropout: {low: 1.1, high: 1.2}", "search space entry 'dropout': dropout 1.1: must be below 1.0"),
+        ("dropout: {choices: [0.1, 1.0]}", "search space entry 'dropout': dropout 1.0: must be below 1.0"),
+        ("lr: {low: -0.1, high: 0.01}", "search space entry 'lr': lr -0.1: must be at least 0.0"),
+        ("width: {choices: [64.5]}", "search space entry 'width': width = 64.5 is not an integer or null"),
+        ("transition: {choices: [lstm]}",
+         "search space entry 'transition': transition = 'lstm' is not one of rnn, gru, none"),
+        ("heads: {choices: []}", "search space entry 'heads': choices must be a non-empty list"),
+    ],
+)  # fmt: skip
+def test_a_search_space_outside_its_settings_is_refused_before_any_trial(workdir, capsys, entry, message):
+    (workdir / "space.yaml").write_text(f"tune:\n  space:\n    {entry}\n")
+    assert refused(["--config", "space.yaml"], capsys) == message
+    assert not (workdir / "runs" / "tune" / "ntp-synthetic" / "journal.log").exists()
+
+
+def test_a_decoder_option_outside_its_bounds_is_refused():
+    from bench.settings import TuneSettings
+    from bench.tune import search_space
+
+    with pytest.raises(BenchError, match=r"^search space entry 'decoder:head_beam': head_beam -1: must be at least 0$"):
+        search_space(TuneSettings(objective="nezha", space={"decoder:head_beam": {"choices": [0, -1]}}))
+
+
+@pytest.mark.parametrize(
+    "args,hint",
+    [
+        (["--study", "../../x"], "choose another --study (folders come with --out and --storage)"),
+        (["--study", ".hidden"], "choose another --study (folders come with --out and --storage)"),
+        (["--dataset", "../x"], "a dataset folder comes with --data-dir FOLDER beside --dataset NAME"),
+    ],
+)
+def test_a_study_name_that_is_a_path_is_refused(workdir, capsys, args, hint):
+    name = args[1] if args[0] == "--study" else "ntp-../x"
+    assert refused(args, capsys) == (
+        f"study name {name!r} is not a name (letters, digits, '-', '_' and '.', not starting with '.'); {hint}"
+    )
+    assert not any(workdir.glob("**/journal.log"))
+
+
+def test_a_storage_error_hides_the_url_password(workdir, capsys):
+    err = refused(["--storage", "postgresql+psycopg://user:s3cret@127.0.0.1:1/x"], capsys)
+    assert err.startswith("cannot open the study storage postgresql+psycopg://user:***@127.0.0.1:1/x: ")
+    assert "s3cret" not in err
+
+
+def test_a_search_in_a_log_shows_our_lines_without_optuna_bar_or_warnings(workdir, capfd, monkeypatch):
+    """Not on a terminal: no tqdm bar, no `[W ...] Trial 0 failed`; our trial line names the error."""
+    import bench.tune
+
+    def run_trial(trial, settings, data, out):
+        bench.tune.suggest(trial, bench.tune.search_space(settings["tune"], settings["fixed"]))
+        if trial.number == 0:
+            raise RuntimeError("CUDA out of memory\nmore detail")
+        return (0.25,)
+
+    monkeypatch.setattr(bench.tune, "run_trial", run_trial)
+    assert main(["tune", "--config", "space.yaml", "--trials", "2", "--study", "log", *FAST]) == 0
+    out, err = capfd.readouterr()
+    assert "trial 0 fail (CUDA out of memory) in 0 s:" in out and "trial 1 complete 0.2500" in out, out
+    assert "[W " not in err and "Trial 0 failed" not in err and "%|" not in err and "\r" not in err, err
