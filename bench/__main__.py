@@ -147,12 +147,12 @@ def ablation_specs(k: int) -> list[str]:
 
 
 def cmd_run(settings, command: str) -> None:
-    from bench.records import append_records, check_writable, read_records
+    from bench.records import append_records, check_writable, results_file
     from bench.run import format_table, run
 
     run_settings = settings["run"]
     out = Path(run_settings.out)
-    read_records(out)  # a broken results file fails before any work
+    results_file(out)  # a broken results file fails before any work
     check_writable(out)
     specs = ablation_specs(run_settings.k) if command == "ablate" else None
     data = load_data(settings)
@@ -167,17 +167,23 @@ def cmd_run(settings, command: str) -> None:
 
 
 def cmd_sweep(settings) -> None:
-    from bench.records import append_records, check_writable, read_records
-    from bench.run import format_table, run
+    from dataclasses import fields
+
+    from bench.records import append_records, check_writable, results_file
+    from bench.run import check_run, decoder_specs, format_table, run
+    from bench.settings import DataSettings
     from bench.sweep import sweep_points, write_sweep
 
     out = Path(settings["run"].out)
-    read_records(out)
+    results_file(out)
     check_writable(out)
     tables = settings["sweep"].out_dir
     if tables and Path(tables).exists() and not Path(tables).is_dir():
         raise BenchError(f"--out-dir {tables} is a file; it takes a folder for the table and plot")
     name, points = sweep_points(settings)  # every value checked before the first run
+    data = None if name in {f.name for f in fields(DataSettings)} else load_data(settings)  # one catalogue for all
+    for _, point in points:  # and every point's run, as far as it can be before any work
+        check_run(data, point["model"], point["run"], decoder_specs(point["run"]))
     records = []
     for value, point in points:
         print(f"\n--- {name} = {value}")
@@ -193,7 +199,7 @@ def cmd_sweep(settings) -> None:
 def cmd_tokenize(settings) -> None:
     import shutil
 
-    from bench.data import letter, tokenizer
+    from bench.data import tokenizer
     from bench.data.catalog import MAX_SIDS
 
     args = settings["tokenize"]
@@ -202,25 +208,21 @@ def cmd_tokenize(settings) -> None:
             f"--codes {args.codes} --levels {args.levels}: a code space of {args.codes}**{args.levels} SIDs is too "
             "large for 64-bit SID codes (2**62 at most); use fewer levels or codes"
         )
-    if args.out_dir:
-        tokenizer.check_out_dir(Path(args.out_dir))
     if args.inter:  # a catalogue with no SIDs yet: interactions only
         inter = Path(args.inter)
-        raw = letter._read_json(inter)
-        if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
-            raise BenchError(f"{inter}: expected an object mapping user id -> list of item ids")
-        item_ids = sorted(
-            {str(i) for items in raw.values() for i in items},
-            key=lambda i: (not i.isdigit(), int(i) if i.isdigit() else 0, i),
-        )
-        position = {item: n for n, item in enumerate(item_ids)}
-        sequences = [[position[str(i)] for i in items] for items in raw.values()]
-        stem, name = inter.name.removesuffix(".inter.json"), settings["data"].dataset
+        item_ids, sequences = tokenizer.read_interactions(inter)
+        stem, name, source = inter.name.removesuffix(".inter.json"), settings["data"].dataset, inter.parent
     else:
         data = load_data(settings)
         item_ids, sequences, name = data.catalog.item_ids, data.sequences, data.name
-        inter = next(Path(data.source).glob("*.inter.json"), None) if Path(data.source).is_dir() else None
+        source = Path(data.source) if Path(data.source).is_dir() else None
+        inter = next(source.glob("*.inter.json"), None) if source else None
         stem = inter.name.removesuffix(".inter.json") if inter else name.capitalize()
+    out = Path(
+        args.out_dir
+        or Path("runs") / "tokenized" / f"{name}-rq{args.levels}x{args.codes}{'-balanced' if args.balanced else ''}"
+    )
+    tokenizer.check_out_dir(out, source)
     if args.vectors:
         vectors, origin = tokenizer.load_vectors(Path(args.vectors), len(item_ids)), args.vectors
     else:
@@ -228,17 +230,16 @@ def cmd_tokenize(settings) -> None:
         origin = f"PPMI co-occurrence SVD ({args.dim} dims) of the training parts"
     sizes = [args.codes] * args.levels
     codes = tokenizer.rq_kmeans(vectors, sizes, seed=settings["data"].seed, balanced=args.balanced)
-    out = Path(
-        args.out_dir
-        or Path("runs") / "tokenized" / f"{name}-rq{args.levels}x{args.codes}{'-balanced' if args.balanced else ''}"
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.write_letter_index(out / f"{stem}.index.json", item_ids, codes)
-    if inter:
-        shutil.copyfile(inter, out / f"{stem}.inter.json")
-    else:
-        users = {u: [item_ids[i] for i in seq] for u, seq in zip(data.user_ids, sequences)}
-        (out / f"{stem}.inter.json").write_text(json.dumps(users))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer.write_letter_index(out / f"{stem}.index.json", item_ids, codes)
+        if inter:
+            shutil.copyfile(inter, out / f"{stem}.inter.json")
+        else:
+            users = {u: [item_ids[i] for i in seq] for u, seq in zip(data.user_ids, sequences)}
+            (out / f"{stem}.inter.json").write_text(json.dumps(users))
+    except OSError as exc:
+        raise tokenizer.unwritable(out, exc.strerror or str(exc)) from None
     report = {
         "vectors": origin,
         "balanced": args.balanced,
@@ -246,7 +247,8 @@ def cmd_tokenize(settings) -> None:
         "written_to": str(out),
     }
     print(json.dumps(report, indent=1))
-    print(f"use it with: python -m bench run --dataset {name}-rq --data-dir {out}")
+    rule = " --collisions extra_level" if tokenizer.needs_extra_level(item_ids, codes) else ""
+    print(f"use it with: python -m bench run --dataset {name}-rq --data-dir {out}{rule}")
 
 
 def cmd_leaderboard(settings) -> None:

@@ -241,11 +241,12 @@ def run_files(paths: list[Path], out_dir: Path, name: str | None = None, only: l
             unique = f"{stem}-{number}"
         taken.add(unique)
         names.append(unique)
-    suffixes = (".md", ".csv", ".json", "-pareto.png")
     inputs = {Path(os.path.realpath(path)) for path in paths}
-    clashes = [out_dir / f"{n}{suffix}" for n in names for suffix in suffixes if out_dir / f"{n}{suffix}" in inputs]
+    targets = [out_dir / f"{n}{suffix}" for n in names for suffix in BOARD_SUFFIXES]
+    clashes = [target for target in targets if target in inputs]
     if clashes:  # records are never overwritten by a table made of them
         raise BenchError(f"--out-dir would write over the input file {clashes[0]}; give another folder")
+    check_board_targets(out_dir, names)
     cut_by = command_line() if only else None
     return write_boards(list(zip(names, groups)), out_dir, cut_by)
 
@@ -254,14 +255,15 @@ def measure_board(data, settings: dict, out_dir: Path, name: str | None = None) 
     """Every decoder (or the --decoder given) on the same models and batches: its records
     appended to out_dir/records/<stem>.json (earlier runs kept), this run's tables written
     as out_dir/<stem>.md, .csv, .json and -pareto.png; stem: `name`, else <dataset>-<cpu|gpu>."""
-    from bench.records import append_records, check_writable
+    from bench.records import append_records, check_writable, results_file
     from bench.run import resolve_device, run
 
     check_out_dir(Path(out_dir))
     kind = "cpu" if resolve_device(settings["run"].device).type == "cpu" else "gpu"
     stem = name or f"{data.name}-{kind}"
+    check_board_targets(Path(out_dir), [stem])
     records_path = Path(out_dir) / "records" / f"{stem}.json"
-    read_records(records_path)  # a broken records file fails before any work
+    results_file(records_path)  # a broken records file fails before any work
     check_writable(records_path)
     run_settings = dataclasses.replace(settings["run"], out=str(records_path))
     if "decoder" not in settings.get("given", ()):
@@ -273,6 +275,29 @@ def measure_board(data, settings: dict, out_dir: Path, name: str | None = None) 
     return [records_path] + write_boards([(stem, group)], Path(out_dir))
 
 
+BOARD_SUFFIXES = (".md", ".csv", ".json", "-pareto.png")
+
+
+def check_board_targets(out_dir: Path, names: list[str]) -> None:
+    """A board replaces an earlier board of its name, never another file: where any of
+    its four files exists, its .json must be a board's ({"run": ..., "rows": ...})."""
+    for name in names:
+        targets = [out_dir / f"{name}{suffix}" for suffix in BOARD_SUFFIXES]
+        if not any(target.exists() for target in targets):
+            continue
+        board = out_dir / f"{name}.json"
+        try:
+            held = json.loads(board.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            held = None
+        if not (isinstance(held, dict) and {"run", "rows"} <= held.keys()):
+            existing = next(target for target in targets if target.exists())
+            raise BenchError(
+                f"{existing} exists and is no leaderboard of this suite; give another --name or --out-dir "
+                "(nothing was written)"
+            )
+
+
 def check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise BenchError(f"--out-dir {out_dir} is a file; it takes a folder for the tables and plots")
@@ -282,10 +307,9 @@ def write_boards(named_groups: list[tuple[str, tuple]], out_dir: Path, cut_by: s
     """Per run: <name>.md, .csv, .json and -pareto.png in out_dir, each written atomically;
     cut_by: the command that chose some of the run's rows, said under the run's own."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    suffixes = (".md", ".csv", ".json", "-pareto.png")
     written = []
     for name, (run, records) in named_groups:
-        targets = [out_dir / f"{name}{suffix}" for suffix in suffixes]
+        targets = [out_dir / f"{name}{suffix}" for suffix in BOARD_SUFFIXES]
         header, rows = run_header(run, records), run_rows(records)
         if cut_by:
             header["rows_cut_by"] = cut_by
@@ -407,6 +431,15 @@ def board_records(path: Path) -> list[dict]:
     return records
 
 
+def holds_json(path: Path) -> bool:
+    """Whether a file exists and parses as JSON, which a Markdown table never does."""
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def write_leaderboard(paths: list[Path], out: Path | None = None, only: list[str] | None = None) -> str:
     """The tables of `paths` -> the Markdown text, also written atomically to `out` when
     given. An empty table never replaces a non-empty file: a wrong glob must not wipe a
@@ -417,6 +450,8 @@ def write_leaderboard(paths: list[Path], out: Path | None = None, only: list[str
     out = Path(os.path.realpath(out))  # a symlink is written through to its target
     if out.is_dir():
         raise BenchError(f"{out} is a folder; --out takes a file such as {out / 'LEADERBOARD.md'}")
+    if out in {Path(os.path.realpath(path)) for path in paths} or holds_json(out):
+        raise BenchError(f"--out {out} holds JSON (records are never overwritten by a table); pass a .md path")
     if not table and out.exists() and out.stat().st_size:
         raise BenchError(f"the input files hold no records; {out} was left as it is")
     try:

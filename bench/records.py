@@ -82,6 +82,9 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({model}, {torch.get_num_threads()} threads)"
 
 
+RECORD_KEYS = {"decoder"}  # what every record holds, whatever its version
+
+
 def read_records(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -104,6 +107,19 @@ def read_records(path: Path) -> list[dict]:
         ) from None
     if not isinstance(records, list):
         raise BenchError(f"{path} is not a results file (expected a JSON list of records); it was left untouched")
+    return records
+
+
+def results_file(path: Path) -> list[dict]:
+    """The records of a file new records are to be appended to: a JSON list of anything
+    else is no results file, and is left as it is."""
+    records = read_records(path)
+    strangers = [n for n, entry in enumerate(records, 1) if not isinstance(entry, dict) or RECORD_KEYS - entry.keys()]
+    if strangers:
+        raise BenchError(
+            f"{path} is not a results file (entry {strangers[0]} of its list is no record); "
+            "pass another --out or move it away; it was left untouched"
+        )
     return records
 
 
@@ -181,11 +197,11 @@ def append_records(path: Path, new: list[dict]) -> None:
     path = Path(os.path.realpath(path))
     try:
         check_writable(path)
-        read_records(path)  # a file that is no results file gets no lock file beside it
+        results_file(path)  # a file that is no results file gets no lock file beside it
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(path.with_name(path.name + ".lock")):
             remove_stale_temp_files(path)
-            write_atomically(path, json.dumps(read_records(path) + new, indent=1))
+            write_atomically(path, json.dumps(results_file(path) + new, indent=1))
     except (BenchError, OSError) as exc:
         problem = str(exc) if isinstance(exc, BenchError) else f"could not write {path} ({exc.strerror or exc})"
         raise BenchError(f"{problem}; {save_elsewhere(new)}") from None

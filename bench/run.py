@@ -61,7 +61,22 @@ def decoder_specs(settings: RunSettings) -> list[str]:
     specs = comma_list(settings.decoder)
     if not specs:
         raise BenchError(f"--decoder names no decoder; give comma-separated specs of: {', '.join(sorted(REGISTRY))}")
-    return [with_constraint(s) for s in specs] if settings.constrained else specs
+    specs = [with_constraint(s) for s in specs] if settings.constrained else specs
+    twice = next((spec for n, spec in enumerate(specs) if spec in specs[:n]), None)
+    if twice:  # one decoder, timed once, would give two identical records
+        raise BenchError(f"--decoder names {twice} twice{' (with --constrained)' if settings.constrained else ''}")
+    return specs
+
+
+def check_run(data: RecData | None, model_settings: ModelSettings, settings: RunSettings, specs: list[str]) -> list:
+    """What a run can refuse before any work: unknown decoders and backbones, refusals,
+    and (given the data) K and options that cannot work with the catalogue -> the plans."""
+    plans = [plan(spec, model_settings) for spec in specs]
+    if data is not None:
+        check_k(settings.k, data)
+        for name, options, _ in plans:
+            REGISTRY[name].check_options(options, data.catalog, settings.k)
+    return plans
 
 
 def run(
@@ -75,14 +90,18 @@ def run(
     """Evaluate the decoders (settings.decoder, or `specs`) on the same batches and
     return their records."""
     commit = git_sha()  # the code that runs, before anything can change it
+    if settings.untrained and settings.ckpt:
+        raise BenchError(
+            "--ckpt gives trained weights and --untrained asks for random ones; drop one of them "
+            "(--untrained times random weights, its record says so)"
+        )
+    if settings.profile:
+        check_profile_folder(Path(settings.profile))
     specs = specs or decoder_specs(settings)
-    plans = [plan(spec, model_settings) for spec in specs]  # unknown decoders and refusals before training
-    check_k(settings.k, data)
+    plans = check_run(data, model_settings, settings, specs)
     examples = eval_examples(
         data, settings.split, model_settings.max_history, settings.limit_users, settings.sample_users, data_settings.seed
     )
-    for name, options, _ in plans:  # options that cannot work with this catalogue and K, before training
-        REGISTRY[name].check_options(options, data.catalog, settings.k)
     device = resolve_device(settings.device)
     models = resolve_models(
         [requests for _, _, requests in plans], data, data_settings, settings.ckpt, settings.untrained, progress
@@ -127,6 +146,18 @@ def run(
         )
         for spec, resolved in zip(specs, models)
     ]
+
+
+def check_profile_folder(folder: Path) -> None:
+    """The profiler tables' folder, made and checked before any work: a run is never lost to it."""
+    if folder.exists() and not folder.is_dir():
+        raise BenchError(f"--profile {folder} is a file; it takes a folder for the profiler tables")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BenchError(f"--profile {folder}: cannot make the folder ({exc.strerror or exc}); pass another") from None
+    if not os.access(folder, os.W_OK):
+        raise BenchError(f"--profile {folder}: the folder is not writable; pass another")
 
 
 def write_profiles(decoders: dict, prompt, folder: Path) -> None:

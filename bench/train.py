@@ -330,6 +330,8 @@ def train_model(
     with warnings.catch_warnings():
         # the CSV logger's folder sits inside the run folder, which Lightning takes for leftovers
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        # a small dataset's epoch of fewer steps than the logging interval is no problem of the user's
+        warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging")
         trainer.fit(model, train_loader, valid_loader, ckpt_path=resume)
     if trainer.is_global_zero:
         training = record_training_totals(Path(best.best_model_path), run_dir / "last.ckpt")

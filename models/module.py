@@ -7,6 +7,7 @@ import inspect
 import math
 import pickle
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -292,7 +293,9 @@ def load_checkpoint(path: str | Path, catalog: Catalog) -> SidRecommender:
     if not path.is_file():
         raise BenchError(f"checkpoint {path} does not exist; train one with: python -m bench train")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on an old pickle protocol: the error below says what matters
+            warnings.filterwarnings("ignore", message=r"Detected pickle protocol")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "GLOBAL" not in str(exc):  # not a pickled object the weights-only unpickler refused
             raise BenchError(

@@ -118,6 +118,17 @@ def bad_download_url(tmp, monkeypatch, request):
     monkeypatch.setattr(letter, "shared_dir", lambda name: None)  # it must be downloaded
 
 
+def broken_download(tmp, monkeypatch, request):
+    """The download cache holds a truncated copy of the instruments files, as downloaded
+    (their sha256 kept beside them)."""
+    folder = tmp / "cache" / "instruments"
+    toy(inter='{"u1": ["i1",', stem="Instruments", folder="cache/instruments")(tmp, monkeypatch, request)
+    sums = {kind: letter.sha256_of(folder / f"Instruments.{kind}.json") for kind in ("inter", "index")}
+    (folder / "sha256.json").write_text(json.dumps(sums))
+    monkeypatch.setenv(letter.CACHE_ENV, str(tmp / "cache"))
+    monkeypatch.setattr(letter, "shared_dir", lambda name: None)  # it must come from the cache
+
+
 def ctrl_c(tmp, monkeypatch, request):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -302,6 +313,12 @@ CASES = [
         RUN + " --dataset instruments",
         "BENCH_DATA_URL='http://host/{{nam}}/{{file}}' is not a URL template",
         bad_download_url,
+    ),
+    case(
+        "download broken in the cache",
+        RUN + " --dataset instruments",
+        "it is a download: delete {tmp}/cache/instruments to download it again",
+        broken_download,
     ),
     # ---- data files
     case("data invalid JSON", TOY, "Toy.inter.json: not valid JSON", toy(inter='{"u1": ["i1",')),
@@ -511,7 +528,39 @@ CASES = [
         "bad.json is not a results file (not UTF-8 text)",
         write("bad.json", b"\x80\x81PK\x03\x04\xff"),
     ),
+    case(
+        "results a list of something else",
+        RUN.replace("{out}", "{tmp}/bad.json"),
+        "bad.json is not a results file (entry 1 of its list is no record)",
+        write("bad.json", [1, 2, 3]),
+    ),
     case("results a folder", RUN.replace("{out}", "{tmp}/runs-out"), "runs-out is a folder", folder("runs-out")),
+    case("decoder twice", RUN + " --decoder beam,nezha,beam", "--decoder names beam twice"),
+    case(
+        "decoder twice with constrained",
+        RUN + " --decoder beam,beam:constrained --constrained",
+        "--decoder names beam:constrained twice (with --constrained)",
+    ),
+    case("profile a file", RUN + " --profile {out}", "results.json is a file; it takes a folder for the profiler"),
+    case("ckpt and untrained", RUN + " --untrained --ckpt {out}", "--ckpt gives trained weights and --untrained"),
+    case(
+        "sweep with a later value that cannot run",
+        "sweep --untrained --limit-users 3 --decoder beam --out {out} --vary k=1,700",
+        "--k 700 is above the 600 items",
+    ),
+    case("leaderboard over its own input", "leaderboard {out} --out {out}", "holds JSON (records are never"),
+    case(
+        "leaderboard over another results file",
+        "leaderboard {out} --out {tmp}/other.json",
+        "other.json holds JSON",
+        write("other.json", [RECORD]),
+    ),
+    case(
+        "leaderboard board over an unrelated file",
+        "leaderboard {out} --out-dir {tmp} --name notes",
+        "notes.json exists and is no leaderboard of this suite",
+        write("notes.json", {"unrelated": True}),
+    ),
     case("results below a file", RUN.replace("{out}", "{out}/more.json"), "results.json is a file", None),
     case("results read-only", RUN, "results.json is read-only", read_only("results.json")),
     case("leaderboard without files", "leaderboard --out {out}", "leaderboard needs result files"),

@@ -63,7 +63,7 @@ def rescued(folder: Path) -> list[dict]:
 def append_one_at_a_time(path: Path, writer: int, count: int, start) -> None:
     start.wait()
     for n in range(count):
-        append_records(path, [{"writer": writer, "n": n}])
+        append_records(path, [{"decoder": "beam", "writer": writer, "n": n}])
 
 
 def test_concurrent_writers_keep_every_record(tmp_path):
@@ -301,6 +301,6 @@ def test_rq_kmeans_refuses_more_codes_than_items():
 def test_check_out_dir_refuses_a_file(tmp_path):
     (tmp_path / "taken").write_text("")
     for out in (tmp_path / "taken", tmp_path / "taken" / "sub"):
-        message = error_of(tokenizer.check_out_dir, out)
+        message = error_of(tokenizer.check_out_dir, out, None)
         assert f"{tmp_path / 'taken'} is a file" in message
-    tokenizer.check_out_dir(tmp_path / "new" / "folder")
+    tokenizer.check_out_dir(tmp_path / "new" / "folder", None)

@@ -3,6 +3,10 @@ and writes an index the LETTER loader reads back."""
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +139,88 @@ def test_tokenize_refuses_bad_vectors(tmp_path, capsys):
         == 2
     )
     assert "expected one row per item ([600, dim])" in capsys.readouterr().err
+
+
+def letter_folder(folder, items=120, users=100):
+    """A LETTER dataset `Small` with unique SIDs and random interactions."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    index = {str(i): [f"<a_{i % 12}>", f"<b_{i // 12}>"] for i in range(items)}
+    inter = {str(u): [str(i) for i in rng.integers(0, items, 6)] for u in range(users)}
+    (folder / "Small.index.json").write_text(json.dumps(index))
+    (folder / "Small.inter.json").write_text(json.dumps(inter))
+    return {path: path.read_bytes() for path in folder.iterdir()}
+
+
+def tokenize(*flags):
+    return main(["tokenize", "--dataset", "small", "--levels", "2", "--codes", "4", *map(str, flags)])
+
+
+def test_tokenize_refuses_the_datasets_own_folder(tmp_path, capsys):
+    good = tmp_path / "good"
+    before = letter_folder(good)
+    assert tokenize("--data-dir", good, "--out-dir", f"{good}/.") == 2
+    assert capsys.readouterr().err == f"error: --out-dir {good} is the dataset's own folder; choose another folder\n"
+    assert tokenize("--inter", good / "Small.inter.json", "--out-dir", good) == 2
+    assert {path: path.read_bytes() for path in good.iterdir()} == before
+
+
+def test_tokenize_refuses_an_unwritable_out_dir(tmp_path, capsys, monkeypatch):
+    before = letter_folder(tmp_path / "good")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    if os.access(locked, os.W_OK):  # root writes anywhere: fail as the system would for others
+
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(Path, "mkdir", refuse)
+    assert tokenize("--data-dir", tmp_path / "good", "--out-dir", locked / "sub") == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot write to --out-dir {locked / 'sub'} (Permission denied); choose a folder you may write to\n"
+    )
+    assert {path: path.read_bytes() for path in (tmp_path / "good").iterdir()} == before
+
+
+def test_cooccurrence_vectors_warn_nothing():
+    # torch warns once per process, so a fresh one: an earlier test may have had the warning already
+    code = "from bench.data.tokenizer import cooccurrence_vectors; cooccurrence_vectors([[0, 1, 2, 3, 0, 1]] * 3, 4, 2)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0 and done.stderr == ""
+
+
+@pytest.mark.parametrize("codes, rule", [(4, ["--collisions", "extra_level"]), (40, [])])
+def test_tokenize_advises_a_command_that_loads(tmp_path, capsys, codes, rule):
+    letter_folder(tmp_path / "good")
+    out = tmp_path / "out"
+    assert tokenize("--data-dir", tmp_path / "good", "--out-dir", out, "--codes", codes) == 0
+    advice = capsys.readouterr().out.splitlines()[-1]
+    assert advice == " ".join(["use it with: python -m bench run --dataset small-rq --data-dir", str(out), *rule])
+    assert main(["data", *advice.split()[7:]]) == 0
+    if rule:
+        assert main(["data", "--dataset", "small-rq", "--data-dir", str(out)]) == 2
+        assert "use the collision rule 'extra_level'" in capsys.readouterr().err
+
+
+def test_tokenize_inter_refuses_an_index_file(tmp_path, capsys):
+    good = tmp_path / "good"
+    letter_folder(good)
+    (tmp_path / "Renamed.inter.json").write_bytes((good / "Small.index.json").read_bytes())
+    assert tokenize("--inter", good / "Small.index.json", "--out-dir", tmp_path / "o") == 2
+    assert tokenize("--inter", tmp_path / "Renamed.inter.json", "--out-dir", tmp_path / "o") == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {good / 'Small.index.json'}: --inter takes an interactions file, <Name>.inter.json "
+        "(user id -> item ids)",
+        f"error: {tmp_path / 'Renamed.inter.json'}: user '0' has item '<a_0>', a SID token; --inter takes the "
+        "interactions (<Name>.inter.json), not the index",
+    ]
+    assert not (tmp_path / "o").exists()
+
+
+def test_tokenize_refuses_vectors_that_are_not_npy(tmp_path, capsys):
+    letter_folder(tmp_path / "good")
+    (tmp_path / "v.txt").write_text("0.1 0.2\n")
+    assert tokenize("--data-dir", tmp_path / "good", "--vectors", tmp_path / "v.txt", "--out-dir", tmp_path / "o") == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'v.txt'}: not a .npy array of numbers; save the item vectors with numpy.save\n"
+    )

@@ -52,12 +52,18 @@ def load_dataset(
         )
         source, checksums = source_of(seed, shape), {}
     else:
-        folder = Path(data_dir) if data_dir else (letter.shared_dir(name) or _cached_or_download(name))
+        shared = None if data_dir else letter.shared_dir(name)
+        folder = Path(data_dir) if data_dir else (shared or _cached_or_download(name))
         inter_path, index_path = letter.find_files(folder)
         sums = {path: letter.sha256_of(path) for path in (inter_path, index_path)}
-        letter.check_pinned(name, sums)
-        item_ids, codes = letter.parse_index(index_path)
-        user_ids, sequences = letter.parse_interactions(inter_path, set(item_ids), index_path)
+        try:
+            letter.check_pinned(name, sums)
+            item_ids, codes = letter.parse_index(index_path)
+            user_ids, sequences = letter.parse_interactions(inter_path, set(item_ids), index_path)
+        except BenchError as exc:
+            if data_dir or shared:
+                raise
+            raise BenchError(f"{exc}; it is a download: delete {folder} to download it again") from None
         source, checksums = str(folder), {path.name: digest for path, digest in sums.items()}
     catalog = build_catalog(
         name, item_ids, codes, rule=collisions, codebook_sizes=synthetic.CODEBOOK if generated else None

@@ -11,13 +11,17 @@ by a truncated SVD, rows scaled to unit length.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.data import letter
+from bench.data.catalog import build_catalog
 from bench.errors import BenchError
 
 
@@ -116,13 +120,14 @@ def cooccurrence_vectors(
     if not pairs:
         raise BenchError("no item co-occurs with another in the training parts; pass item vectors with --vectors")
     index = torch.tensor(pairs).T
-    counts = torch.sparse_coo_tensor(index, torch.ones(index.shape[1]), (num_items, num_items)).coalesce()
+    ones = torch.ones(index.shape[1])
+    counts = torch.sparse_coo_tensor(index, ones, (num_items, num_items), check_invariants=True).coalesce()
     rows, cols = counts.indices()
     values = counts.values()
     per_item = torch.zeros(num_items).index_add_(0, rows, values)
     total = values.sum()
     pmi = torch.log(values * total / (per_item[rows] * per_item[cols])).clamp(min=0)
-    ppmi = torch.sparse_coo_tensor(counts.indices(), pmi, counts.shape).coalesce()
+    ppmi = torch.sparse_coo_tensor(counts.indices(), pmi, counts.shape, check_invariants=True).coalesce()
     torch.manual_seed(seed)
     u, s, _ = torch.svd_lowrank(ppmi, q=min(dim, num_items - 1), niter=4)
     vectors = u * s.sqrt()
@@ -133,8 +138,12 @@ def cooccurrence_vectors(
 def load_vectors(path: Path, num_items: int) -> np.ndarray:
     try:
         vectors = np.load(path)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise BenchError(f"{path}: not a readable .npy array ({exc})") from None
+    except (ValueError, EOFError):  # numpy's message advises unpickling the file
+        vectors = None
+    if not isinstance(vectors, np.ndarray) or vectors.dtype.kind not in "fiu":
+        raise BenchError(f"{path}: not a .npy array of numbers; save the item vectors with numpy.save")
     if vectors.ndim != 2 or vectors.shape[0] < num_items:
         raise BenchError(f"{path}: expected one row per item ([{num_items}, dim]), got shape {list(vectors.shape)}")
     if not np.isfinite(vectors).all():
@@ -162,14 +171,58 @@ def codebook_report(codes: np.ndarray, codebook_sizes: list[int]) -> dict:
     }
 
 
-def check_out_dir(path: Path) -> None:
-    """Refuse an output folder that is a file (or lies below one) before the clustering,
-    not after it."""
+def read_interactions(path: Path) -> tuple[list[str], list[list[int]]]:
+    """A <Name>.inter.json with the LETTER loader's checks -> item ids (numeric order) and
+    user sequences of item positions."""
+    if not path.name.endswith(".inter.json"):
+        raise BenchError(f"{path}: --inter takes an interactions file, <Name>.inter.json (user id -> item ids)")
+    raw = letter._read_json(path)
+    if not isinstance(raw, dict) or not raw:
+        raise BenchError(f"{path}: expected a non-empty object mapping user id -> list of item ids in time order")
+    for user, items in raw.items():
+        if not isinstance(items, list):
+            raise BenchError(f"{path}: user '{user}' maps to {type(items).__name__}, expected a list of item ids")
+        if not items:
+            raise BenchError(f"{path}: user '{user}' has no interactions; remove empty users from the file")
+        token = next((i for i in items if letter.TOKEN.fullmatch(str(i))), None)
+        if token:
+            raise BenchError(
+                f"{path}: user '{user}' has item '{token}', a SID token; --inter takes the interactions "
+                "(<Name>.inter.json), not the index"
+            )
+    item_ids = sorted(
+        {str(i) for items in raw.values() for i in items},
+        key=lambda i: (not i.isdigit(), int(i) if i.isdigit() else 0, i),
+    )
+    position = {item: n for n, item in enumerate(item_ids)}
+    return item_ids, [[position[str(i)] for i in items] for items in raw.values()]
+
+
+def check_out_dir(path: Path, source: Path | None) -> None:
+    """Refuse, before the clustering, an output folder that is a file (or lies below one),
+    that we may not write, or that is the dataset's own folder (its files would be replaced)."""
+    if source and path.resolve() == source.resolve():
+        raise BenchError(f"--out-dir {path} is the dataset's own folder; choose another folder")
     for folder in (path, *path.parents):
         if folder.exists():
             if not folder.is_dir():
                 raise BenchError(f"{folder} is a file; --out-dir takes a folder (created if missing)")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise unwritable(path, os.strerror(errno.EACCES))
             return
+
+
+def unwritable(path: Path, reason: str) -> BenchError:
+    return BenchError(f"cannot write to --out-dir {path} ({reason}); choose a folder you may write to")
+
+
+def needs_extra_level(item_ids: list[str], codes: np.ndarray) -> bool:
+    """Whether the default collision rule (last_code) would refuse these SIDs when loaded."""
+    try:
+        build_catalog("tokenized", item_ids, codes)
+    except BenchError:
+        return True
+    return False
 
 
 def write_letter_index(path: Path, item_ids: list[str], codes: np.ndarray) -> None:
