@@ -52,8 +52,7 @@ STARTS_FROM_NTP = {"medusa": "Medusa", "nezha": "NEZHA", "ntp": "NTP training"} 
 
 
 def cmd_train(settings) -> None:
-    from bench.data import letter
-    from bench.train import cache_key, cached_checkpoint, check_precision, runs_dir, train_model
+    from bench.train import cache_key, cached_checkpoint, check_precision, checkpoint_key, runs_dir, train_model
     from decoders.base import item_model_settings
     from models.module import check_pairing, load_checkpoint
 
@@ -78,8 +77,7 @@ def cmd_train(settings) -> None:
     init, init_key = None, ""
     if job.init_from:
         init = load_checkpoint(job.init_from, data.catalog)
-        # named by its contents: another file at the same path is another start
-        init_key = f"sha256:{letter.sha256_of(Path(job.init_from))[:16]}"
+        init_key = checkpoint_key(Path(job.init_from))
         if init.objective != "ntp" or init.settings.backbone != model_settings.backbone:
             raise BenchError(
                 f"--init-from {job.init_from} is a {init.objective} model with backbone {init.settings.backbone}; "
@@ -181,13 +179,13 @@ def cmd_sweep(settings) -> None:
     if tables and Path(tables).exists() and not Path(tables).is_dir():
         raise BenchError(f"--out-dir {tables} is a file; it takes a folder for the table and plot")
     name, points = sweep_points(settings)  # every value checked before the first run
-    data = None if name in {f.name for f in fields(DataSettings)} else load_data(settings)  # one catalogue for all
-    for _, point in points:  # and every point's run, as far as it can be before any work
-        check_run(data, point["model"], point["run"], decoder_specs(point["run"]))
+    shared = None if name in {f.name for f in fields(DataSettings)} else load_data(settings)  # one for all points
+    for _, point in points:  # and every point's run, as far as it can be before any work (K: given one catalogue)
+        check_run(shared, point["model"], point["run"], decoder_specs(point["run"]))
     records = []
     for value, point in points:
         print(f"\n--- {name} = {value}")
-        data = load_data(point)
+        data = shared or load_data(point)
         found = run(data, point["data"], point["model"], point["run"])
         print(format_table(found))
         append_records(out, found)  # each point kept as soon as it is measured

@@ -257,6 +257,8 @@ def measure_board(data, settings: dict, out_dir: Path, name: str | None = None) 
     as out_dir/<stem>.md, .csv, .json and -pareto.png; stem: `name`, else <dataset>-<cpu|gpu>."""
     from bench.records import append_records, check_writable, results_file
     from bench.run import resolve_device, run
+    from bench.settings import comma_list
+    from decoders import with_constraint
 
     check_out_dir(Path(out_dir))
     kind = "cpu" if resolve_device(settings["run"].device).type == "cpu" else "gpu"
@@ -267,7 +269,10 @@ def measure_board(data, settings: dict, out_dir: Path, name: str | None = None) 
     check_writable(records_path)
     run_settings = dataclasses.replace(settings["run"], out=str(records_path))
     if "decoder" not in settings.get("given", ()):
-        run_settings = dataclasses.replace(run_settings, decoder=EVERY_DECODER)
+        every = comma_list(EVERY_DECODER)
+        if run_settings.constrained:  # beam and beam:constrained become one decoder
+            every = list(dict.fromkeys(with_constraint(spec) for spec in every))
+        run_settings = dataclasses.replace(run_settings, decoder=",".join(every))
     records = run(data, settings["data"], settings["model"], run_settings)
     append_records(records_path, records)
     first = records[0]
@@ -313,6 +318,8 @@ def write_boards(named_groups: list[tuple[str, tuple]], out_dir: Path, cut_by: s
         header, rows = run_header(run, records), run_rows(records)
         if cut_by:
             header["rows_cut_by"] = cut_by
+        # the .json first: it is what marks these files as a board (check_board_targets)
+        write_atomically(out_dir / f"{name}.json", json.dumps({"run": header, "rows": rows}, indent=1) + "\n")
         plot = out_dir / f"{name}-pareto.png"
         pareto_plot(rows, header, plot)
         lines = [
@@ -331,7 +338,6 @@ def write_boards(named_groups: list[tuple[str, tuple]], out_dir: Path, cut_by: s
         writer.writeheader()
         writer.writerows(rows)
         write_atomically(out_dir / f"{name}.csv", table.getvalue())
-        write_atomically(out_dir / f"{name}.json", json.dumps({"run": header, "rows": rows}, indent=1) + "\n")
         written += targets
     return written
 

@@ -95,10 +95,10 @@ def run(
             "--ckpt gives trained weights and --untrained asks for random ones; drop one of them "
             "(--untrained times random weights, its record says so)"
         )
-    if settings.profile:
-        check_profile_folder(Path(settings.profile))
     specs = specs or decoder_specs(settings)
     plans = check_run(data, model_settings, settings, specs)
+    if settings.profile:
+        check_profile_folder(Path(settings.profile))
     examples = eval_examples(
         data, settings.split, model_settings.max_history, settings.limit_users, settings.sample_users, data_settings.seed
     )

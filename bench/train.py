@@ -420,7 +420,7 @@ def resolve_models(
     def provide(role: str, request: ModelRequest) -> ResolvedModel:
         for path, model in given:
             if model.objective == role:
-                return ResolvedModel(model, path, path)
+                return ResolvedModel(model, path, checkpoint_key(Path(path)))
         if request.objective in objectives.FITTED:
             return ResolvedModel(objectives.FITTED[request.objective](data), "training split counts", "")
         init = teacher = None
@@ -453,7 +453,13 @@ def resolve_models(
 def distilled(teacher: ResolvedModel) -> str:
     """How a model with a teacher was trained, for messages and records' sources."""
     how = "with soft targets from" if teacher.model.objective == "next_item" else "aligned to"
-    return f"{how} {teacher.key}"
+    return f"{how} {teacher.source if teacher.key.startswith('sha256:') else teacher.key}"
+
+
+def checkpoint_key(path: Path) -> str:
+    """A given checkpoint's part of the cache keys of the models that start or learn from
+    it: its contents, so another file at the same path is another start."""
+    return f"sha256:{letter.sha256_of(path)[:16]}"
 
 
 def ensure_model(

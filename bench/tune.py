@@ -137,7 +137,7 @@ def trial_settings(params: dict, model: ModelSettings, objective: str) -> tuple[
 def masked(text: str, url: str) -> str:
     """text (an error line, a log line) with the password of the RDB URL in it shown as ***."""
     password = re.search(r"://[^/@:]*:([^/]*)@", url)
-    return text.replace(password[1], "***") if password and password[1] else text
+    return text.replace(f":{password[1]}@", ":***@") if password and password[1] else text
 
 
 def writable_folder(folder: Path, what: str, instead: str) -> None:
@@ -402,9 +402,10 @@ def tune(settings: dict, fixed: set[str] = frozenset()) -> None:
             "setting); pass --item-teacher 0, and train the chosen settings with a teacher by bench train"
         )
     study_name = tune_settings.study or f"{tune_settings.objective}-{data_settings.dataset}"
-    if not NAME.fullmatch(study_name):  # it names folders (runs/tune/<study>/): no paths
+    names_a_folder = not (tune_settings.out and tune_settings.storage)  # runs/tune/<study>/ by default
+    if names_a_folder and not NAME.fullmatch(study_name):
         hint = (
-            "choose another --study (folders come with --out and --storage)"
+            "choose another --study, or give both --out and --storage"
             if tune_settings.study
             else "a dataset folder comes with --data-dir FOLDER beside --dataset NAME"
         )

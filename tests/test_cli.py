@@ -446,6 +446,23 @@ def test_the_leaderboard_runs_the_decoders_keeps_every_runs_records_and_tables_t
     assert (board / "synthetic-cpu-pareto.png").exists() and (board / "synthetic-cpu.csv").exists()
 
 
+def test_the_board_of_every_decoder_under_constrained_runs_each_decoder_once(cli, tmp_path, monkeypatch):
+    """With --constrained, beam and beam:constrained of the default list are one decoder."""
+    import bench.run
+
+    asked = []
+
+    def run(data, data_settings, model_settings, settings, *args, **kwargs):
+        asked.append(bench.run.decoder_specs(settings))
+        raise KeyboardInterrupt  # stop before any model is trained
+
+    monkeypatch.setattr(bench.run, "run", run)
+    code, _, _ = cli("leaderboard", "--constrained", "--untrained", "--out-dir", str(tmp_path / "board"))
+    assert code == 130
+    [specs] = asked
+    assert specs.count("beam:constrained") == 1 and specs.count("hf_beam:constrained") == 1 and "beam" not in specs
+
+
 def test_a_board_over_users_drawn_at_random_says_so(cli, tmp_path):
     args = ("leaderboard", "--decoder", "greedy", "--untrained", "--sample-users", "7", "--warmup", "0")
     code, _, err = cli(*args, "--out-dir", str(tmp_path))

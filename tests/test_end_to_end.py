@@ -169,6 +169,24 @@ def test_a_start_model_is_cached_by_its_contents_not_its_path(first_run, tmp_pat
     assert len(list((tmp_path / "runs" / "synthetic").glob("ntp-*"))) == 2
 
 
+def test_a_model_trained_from_a_checkpoint_is_found_again_from_the_same_checkpoint(
+    first_run, tmp_path, capsys, monkeypatch
+):
+    """bench train --objective medusa --init-from P, then bench run --ckpt P: the run finds
+    the Medusa heads trained on P (both name P by its contents) instead of training more."""
+    root, _, _ = first_run
+    monkeypatch.setenv("BENCH_RUNS_DIR", str(tmp_path / "runs"))  # the module's runs stay as they are
+    [ntp_dir] = (root / "runs" / "synthetic").glob("ntp-*")
+    start = tmp_path / "start.ckpt"
+    shutil.copy(ntp_dir / "best.ckpt", start)
+    args = ["--max-epochs", "1", "--val-users", "100"]
+    assert main(["train", "--objective", "medusa", "--init-from", str(start), *args]) == 0
+    capsys.readouterr()
+    out = tmp_path / "medusa.json"
+    assert main(["run", "--decoder", "medusa", "--ckpt", str(start), "--limit-users", "20", "--out", str(out), *args]) == 0
+    assert "training a" not in capsys.readouterr().out
+
+
 def test_training_resumes_from_its_last_checkpoint(first_run, tmp_path):
     root, _, _ = first_run
     last = next((root / "runs" / "synthetic").glob("ntp-*/last.ckpt"))

@@ -268,8 +268,8 @@ def test_a_decoder_option_outside_its_bounds_is_refused():
 @pytest.mark.parametrize(
     "args,hint",
     [
-        (["--study", "../../x"], "choose another --study (folders come with --out and --storage)"),
-        (["--study", ".hidden"], "choose another --study (folders come with --out and --storage)"),
+        (["--study", "../../x"], "choose another --study, or give both --out and --storage"),
+        (["--study", ".hidden"], "choose another --study, or give both --out and --storage"),
         (["--dataset", "../x"], "a dataset folder comes with --data-dir FOLDER beside --dataset NAME"),
     ],
 )
@@ -281,10 +281,11 @@ def test_a_study_name_that_is_a_path_is_refused(workdir, capsys, args, hint):
     assert not any(workdir.glob("**/journal.log"))
 
 
-def test_a_storage_error_hides_the_url_password(workdir, capsys):
-    err = refused(["--storage", "postgresql+psycopg://user:s3cret@127.0.0.1:1/x"], capsys)
-    assert err.startswith("cannot open the study storage postgresql+psycopg://user:***@127.0.0.1:1/x: ")
-    assert "s3cret" not in err
+@pytest.mark.parametrize("user,password", [("user", "s3cret"), ("postgres", "postgres")])
+def test_a_storage_error_hides_the_url_password(workdir, capsys, user, password):
+    err = refused(["--storage", f"postgresql+psycopg://{user}:{password}@127.0.0.1:1/x"], capsys)
+    assert err.startswith(f"cannot open the study storage postgresql+psycopg://{user}:***@127.0.0.1:1/x: ")
+    assert f":{password}@" not in err
 
 
 def test_a_search_in_a_log_shows_our_lines_without_optuna_bar_or_warnings(workdir, capfd, monkeypatch):
