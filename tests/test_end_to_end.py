@@ -183,7 +183,8 @@ def test_a_model_trained_from_a_checkpoint_is_found_again_from_the_same_checkpoi
     assert main(["train", "--objective", "medusa", "--init-from", str(start), *args]) == 0
     capsys.readouterr()
     out = tmp_path / "medusa.json"
-    assert main(["run", "--decoder", "medusa", "--ckpt", str(start), "--limit-users", "20", "--out", str(out), *args]) == 0
+    run = ["run", "--decoder", "medusa", "--ckpt", str(start), "--limit-users", "20", "--out", str(out)]
+    assert main([*run, *args]) == 0
     assert "training a" not in capsys.readouterr().out
 
 
