@@ -53,6 +53,11 @@ class DataSettings:
     )
 
     def __post_init__(self):
+        if self.dataset == "synthetic" and self.data_dir is not None:  # records would call the folder's data synthetic
+            raise BenchError(
+                f"--data-dir {self.data_dir} needs the dataset's name: pass --dataset NAME (records and the runs "
+                "cache file it under that name; 'synthetic' is the generated dataset's)"
+            )
         if not self.is_synthetic:
             for name in SYNTHETIC_SHAPE:
                 if getattr(self, name) is not None:
@@ -62,7 +67,7 @@ class DataSettings:
 
     @property
     def is_synthetic(self) -> bool:
-        return self.dataset == "synthetic" and self.data_dir is None
+        return self.dataset == "synthetic"  # never with --data-dir (refused above)
 
 
 SYNTHETIC_SHAPE = ("items", "users", "sequence_length")

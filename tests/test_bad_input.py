@@ -308,6 +308,7 @@ CASES = [
     case(
         "data-dir missing", RUN + " --dataset toy --data-dir {tmp}/nowhere", "data folder {tmp}/nowhere does not exist"
     ),
+    case("data-dir without a name", RUN + " --data-dir {tmp}/toy", "--data-dir {tmp}/toy needs the dataset's name", toy()),
     case(
         "download URL with a bad placeholder",
         RUN + " --dataset instruments",
