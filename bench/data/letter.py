@@ -225,8 +225,11 @@ def parse_index(path: Path) -> tuple[list[str], list[list[int]]]:
     return items, codes
 
 
-def parse_interactions(path: Path, known_items: set[str], index_path: Path) -> tuple[list[str], list[list[str]]]:
-    """-> user ids and their item ids in time order, checked against the index."""
+def parse_interactions(
+    path: Path, known_items: set[str] | None = None, index_path: Path | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """-> user ids and their item ids in time order, checked against the index's items
+    when given (a catalogue still without SIDs has none)."""
     raw = _read_json(path)
     if not isinstance(raw, dict) or not raw:
         raise BenchError(f"{path}: expected a non-empty object mapping user id -> list of item ids in time order")
@@ -237,7 +240,7 @@ def parse_interactions(path: Path, known_items: set[str], index_path: Path) -> t
         if not items:
             raise BenchError(f"{path}: user '{user}' has no interactions; remove empty users from the file")
         sequence = [str(i) for i in items]
-        for item in sequence:
+        for item in sequence if known_items is not None else ():
             if item not in known_items:
                 raise BenchError(f"{path}: user '{user}' has item '{item}', which has no SID in {index_path.name}")
         users.append(str(user))

@@ -176,26 +176,19 @@ def read_interactions(path: Path) -> tuple[list[str], list[list[int]]]:
     user sequences of item positions."""
     if not path.name.endswith(".inter.json"):
         raise BenchError(f"{path}: --inter takes an interactions file, <Name>.inter.json (user id -> item ids)")
-    raw = letter._read_json(path)
-    if not isinstance(raw, dict) or not raw:
-        raise BenchError(f"{path}: expected a non-empty object mapping user id -> list of item ids in time order")
-    for user, items in raw.items():
-        if not isinstance(items, list):
-            raise BenchError(f"{path}: user '{user}' maps to {type(items).__name__}, expected a list of item ids")
-        if not items:
-            raise BenchError(f"{path}: user '{user}' has no interactions; remove empty users from the file")
-        token = next((i for i in items if letter.TOKEN.fullmatch(str(i))), None)
+    users, sequences = letter.parse_interactions(path)
+    for user, items in zip(users, sequences):
+        token = next((i for i in items if letter.TOKEN.fullmatch(i)), None)
         if token:
             raise BenchError(
                 f"{path}: user '{user}' has item '{token}', a SID token; --inter takes the interactions "
                 "(<Name>.inter.json), not the index"
             )
     item_ids = sorted(
-        {str(i) for items in raw.values() for i in items},
-        key=lambda i: (not i.isdigit(), int(i) if i.isdigit() else 0, i),
+        {i for items in sequences for i in items}, key=lambda i: (not i.isdigit(), int(i) if i.isdigit() else 0, i)
     )
     position = {item: n for n, item in enumerate(item_ids)}
-    return item_ids, [[position[str(i)] for i in items] for items in raw.values()]
+    return item_ids, [[position[i] for i in items] for items in sequences]
 
 
 def check_out_dir(path: Path, source: Path | None) -> None:
