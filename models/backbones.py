@@ -138,14 +138,20 @@ def generic_size(
     name: str, width: int | None = None, layers: int | None = None, heads: int | None = None
 ) -> tuple[int, int, int, int, int]:
     """The size preset's (hidden, layers, heads, kv heads, feed-forward), with width (the
-    feed-forward follows at 3x), layers or heads (kv heads follow at half) overridden."""
+    feed-forward follows at 3x), layers or heads overridden; kv heads follow at half the
+    heads, or the largest divisor of the heads below that (grouped attention needs one)."""
     hidden, depth, attention_heads, kv_heads, ffn = SIZES[name.partition("-")[2]]
     if width:
         hidden, ffn = width, 3 * width
     if heads:
-        attention_heads, kv_heads = heads, max(1, heads // 2)
+        attention_heads, kv_heads = heads, max(d for d in range(1, max(1, heads // 2) + 1) if heads % d == 0)
     if hidden % attention_heads:
         raise BenchError(f"{name}: width {hidden} is not divisible by {attention_heads} heads")
+    if backbone_kind(name) == DECODER_ONLY and (hidden // attention_heads) % 2:
+        raise BenchError(
+            f"{name}: width {hidden} over {attention_heads} heads gives heads of {hidden // attention_heads} "
+            "dimensions; rotary position embeddings need an even number: change --width or --heads"
+        )
     return hidden, layers or depth, attention_heads, kv_heads, ffn
 
 

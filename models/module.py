@@ -20,7 +20,7 @@ from bench.errors import BenchError
 from bench.metrics import target_ranks
 from bench.settings import DataSettings, ModelSettings, from_dict
 from models import objectives
-from models.backbones import DECODER_ONLY, ITEM, backbone_kind, build_backbone
+from models.backbones import DECODER_ONLY, ITEM, SHAPED_LIKE, backbone_kind, build_backbone, generic_size
 from models.heads import MedusaHeads, NezhaDraftHead
 from models.repeat import SidRepeatBias
 
@@ -250,6 +250,8 @@ def check_pairing(objective: str, settings: ModelSettings) -> None:
     """Which objectives a backbone can be trained with, as one clear error."""
     backbone = settings.backbone
     kind = backbone_kind(backbone)
+    if backbone not in SHAPED_LIKE:  # --width, --layers, --heads the backbone cannot take, before any training
+        generic_size(backbone, settings.width, settings.layers, settings.heads)
     if (objective == "next_item") != (kind == ITEM):
         if kind == ITEM:
             raise BenchError(

@@ -9,6 +9,7 @@ from conftest import random_catalog, random_model, training_losses
 
 from bench.errors import BenchError
 from models import objectives
+from models.backbones import generic_size
 from models.module import load_checkpoint, lr_factor
 
 
@@ -220,6 +221,15 @@ def test_checkpoint_round_trip_and_refusals(catalog, tmp_path):
 def test_unknown_backbone_is_refused(catalog):
     with pytest.raises(BenchError, match="unknown backbone 'gpt-huge'"):
         random_model("ntp", catalog, backbone="gpt-huge")
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(1, 1), (2, 1), (3, 1), (5, 1), (8, 4), (9, 3), (12, 6)])
+def test_kv_heads_are_half_the_heads_or_the_largest_divisor_below(catalog, heads, kv_heads):
+    """Grouped attention needs kv heads that divide the heads: --heads 5 trains."""
+    shape = generic_size("qwen-tiny", width=20 * heads, heads=heads)
+    assert shape[2:4] == (heads, kv_heads)
+    model = random_model("ntp", catalog, width=20 * heads, heads=heads)
+    assert model.lm.core.config.num_key_value_heads == kv_heads
 
 
 def test_attention_dropout_is_its_own_setting_and_defaults_to_dropout(catalog):
