@@ -12,7 +12,7 @@ import torch
 
 from bench.data import RecData, eval_examples
 from bench.data.batches import eval_batches, pad_rows
-from bench.errors import BenchError
+from bench.errors import BenchError, writable_folder
 from bench.latency import benchmark
 from bench.records import build_record, calls_text, cell, git_sha, write_atomically
 from bench.settings import DataSettings, ModelSettings, RunSettings, comma_list
@@ -98,7 +98,7 @@ def run(
     specs = specs or decoder_specs(settings)
     plans = check_run(data, model_settings, settings, specs)
     if settings.profile:
-        check_profile_folder(Path(settings.profile))
+        writable_folder(Path(settings.profile), f"--profile {settings.profile}", "folder for the profiler tables")
     examples = eval_examples(
         data, settings.split, model_settings.max_history, settings.limit_users, settings.sample_users, data_settings.seed
     )
@@ -146,18 +146,6 @@ def run(
         )
         for spec, resolved in zip(specs, models)
     ]
-
-
-def check_profile_folder(folder: Path) -> None:
-    """The profiler tables' folder, made and checked before any work: a run is never lost to it."""
-    if folder.exists() and not folder.is_dir():
-        raise BenchError(f"--profile {folder} is a file; it takes a folder for the profiler tables")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BenchError(f"--profile {folder}: cannot make the folder ({exc.strerror or exc}); pass another") from None
-    if not os.access(folder, os.W_OK):
-        raise BenchError(f"--profile {folder}: the folder is not writable; pass another")
 
 
 def write_profiles(decoders: dict, prompt, folder: Path) -> None:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from bench.data import RecData, eval_examples, letter, train_windows
 from bench.data.batches import collate_eval
-from bench.errors import BenchError
+from bench.errors import BenchError, writable_folder
 from bench.records import cpuinfo_field, cpuinfo_text
 from bench.settings import DataSettings, ModelSettings
 from decoders import ModelRequest
@@ -235,6 +235,11 @@ def check_resumable(path: str, model: SidRecommender, data: RecData) -> None:
             )
 
 
+def check_checkpoint_folder(run_dir: Path, objective: str) -> None:
+    """Where a training writes its checkpoints, checked before it starts: no epoch is lost to it."""
+    writable_folder(run_dir, f"training the {objective} model", f"--run-dir or {RUNS_ENV} (the runs cache)")
+
+
 def train_model(
     data: RecData,
     objective: str,
@@ -266,6 +271,7 @@ def train_model(
     validates its own users (ShardSampler, no user twice); Lightning's rank 0 writes the
     checkpoints and logs, and settings.json."""
     check_precision(settings)
+    check_checkpoint_folder(run_dir, objective)
     warn_if_slow_precision(settings.precision)
     model = build_model(data, objective, settings, data_settings)
     if resume:
@@ -475,6 +481,7 @@ def ensure_model(
     run_dir = runs_dir() / data.name / key
     best = cached_checkpoint(run_dir)
     if best is None:
+        check_checkpoint_folder(run_dir, request.objective)
         what = f"{request.objective} model" + (f" {distilled(teacher)}" if teacher else "")
         print(f"training a {what} ({request.settings.backbone}) on {data.name}; cached in {run_dir}")
         best = train_model(

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import multiprocessing
 import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -28,7 +28,8 @@ import torch
 import yaml
 
 from bench.data import NAME
-from bench.errors import BenchError
+from bench.errors import BenchError, writable_folder
+from bench.records import save_figure_atomically, write_atomically
 from bench.settings import SEARCH_SPACE, DataSettings, ModelSettings, TuneSettings, check_value
 from bench.train import runs_dir
 from models.backbones import DECODER_ONLY, backbone_kind
@@ -138,18 +139,6 @@ def masked(text: str, url: str) -> str:
     """text (an error line, a log line) with the password of the RDB URL in it shown as ***."""
     password = re.search(r"://[^/@:]*:([^/]*)@", url)
     return text.replace(f":{password[1]}@", ":***@") if password and password[1] else text
-
-
-def writable_folder(folder: Path, what: str, instead: str) -> None:
-    """The folder (made if missing) takes files, or one error line naming `what`."""
-    if folder.exists() and not folder.is_dir():
-        raise BenchError(f"{what}: {folder} is a file, not a folder; choose another {instead}")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise BenchError(f"{what}: cannot write in {folder} ({reason}); choose another {instead}") from None
 
 
 def check_journal(path: Path) -> None:
@@ -328,17 +317,18 @@ def export(study, settings: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tune: TuneSettings = settings["tune"]
     trials = [t for t in study.get_trials(deepcopy=False)]
-    with open(out / "trials.csv", "w", newline="") as f:
-        names = sorted({k for t in trials for k in t.params})
-        writer = csv.writer(f)
-        objectives = [tune.metric] + (["p50_ms"] if tune.latency else [])
-        writer.writerow(["number", "state", *objectives, "pruned_after_epoch", "seconds", *names])
-        for t in trials:
-            seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else ""
-            pruned = t.state.name == "PRUNED"
-            values = t.values if t.values and not pruned else [""] * len(objectives)
-            epoch = t.last_step + 1 if pruned and t.last_step is not None else ""
-            writer.writerow([t.number, t.state.name, *values, epoch, seconds, *(t.params.get(n, "") for n in names)])
+    table = io.StringIO(newline="")  # every file below is put in place whole: a killed export keeps the last
+    names = sorted({k for t in trials for k in t.params})
+    writer = csv.writer(table)
+    objectives = [tune.metric] + (["p50_ms"] if tune.latency else [])
+    writer.writerow(["number", "state", *objectives, "pruned_after_epoch", "seconds", *names])
+    for t in trials:
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else ""
+        pruned = t.state.name == "PRUNED"
+        values = t.values if t.values and not pruned else [""] * len(objectives)
+        epoch = t.last_step + 1 if pruned and t.last_step is not None else ""
+        writer.writerow([t.number, t.state.name, *values, epoch, seconds, *(t.params.get(n, "") for n in names)])
+    write_atomically(out / "trials.csv", table.getvalue())
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     if not complete:
         raise BenchError(f"no trial of study '{study.study_name}' completed; see {out / 'trials.csv'}")
@@ -355,7 +345,7 @@ def export(study, settings: dict, out: Path) -> Path:
         f"# best trial {best.number} of study '{study.study_name}': validation {tune.metric} "
         f"{best.values[0]:.4f}" + (f", p50 {best.values[1]:.1f} ms" if tune.latency else "") + "\n"
     )
-    (out / "best.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
+    write_atomically(out / "best.yaml", header + yaml.safe_dump(config, sort_keys=False))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -368,7 +358,7 @@ def export(study, settings: dict, out: Path) -> Path:
         if tune.latency:
             figures["pareto.png"] = plots.plot_pareto_front(study, target_names=[tune.metric, "p50 ms"])
         for name, axes in figures.items():
-            axes.figure.savefig(out / name, dpi=110, bbox_inches="tight")
+            save_figure_atomically(axes.figure, out / name, bbox_inches="tight")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return out / "best.yaml"
 
