@@ -102,6 +102,12 @@ def cmd_train(settings) -> None:
         teacher, teacher_key = resolved["next_item"].model, resolved["next_item"].key
     key = cache_key(job.objective, model_settings, data, settings["data"].seed, init_key, teacher_key)
     run_dir = Path(job.run_dir) if job.run_dir else runs_dir() / data.name / key
+    own = Path(job.resume).resolve().parent if job.resume else None
+    if own and own != run_dir.resolve():  # Lightning would restart the best-so-far from the first resumed epoch
+        raise BenchError(
+            f"--resume {job.resume} continues the run in its own folder {own}, where its best checkpoint and "
+            f"scores so far are; these settings train into {run_dir}: pass --run-dir {own}"
+        )
     cached = None if job.resume else cached_checkpoint(run_dir)
     if cached:
         print(f"already trained with these settings: {cached} (delete {run_dir} to train again)")
@@ -195,9 +201,8 @@ def cmd_sweep(settings) -> None:
 
 
 def cmd_tokenize(settings) -> None:
-    import shutil
-
     from bench.data import tokenizer
+    from bench.records import write_atomically
     from bench.data.catalog import MAX_SIDS
 
     args = settings["tokenize"]
@@ -228,14 +233,14 @@ def cmd_tokenize(settings) -> None:
         origin = f"PPMI co-occurrence SVD ({args.dim} dims) of the training parts"
     sizes = [args.codes] * args.levels
     codes = tokenizer.rq_kmeans(vectors, sizes, seed=settings["data"].seed, balanced=args.balanced)
-    try:
+    try:  # each file whole or not at all: an earlier tokenization there stays readable if this one dies
         out.mkdir(parents=True, exist_ok=True)
-        tokenizer.write_letter_index(out / f"{stem}.index.json", item_ids, codes)
         if inter:
-            shutil.copyfile(inter, out / f"{stem}.inter.json")
+            users_text = inter.read_text(encoding="utf-8")
         else:
-            users = {u: [item_ids[i] for i in seq] for u, seq in zip(data.user_ids, sequences)}
-            (out / f"{stem}.inter.json").write_text(json.dumps(users))
+            users_text = json.dumps({u: [item_ids[i] for i in seq] for u, seq in zip(data.user_ids, sequences)})
+        write_atomically(out / f"{stem}.inter.json", users_text)
+        write_atomically(out / f"{stem}.index.json", tokenizer.letter_index_text(item_ids, codes))
     except OSError as exc:
         raise tokenizer.unwritable(out, exc.strerror or str(exc)) from None
     report = {

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import bench.records
 from bench.__main__ import main
 from bench.data import load_dataset
-from bench.data.tokenizer import balanced_assign, codebook_report, cooccurrence_vectors, rq_kmeans, write_letter_index
+from bench.data.tokenizer import balanced_assign, codebook_report, cooccurrence_vectors, letter_index_text, rq_kmeans
 
 
 def planted(seed=0, coarse=5, fine=4, per_group=6, dim=16):
@@ -74,7 +75,7 @@ def test_written_index_loads_back_through_the_letter_loader(tmp_path):
     x, a, b = planted()
     codes = rq_kmeans(x, [5, 4, 8], seed=0)
     items = [str(i) for i in range(len(x))]
-    write_letter_index(tmp_path / "Toy.index.json", items, codes)
+    (tmp_path / "Toy.index.json").write_text(letter_index_text(items, codes))
     users = {str(u): [str((u * 7 + s) % len(x)) for s in range(5)] for u in range(30)}
     (tmp_path / "Toy.inter.json").write_text(json.dumps(users))
     data = load_dataset("toy", data_dir=tmp_path)
@@ -120,6 +121,25 @@ def test_tokenize_command_writes_a_dataset_that_runs(tmp_path, capsys):
     data = load_dataset("synthetic-rq", data_dir=out, collisions="extra_level")
     assert data.catalog.levels == 3 and len(data.sequences) == 3000
     assert data.catalog.collisions == 600 - report["distinct_sids"]  # each shared SID keeps one item
+
+
+def test_a_tokenization_killed_while_writing_leaves_the_earlier_one_whole(tmp_path, capsys, monkeypatch):
+    """Ctrl-C as the index is being put in place: the folder keeps the earlier SIDs, byte
+    for byte, and no temporary file."""
+    out = tmp_path / "tok"
+    args = ["tokenize", "--dataset", "synthetic", "--levels", "2", "--balanced", "--out-dir", str(out)]
+    assert main([*args, "--codes", "32"]) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    calls = []
+
+    def interrupted_second_time(path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench.records, "share_like_a_new_file", interrupted_second_time)
+    assert main([*args, "--codes", "16"]) == 130
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
 def test_tokenize_refuses_bad_vectors(tmp_path, capsys):

@@ -218,9 +218,10 @@ def needs_extra_level(item_ids: list[str], codes: np.ndarray) -> bool:
     return False
 
 
-def write_letter_index(path: Path, item_ids: list[str], codes: np.ndarray) -> None:
+def letter_index_text(item_ids: list[str], codes: np.ndarray) -> str:
+    """The SIDs as a LETTER index file's JSON: item -> ["<a_12>", "<b_3>", ...]."""
     index = {
         item: [f"<{chr(ord('a') + level)}_{int(code)}>" for level, code in enumerate(row)]
         for item, row in zip(item_ids, codes)
     }
-    path.write_text(json.dumps(index))
+    return json.dumps(index)
