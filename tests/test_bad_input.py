@@ -230,6 +230,12 @@ CASES = [
     case("dropout nan", RUN + " --dropout nan", "--dropout nan: must be a finite number"),
     case("lr inf", RUN + " --lr inf", "--lr inf: must be a finite number"),
     case("lr negative", RUN + " --lr -1", "--lr -1.0: must be at least 0.0"),
+    case("width over heads", RUN + " --width 30 --heads 4", "qwen-tiny: width 30 is not divisible by 4 heads"),
+    case(
+        "odd rotary head size",
+        RUN + " --width 30 --heads 2",
+        "qwen-tiny: width 30 over 2 heads gives heads of 15 dimensions; rotary position embeddings need an even",
+    ),
     case("max-history 0", RUN + " --max-history 0", "--max-history 0: must be at least 1"),
     case("patience -1", RUN + " --patience -1", "--patience -1: must be at least 0"),
     case("val-users -1", RUN + " --val-users -1", "--val-users -1: must be at least 0"),
@@ -390,6 +396,18 @@ CASES = [
     case("config invalid YAML", RUN + " --config {tmp}/c.yaml", "is not valid YAML", write("c.yaml", "model: [1, 2\n")),
     case("config invalid JSON", RUN + " --config {tmp}/c.json", "is not valid JSON", write("c.json", '{"model": ')),
     case(
+        "config YAML key twice",
+        RUN + " --config {tmp}/c.yaml",
+        "is not valid YAML (key 'lr' is given twice (line 3); give it once)",
+        write("c.yaml", "model:\n  lr: 0.1\n  lr: 0.2\n"),
+    ),
+    case(
+        "config JSON key twice",
+        RUN + " --config {tmp}/c.json",
+        "is not valid JSON (key 'model' is given twice; give it once)",
+        write("c.json", '{"model": {"lr": 0.1}, "model": {"lr": 0.2}}'),
+    ),
+    case(
         "config binary",
         RUN + " --config {tmp}/c.yaml",
         "is not a readable text config",
@@ -542,7 +560,11 @@ CASES = [
         RUN + " --decoder beam,beam:constrained --constrained",
         "--decoder names beam:constrained twice (with --constrained)",
     ),
-    case("profile a file", RUN + " --profile {out}", "results.json is a file; it takes a folder for the profiler"),
+    case(
+        "profile a file",
+        RUN + " --profile {out}",
+        "results.json is a file, not a folder; choose another folder for the profiler tables",
+    ),
     case("ckpt and untrained", RUN + " --untrained --ckpt {out}", "--ckpt gives trained weights and --untrained"),
     case(
         "sweep with a later value that cannot run",
@@ -648,6 +670,13 @@ CASES = [
     ),
     case("train medusa without a backbone", "train --objective medusa", "pass --init-from NTP.ckpt"),
     case("train resume missing", "train --resume {tmp}/last.ckpt", "--resume {tmp}/last.ckpt: no such checkpoint"),
+    case(
+        "train resume into another folder",
+        "train --resume {tmp}/a/last.ckpt --run-dir {tmp}/b",
+        "--resume {tmp}/a/last.ckpt continues the run in its own folder {tmp}/a, where its best checkpoint and "
+        "scores so far are; these settings train into {tmp}/b: pass --run-dir {tmp}/a",
+        write("a/last.ckpt", "not read before the folder is checked"),
+    ),
     case("tokenize levels above z", "tokenize --levels 27", "--levels 27: must be at most 26"),
     case("tokenize code space too large", "tokenize --codes 256 --levels 20", "too large for 64-bit SID codes"),
     case("train unknown backbone", "train --backbone nosuch", "unknown backbone 'nosuch'"),
@@ -765,3 +794,30 @@ def test_bad_input_is_one_error_line_and_changes_nothing(
     assert "Traceback" not in stderr + stdout
     assert snapshot(tmp_path) == before  # the results file (and every other file) as it was
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, runs, fragment",
+    [
+        (RUN, "taken/runs", "training the nezha model: cannot write in {tmp}/taken/runs/synthetic/nezha-qwen-tiny-"),
+        ("train --run-dir {tmp}/taken/run", "runs", "training the ntp model: cannot write in {tmp}/taken/run ("),
+    ],
+    ids=["runs cache", "run-dir"],
+)
+def test_a_checkpoint_folder_that_cannot_be_made_is_one_line_before_training(
+    tmp_path, monkeypatch, capsys, argv, runs, fragment
+):
+    """Below a file (which even root cannot write into): refused before an epoch, the
+    runs cache's announcement included; the results file is untouched."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(synthetic, "generate", cached_generate)
+    monkeypatch.setenv(bench.train.RUNS_ENV, str(tmp_path / runs))
+    monkeypatch.setattr(bench.train.L, "Trainer", None)  # a training that started would fail otherwise
+    (tmp_path / "taken").write_text("")
+    out = tmp_path / "results.json"
+    out.write_text(json.dumps([RECORD]))
+    fill = {"tmp": str(tmp_path), "out": str(out)}
+    assert main([part.format(**fill) for part in argv.split()]) == 2
+    stdout, stderr = capsys.readouterr()
+    assert stderr.startswith("error: " + fragment.format(**fill)) and len(stderr.splitlines()) == 1, stderr
+    assert "training" not in stdout and json.loads(out.read_text()) == [RECORD]

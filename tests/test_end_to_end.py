@@ -188,12 +188,19 @@ def test_a_model_trained_from_a_checkpoint_is_found_again_from_the_same_checkpoi
     assert "training a" not in capsys.readouterr().out
 
 
-def test_training_resumes_from_its_last_checkpoint(first_run, tmp_path):
+def resumable_copy(first_run, tmp_path) -> Path:
+    """A copy of the first run's NTP folder (the module's runs stay as they are)."""
     root, _, _ = first_run
-    last = next((root / "runs" / "synthetic").glob("ntp-*/last.ckpt"))
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(next((root / "runs" / "synthetic").glob("ntp-*")), run_dir)
+    return run_dir
+
+
+def test_training_resumes_from_its_last_checkpoint(first_run, tmp_path):
+    run_dir = resumable_copy(first_run, tmp_path)
+    last = run_dir / "last.ckpt"
     first = torch.load(last, weights_only=True)
     assert first["epoch"] == 3 and first["training"]["epochs"] == 4  # --max-epochs 4 in the first run
-    run_dir = tmp_path / "resumed"
     args = ["train", "--objective", "ntp", "--resume", str(last), "--val-users", "300", "--run-dir", str(run_dir)]
     assert main(args + ["--max-epochs", "5"]) == 0
     resumed = torch.load(run_dir / "last.ckpt", weights_only=True)
@@ -219,8 +226,7 @@ def test_last_checkpoint_and_run_totals_count_epochs_after_the_best(tmp_path, ca
 
 
 def test_resuming_with_other_settings_is_refused(first_run, tmp_path, capsys):
-    root, _, _ = first_run
-    last = next((root / "runs" / "synthetic").glob("ntp-*/last.ckpt"))
+    run_dir = resumable_copy(first_run, tmp_path)
     code = main(
         [
             "train",
@@ -229,9 +235,9 @@ def test_resuming_with_other_settings_is_refused(first_run, tmp_path, capsys):
             "--backbone",
             "llama-tiny",
             "--resume",
-            str(last),
+            str(run_dir / "last.ckpt"),
             "--run-dir",
-            str(tmp_path / "x"),
+            str(run_dir),
         ]
     )
     assert code == 2
