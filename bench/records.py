@@ -174,14 +174,15 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
-def save_figure_atomically(figure, path: Path) -> None:
-    """A matplotlib figure saved as PNG the way write_atomically writes text, then closed."""
+def save_figure_atomically(figure, path: Path, **options) -> None:
+    """A matplotlib figure saved as PNG the way write_atomically writes text, then closed;
+    options go to savefig."""
     import matplotlib.pyplot as plt
 
     handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp.png")
     os.close(handle)
     try:
-        figure.savefig(partial, dpi=110)
+        figure.savefig(partial, **{"dpi": 110, **options})
         share_like_a_new_file(partial)
         os.replace(partial, path)
     finally:
