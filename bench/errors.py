@@ -9,13 +9,14 @@ class BenchError(Exception):
 
 
 def writable_folder(folder: Path, what: str, instead: str) -> None:
-    """The folder (made if missing) takes files, or one error line naming `what`: checked
-    before the work whose files it is to hold, so no work is lost to it."""
-    if folder.exists() and not folder.is_dir():
-        raise BenchError(f"{what}: {folder} is a file, not a folder; choose another {instead}")
+    """The folder takes files, or could be made where it is missing, or one error line
+    naming `what`: checked before the work whose files it is to hold, so no work is lost
+    to it. Creates nothing (a refused command leaves no empty folder behind)."""
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        raise BenchError(f"{what}: {existing} is a file, not a folder; choose another {instead}")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        raise BenchError(f"{what}: cannot write in {folder} ({reason}); choose another {instead}") from None
+        raise BenchError(f"{what}: cannot write in {existing} ({reason}); choose another {instead}") from None

@@ -178,6 +178,7 @@ def storage_of(url_or_path: str):
             message = f"cannot open the study storage {url_or_path}: {reason[:200]}"
             raise BenchError(masked(message, url_or_path)) from None
     check_journal(Path(url_or_path))
+    Path(url_or_path).parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(url_or_path))
 
 

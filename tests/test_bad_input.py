@@ -799,8 +799,8 @@ def test_bad_input_is_one_error_line_and_changes_nothing(
 @pytest.mark.parametrize(
     "argv, runs, fragment",
     [
-        (RUN, "taken/runs", "training the nezha model: cannot write in {tmp}/taken/runs/synthetic/nezha-qwen-tiny-"),
-        ("train --run-dir {tmp}/taken/run", "runs", "training the ntp model: cannot write in {tmp}/taken/run ("),
+        (RUN, "taken/runs", "training the nezha model: {tmp}/taken is a file, not a folder; choose another --run-dir"),
+        ("train --run-dir {tmp}/taken/run", "runs", "training the ntp model: {tmp}/taken is a file, not a folder;"),
     ],
     ids=["runs cache", "run-dir"],
 )

@@ -182,6 +182,7 @@ def test_bad_tune_input_is_one_line(workdir, capsys, args, fragment):
     code = main(["tune", "--trials", "1", *args])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
+    assert not (workdir / "runs").exists()  # no empty study folder left behind
 
 
 def test_a_study_of_another_objective_is_refused(workdir, capsys):
