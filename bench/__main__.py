@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -137,13 +138,16 @@ def cmd_tune(settings) -> None:
     tune(settings, fixed=settings.pop("fixed"))
 
 
-def ablation_specs(k: int) -> list[str]:
+def ablation_specs(k: int, catalog) -> list[str]:
+    """NEZHA's ablations beside beam; the wider head beam is 2K, or as many beams as the
+    prefixes before the last level hold (none where K already holds them all)."""
+    wider = min(2 * k, math.prod(catalog.codebook_sizes[:-1]))
     return [
         "beam",
         "nezha",
         "nezha:verifier=last",
         "nezha:verifier=off",
-        f"nezha:head_beam={2 * k}",
+        *([f"nezha:head_beam={wider}"] if wider > k else []),
         "nezha:placeholders=off",
         "nezha:transition=gru",
         "nezha:transition=none",
@@ -158,8 +162,8 @@ def cmd_run(settings, command: str) -> None:
     out = Path(run_settings.out)
     results_file(out)  # a broken results file fails before any work
     check_writable(out)
-    specs = ablation_specs(run_settings.k) if command == "ablate" else None
     data = load_data(settings)
+    specs = ablation_specs(run_settings.k, data.catalog) if command == "ablate" else None
     records = run(data, settings["data"], settings["model"], run_settings, specs=specs)
     print(
         f"\n{data.name} / {run_settings.split} / {records[0]['users']} users / K={run_settings.k} / "

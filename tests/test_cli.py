@@ -8,11 +8,11 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import result_record
+from conftest import random_catalog, result_record
 
 import bench.run
 import bench.train
-from bench.__main__ import main
+from bench.__main__ import ablation_specs, main
 from bench.errors import BenchError
 from bench.records import append_records, read_records, save_figure_atomically
 from decoders import REGISTRY
@@ -516,3 +516,13 @@ def test_the_run_table_shows_draft_calls_beside_backbone_calls_in_aligned_column
     head, rule, *rows = format_table([beam, speculative]).splitlines()
     assert rows[0].split()[-2:] == ["4.0", "640"] and rows[1].endswith("1.0 + 4.0 draft      800")
     assert len(head) == len(rule) == len(rows[0]) == len(rows[1])
+
+
+@pytest.mark.parametrize("k, head_beam", [(10, 20), (20, 30), (30, None)])
+def test_the_ablations_wider_head_beam_is_what_the_prefixes_hold(k, head_beam):
+    """2K beams in the head, at most the 30 prefixes before the last level of a 6 x 5 x 8
+    catalogue; none where K holds them all (ablate --k 200 was refused over it)."""
+    specs = ablation_specs(k, random_catalog(sizes=(6, 5, 8)))
+    wider = [spec for spec in specs if spec.startswith("nezha:head_beam=")]
+    assert wider == ([f"nezha:head_beam={head_beam}"] if head_beam else [])
+    assert len(specs) == 8 - (head_beam is None)
