@@ -416,10 +416,12 @@ def resolve_models(
                     check_precision(start.settings)
     for path, model in given:
         if model.objective not in wanted:
-            roles = ", ".join(sorted(r for r in wanted if r not in objectives.FITTED)) or "none"
+            trained = sorted(r for r in wanted if r not in objectives.FITTED)
+            if not trained:
+                raise BenchError(f"checkpoint {path}: the chosen decoders use no trained model; drop --ckpt {path}")
             raise BenchError(
                 f"checkpoint {path} was trained with objective '{model.objective}', but the chosen decoders "
-                f"need: {roles}; train one with: python -m bench train --objective {roles.split(', ')[0]}"
+                f"need: {', '.join(trained)}; train one with: python -m bench train --objective {trained[0]}"
             )
     built: dict[str, ResolvedModel] = {}
 

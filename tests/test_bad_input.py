@@ -528,6 +528,12 @@ CASES = [
         "was trained with objective 'ntp', but the chosen decoders need: nezha",
         checkpoint("ntp"),
     ),
+    case(
+        "ckpt for a decoder without a model",
+        CKPT.replace("nezha", "popularity"),
+        "checkpoint {tmp}/model.ckpt: the chosen decoders use no trained model; drop --ckpt {tmp}/model.ckpt",
+        checkpoint("ntp"),
+    ),
     # ---- results files
     case(
         "results invalid JSON",
