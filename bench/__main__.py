@@ -103,12 +103,6 @@ def cmd_train(settings) -> None:
         teacher, teacher_key = resolved["next_item"].model, resolved["next_item"].key
     key = cache_key(job.objective, model_settings, data, settings["data"].seed, init_key, teacher_key)
     run_dir = Path(job.run_dir) if job.run_dir else runs_dir() / data.name / key
-    own = Path(job.resume).resolve().parent if job.resume else None
-    if own and own != run_dir.resolve():  # Lightning would restart the best-so-far from the first resumed epoch
-        raise BenchError(
-            f"--resume {job.resume} continues the run in its own folder {own}, where its best checkpoint and "
-            f"scores so far are; these settings train into {run_dir}: pass --run-dir {own}"
-        )
     cached = None if job.resume else cached_checkpoint(run_dir)
     if cached:
         print(f"already trained with these settings: {cached} (delete {run_dir} to train again)")

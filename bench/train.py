@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Sampler
 
 from bench.data import RecData, eval_examples, letter, train_windows
@@ -235,6 +237,41 @@ def check_resumable(path: str, model: SidRecommender, data: RecData) -> None:
             )
 
 
+class RunCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
+    """Lightning's ModelCheckpoint, resumable into another folder (a run trained longer goes
+    to the cache folder of its new settings). Lightning forgets the best score there and
+    takes the first resumed epoch for the best; here the best checkpoint so far is copied
+    into the new folder and keeps its score."""
+
+    def _generate_state_key(self, **kwargs) -> str:
+        return f"ModelCheckpoint{kwargs!r}"  # the key the checkpoints written by ModelCheckpoint hold
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.dirpath is None or state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            return super().load_state_dict(state_dict)
+        best = state_dict.get("best_model_path") or ""
+        if self.monitor and not Path(best).is_file():  # nothing to carry over: start afresh, as Lightning does
+            state_dict = {**state_dict, "best_model_score": None, "best_k_models": {}, "kth_best_model_path": ""}
+            best = ""
+        elif self.monitor and rank_zero_only.rank == 0:
+            Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(best, self.moved(best))
+        super().load_state_dict(
+            {
+                **state_dict,
+                "dirpath": self.dirpath,
+                "best_model_path": self.moved(best),
+                "kth_best_model_path": self.moved(state_dict.get("kth_best_model_path")),
+                "best_k_models": {self.moved(path): score for path, score in state_dict.get("best_k_models", {}).items()},
+                "last_model_path": self.moved(state_dict.get("last_model_path")),
+            }
+        )
+
+    def moved(self, path: str | None) -> str:
+        """A checkpoint's path in the earlier folder -> the same name in this one."""
+        return str(Path(self.dirpath) / Path(path).name) if path else ""
+
+
 def check_checkpoint_folder(run_dir: Path, objective: str) -> None:
     """Where a training writes its checkpoints, checked before it starts: no epoch is lost to it."""
     writable_folder(run_dir, f"training the {objective} model", f"--run-dir or {RUNS_ENV} (the runs cache)")
@@ -309,12 +346,12 @@ def train_model(
             f"{num_nodes} nodes); every process validates at least one"
         )
     valid_loader = validation_loader(valid, data.catalog)
-    best = L.pytorch.callbacks.ModelCheckpoint(
+    best = RunCheckpoint(
         dirpath=run_dir, filename="best", monitor="val/recall@10", mode="max", enable_version_counter=False
     )
     # every epoch's end, overwritten: Lightning's save_last writes only when `best` improves,
     # which would resume a run from its last gain and under-count its epochs
-    last = L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir, filename="last", enable_version_counter=False)
+    last = RunCheckpoint(dirpath=run_dir, filename="last", enable_version_counter=False)
     stop = L.pytorch.callbacks.EarlyStopping(monitor="val/recall@10", mode="max", patience=settings.patience)
     interactive = sys.stdout.isatty()
     trainer = L.Trainer(

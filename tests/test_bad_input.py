@@ -676,13 +676,6 @@ CASES = [
     ),
     case("train medusa without a backbone", "train --objective medusa", "pass --init-from NTP.ckpt"),
     case("train resume missing", "train --resume {tmp}/last.ckpt", "--resume {tmp}/last.ckpt: no such checkpoint"),
-    case(
-        "train resume into another folder",
-        "train --resume {tmp}/a/last.ckpt --run-dir {tmp}/b",
-        "--resume {tmp}/a/last.ckpt continues the run in its own folder {tmp}/a, where its best checkpoint and "
-        "scores so far are; these settings train into {tmp}/b: pass --run-dir {tmp}/a",
-        write("a/last.ckpt", "not read before the folder is checked"),
-    ),
     case("tokenize levels above z", "tokenize --levels 27", "--levels 27: must be at most 26"),
     case("tokenize code space too large", "tokenize --codes 256 --levels 20", "too large for 64-bit SID codes"),
     case("train unknown backbone", "train --backbone nosuch", "unknown backbone 'nosuch'"),

@@ -188,19 +188,12 @@ def test_a_model_trained_from_a_checkpoint_is_found_again_from_the_same_checkpoi
     assert "training a" not in capsys.readouterr().out
 
 
-def resumable_copy(first_run, tmp_path) -> Path:
-    """A copy of the first run's NTP folder (the module's runs stay as they are)."""
-    root, _, _ = first_run
-    run_dir = tmp_path / "resumed"
-    shutil.copytree(next((root / "runs" / "synthetic").glob("ntp-*")), run_dir)
-    return run_dir
-
-
 def test_training_resumes_from_its_last_checkpoint(first_run, tmp_path):
-    run_dir = resumable_copy(first_run, tmp_path)
-    last = run_dir / "last.ckpt"
+    root, _, _ = first_run
+    last = next((root / "runs" / "synthetic").glob("ntp-*/last.ckpt"))
     first = torch.load(last, weights_only=True)
     assert first["epoch"] == 3 and first["training"]["epochs"] == 4  # --max-epochs 4 in the first run
+    run_dir = tmp_path / "resumed"
     args = ["train", "--objective", "ntp", "--resume", str(last), "--val-users", "300", "--run-dir", str(run_dir)]
     assert main(args + ["--max-epochs", "5"]) == 0
     resumed = torch.load(run_dir / "last.ckpt", weights_only=True)
@@ -225,8 +218,25 @@ def test_last_checkpoint_and_run_totals_count_epochs_after_the_best(tmp_path, ca
     assert training["seconds"] < training["seconds_run"]
 
 
+def test_a_run_resumed_into_another_folder_keeps_its_best_so_far(tmp_path, recwarn):
+    """Trained longer, a run's cache key (and folder) changes; at learning rate 0 no
+    resumed epoch beats the first, so the best checkpoint in the new folder is still
+    epoch 1's, copied there (Lightning alone would take epoch 3 for the best)."""
+    first, longer = tmp_path / "two", tmp_path / "three"
+    args = ["train", "--objective", "ntp", "--lr", "0", "--val-users", "50"]
+    assert main([*args, "--max-epochs", "2", "--run-dir", str(first)]) == 0
+    assert main([*args, "--max-epochs", "3", "--run-dir", str(longer), "--resume", str(first / "last.ckpt")]) == 0
+    assert torch.load(longer / "best.ckpt", weights_only=True)["epoch"] == 0
+    assert torch.load(longer / "last.ckpt", weights_only=True)["epoch"] == 2
+    assert torch.load(first / "best.ckpt", weights_only=True)["epoch"] == 0  # the earlier folder is as it was
+    training = json.loads((longer / "settings.json").read_text())["training"]
+    assert training["epochs"] == 1 and training["epochs_run"] == 3
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+
+
 def test_resuming_with_other_settings_is_refused(first_run, tmp_path, capsys):
-    run_dir = resumable_copy(first_run, tmp_path)
+    root, _, _ = first_run
+    last = next((root / "runs" / "synthetic").glob("ntp-*/last.ckpt"))
     code = main(
         [
             "train",
@@ -235,9 +245,9 @@ def test_resuming_with_other_settings_is_refused(first_run, tmp_path, capsys):
             "--backbone",
             "llama-tiny",
             "--resume",
-            str(run_dir / "last.ckpt"),
+            str(last),
             "--run-dir",
-            str(run_dir),
+            str(tmp_path / "x"),
         ]
     )
     assert code == 2
