@@ -570,31 +570,26 @@ def add_settings(parser: argparse.ArgumentParser, sections: list[str], hidden: d
     parser.add_argument("--print-config", action="store_true", help="print the effective settings as YAML and exit")
 
 
-def unique_keys(pairs: list[tuple]) -> dict:
-    """A JSON object whose keys are given once: a key given twice is refused, not the last kept."""
-    keys = [key for key, _ in pairs]
-    twice = next((key for n, key in enumerate(keys) if key in keys[:n]), None)
-    if twice is not None:
-        raise ValueError(f"key '{twice}' is given twice; give it once")
-    return dict(pairs)
-
-
 def load_yaml(text: str):
     """yaml.safe_load, refusing a mapping that gives a key twice (PyYAML keeps the last)."""
     import yaml
 
     class UniqueKeyLoader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
-            seen = []
-            for key_node, _ in node.value:
-                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                    key = self.construct_scalar(key_node)
-                    if key in seen:
-                        line = key_node.start_mark.line + 1
-                        raise yaml.constructor.ConstructorError(
-                            None, None, f"key '{key}' is given twice (line {line}); give it once"
-                        )
-                    seen.append(key)
+            seen = set()
+            for key_node, _ in node.value:  # the keys as YAML builds them: 1 and 01 are one key, 1 and '1' two
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    key = "<<"
+                elif isinstance(key_node, yaml.ScalarNode):
+                    key = self.construct_object(key_node)
+                else:
+                    continue  # a list or mapping as a key: SafeLoader refuses it below
+                if key in seen:
+                    line = key_node.start_mark.line + 1
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key}' is given twice (line {line}); give it once"
+                    )
+                seen.add(key)
             return super().construct_mapping(node, deep)
 
     return yaml.load(text, Loader=UniqueKeyLoader)
@@ -603,12 +598,18 @@ def load_yaml(text: str):
 def read_config(path: str) -> dict:
     import yaml
 
+    from bench.data.letter import DuplicateKey, unique_keys
+
     file = Path(path)
     if not file.is_file():
         raise BenchError(f"config file {path} does not exist")
     try:
         text = file.read_text(encoding="utf-8")
         content = json.loads(text, object_pairs_hook=unique_keys) if file.suffix == ".json" else load_yaml(text)
+    except DuplicateKey as exc:
+        raise BenchError(
+            f"config file {path} is not valid JSON (key '{exc.args[0]}' is given twice; give it once)"
+        ) from None
     except (UnicodeDecodeError, RecursionError):
         raise BenchError(f"config file {path} is not a readable text config") from None
     except (ValueError, yaml.YAMLError) as exc:  # json's errors are ValueErrors

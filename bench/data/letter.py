@@ -157,15 +157,16 @@ def check_pinned(name: str, sums: dict[Path, str]) -> None:
             )
 
 
-class _DuplicateKey(Exception):
+class DuplicateKey(Exception):
     """A key that appears twice in one JSON object: json would keep only the last."""
 
 
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json's object_pairs_hook that refuses a key given twice (json keeps the last)."""
     found = {}
     for key, value in pairs:
         if key in found:
-            raise _DuplicateKey(key)
+            raise DuplicateKey(key)
         found[key] = value
     return found
 
@@ -173,8 +174,8 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
 def _read_json(path: Path):
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f, object_pairs_hook=_unique_keys)
-    except _DuplicateKey as exc:
+            return json.load(f, object_pairs_hook=unique_keys)
+    except DuplicateKey as exc:
         raise BenchError(f"{path}: key '{exc.args[0]}' appears more than once; each user and item once") from None
     except RecursionError:
         raise BenchError(f"{path}: JSON nested too deeply to read; a LETTER file is one object of lists") from None
