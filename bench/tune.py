@@ -178,7 +178,10 @@ def storage_of(url_or_path: str):
             message = f"cannot open the study storage {url_or_path}: {reason[:200]}"
             raise BenchError(masked(message, url_or_path)) from None
     check_journal(Path(url_or_path))
-    Path(url_or_path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        Path(url_or_path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # made by someone else since the check, or gone read-only
+        raise BenchError(f"--storage {url_or_path}: cannot make its folder ({exc.strerror or exc})") from None
     return JournalStorage(JournalFileBackend(url_or_path))
 
 

@@ -3,6 +3,7 @@ refuses what it cannot read, and bad data, names, settings and folders each give
 error line instead of a traceback, lost records or a silently wrong result."""
 
 import errno
+import functools
 import json
 import multiprocessing
 import os
@@ -16,7 +17,7 @@ from conftest import act_as_owner, result_record, write_letter_files
 
 from bench.data import letter, load_dataset, tokenizer
 from bench.data.catalog import build_catalog
-from bench.errors import BenchError
+from bench.errors import BenchError, writable_folder
 from bench.leaderboard import leaderboard, write_leaderboard
 from bench.records import append_records, check_writable, read_records
 
@@ -304,3 +305,14 @@ def test_check_out_dir_refuses_a_file(tmp_path):
         message = error_of(tokenizer.check_out_dir, out, None)
         assert f"{tmp_path / 'taken'} is a file" in message
     tokenizer.check_out_dir(tmp_path / "new" / "folder", None)
+
+
+def test_writable_folder_names_what_blocks_it_and_creates_nothing(tmp_path):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    check = functools.partial(error_of, writable_folder, what="--out", instead="folder")
+    assert check(tmp_path / "file" / "sub") == f"--out: {tmp_path}/file is a file, not a folder; choose another folder"
+    dangling = check(tmp_path / "dangling" / "x")
+    assert dangling == f"--out: {tmp_path}/dangling is a link to nothing; choose another folder"
+    writable_folder(tmp_path / "new" / "deeper", "--out", "folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "file"]
