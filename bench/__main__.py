@@ -200,7 +200,7 @@ def cmd_sweep(settings) -> None:
 
 def cmd_tokenize(settings) -> None:
     from bench.data import tokenizer
-    from bench.records import write_atomically
+    from bench.records import replace_files
     from bench.data.catalog import MAX_SIDS
 
     args = settings["tokenize"]
@@ -231,14 +231,14 @@ def cmd_tokenize(settings) -> None:
         origin = f"PPMI co-occurrence SVD ({args.dim} dims) of the training parts"
     sizes = [args.codes] * args.levels
     codes = tokenizer.rq_kmeans(vectors, sizes, seed=settings["data"].seed, balanced=args.balanced)
-    try:  # each file whole or not at all: an earlier tokenization there stays readable if this one dies
+    try:  # both files whole, or neither: an earlier tokenization there stays readable if this one dies
         out.mkdir(parents=True, exist_ok=True)
         if inter:
-            users_text = inter.read_text(encoding="utf-8")
+            users = inter.read_bytes()
         else:
-            users_text = json.dumps({u: [item_ids[i] for i in seq] for u, seq in zip(data.user_ids, sequences)})
-        write_atomically(out / f"{stem}.inter.json", users_text)
-        write_atomically(out / f"{stem}.index.json", tokenizer.letter_index_text(item_ids, codes))
+            users = json.dumps({u: [item_ids[i] for i in seq] for u, seq in zip(data.user_ids, sequences)}).encode()
+        index = tokenizer.letter_index_text(item_ids, codes).encode()
+        replace_files({out / f"{stem}.inter.json": users, out / f"{stem}.index.json": index})
     except OSError as exc:
         raise tokenizer.unwritable(out, exc.strerror or str(exc)) from None
     report = {

@@ -161,16 +161,27 @@ def share_like_a_new_file(path: str) -> None:
 def write_atomically(path: Path, text: str) -> None:
     """Write a temporary file beside `path` and rename it over `path`: readers see the old
     file or the new one, never half of one. The temporary file does not outlive a failure."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    replace_files({path: text.encode("utf-8")})
+
+
+def replace_files(contents: dict[Path, bytes]) -> None:
+    """write_atomically for files that belong together: every one is written in full
+    beside its path first, then all are renamed into place, so a failure while writing
+    leaves every earlier file as it was."""
+    written = {}
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        share_like_a_new_file(tmp)
-        os.replace(tmp, path)
+        for path, data in contents.items():
+            handle, written[path] = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+            with os.fdopen(handle, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            share_like_a_new_file(written[path])
+        for path, tmp in written.items():
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp in written.values():
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 

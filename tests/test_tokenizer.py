@@ -124,8 +124,8 @@ def test_tokenize_command_writes_a_dataset_that_runs(tmp_path, capsys):
 
 
 def test_a_tokenization_killed_while_writing_leaves_the_earlier_one_whole(tmp_path, capsys, monkeypatch):
-    """Ctrl-C as the index is being put in place: the folder keeps the earlier SIDs, byte
-    for byte, and no temporary file."""
+    """Ctrl-C once the new interactions are written, as the index is being written: the
+    folder keeps the earlier pair of files, byte for byte, and no temporary file."""
     out = tmp_path / "tok"
     args = ["tokenize", "--dataset", "synthetic", "--levels", "2", "--balanced", "--out-dir", str(out)]
     assert main([*args, "--codes", "32"]) == 0
@@ -138,7 +138,7 @@ def test_a_tokenization_killed_while_writing_leaves_the_earlier_one_whole(tmp_pa
             raise KeyboardInterrupt
 
     monkeypatch.setattr(bench.records, "share_like_a_new_file", interrupted_second_time)
-    assert main([*args, "--codes", "16"]) == 130
+    assert main([*args, "--codes", "16", "--users", "2000"]) == 130  # other users, other SIDs
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
