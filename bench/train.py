@@ -256,13 +256,14 @@ class RunCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
         elif self.monitor and rank_zero_only.rank == 0:
             Path(self.dirpath).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(best, self.moved(best))
+        scores = state_dict.get("best_k_models", {})  # path -> score
         super().load_state_dict(
             {
                 **state_dict,
                 "dirpath": self.dirpath,
                 "best_model_path": self.moved(best),
                 "kth_best_model_path": self.moved(state_dict.get("kth_best_model_path")),
-                "best_k_models": {self.moved(path): score for path, score in state_dict.get("best_k_models", {}).items()},
+                "best_k_models": {self.moved(path): score for path, score in scores.items()},
                 "last_model_path": self.moved(state_dict.get("last_model_path")),
             }
         )
