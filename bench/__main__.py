@@ -18,7 +18,7 @@ import math
 import sys
 from pathlib import Path
 
-from bench.errors import BenchError
+from bench.errors import BenchError, writable_folder
 from bench.settings import add_settings, comma_list, explicit_fields, settings_from, to_yaml
 
 # which settings each command reads (bench/settings.py defines them once)
@@ -65,8 +65,8 @@ def cmd_train(settings) -> None:
     check_precision(model_settings)
     if job.resume and not Path(job.resume).is_file():
         raise BenchError(f"--resume {job.resume}: no such checkpoint")
-    if job.run_dir and Path(job.run_dir).exists() and not Path(job.run_dir).is_dir():
-        raise BenchError(f"--run-dir {job.run_dir} is a file; it takes a folder for the checkpoints")
+    if job.run_dir:
+        writable_folder(Path(job.run_dir), "--run-dir", "folder for the checkpoints")
     if job.objective == "medusa" and not job.init_from:
         raise BenchError("--objective medusa trains heads on a trained NTP backbone: pass --init-from NTP.ckpt")
     starts_from_ntp = job.objective == "nezha" and model_settings.nezha_init == "ntp"

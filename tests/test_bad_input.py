@@ -706,7 +706,12 @@ CASES = [
         "--item-teacher trains on the NTP layout of a decoder-only backbone",
     ),
     case("tune with an item teacher", "tune --objective ntp --item-teacher 0.5", "bench tune trains every NTP trial"),
-    case("train run-dir a file", "train --run-dir {tmp}/taken", "--run-dir {tmp}/taken is a file", write("taken", "")),
+    case(
+        "train run-dir a file",
+        "train --run-dir {tmp}/taken",
+        "--run-dir: {tmp}/taken is a file, not a folder; choose another folder for the checkpoints",
+        write("taken", ""),
+    ),
     case(
         "train init-from a text file",
         "train --objective medusa --init-from {tmp}/model.ckpt",
@@ -799,7 +804,7 @@ def test_bad_input_is_one_error_line_and_changes_nothing(
     "argv, runs, fragment",
     [
         (RUN, "taken/runs", "training the nezha model: {tmp}/taken is a file, not a folder; choose another --run-dir"),
-        ("train --run-dir {tmp}/taken/run", "runs", "training the ntp model: {tmp}/taken is a file, not a folder;"),
+        ("train --run-dir {tmp}/taken/run", "runs", "--run-dir: {tmp}/taken is a file, not a folder; choose another"),
     ],
     ids=["runs cache", "run-dir"],
 )
