@@ -37,10 +37,14 @@ def resolve_device(name: str) -> torch.device:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The models' precision; fp32 on CUDA runs its matmuls in TF32, as served models do."""
+def check_dtype(name: str, device: torch.device) -> None:
     if name == "fp16" and device.type != "cuda":
         raise BenchError("--dtype fp16 runs on CUDA only (CPU kernels lack half precision); use bf16 on the CPU")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The models' precision; fp32 on CUDA runs its matmuls in TF32, as served models do."""
+    check_dtype(name, device)
     if device.type == "cuda" and name == "fp32":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -69,8 +73,10 @@ def decoder_specs(settings: RunSettings) -> list[str]:
 
 
 def check_run(data: RecData | None, model_settings: ModelSettings, settings: RunSettings, specs: list[str]) -> list:
-    """What a run can refuse before any work: unknown decoders and backbones, refusals,
-    and (given the data) K and options that cannot work with the catalogue -> the plans."""
+    """What a run can refuse before any work: unknown decoders and backbones, refusals, the
+    device and dtype, and (given the data) K and options that cannot work with the
+    catalogue -> the plans."""
+    check_dtype(settings.dtype, resolve_device(settings.device))
     plans = [plan(spec, model_settings) for spec in specs]
     if data is not None:
         check_k(settings.k, data)

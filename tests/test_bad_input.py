@@ -577,6 +577,16 @@ CASES = [
         "sweep --untrained --limit-users 3 --decoder beam --out {out} --vary k=1,700",
         "--k 700 is above the 600 items",
     ),
+    case(
+        "sweep with a later device that cannot run",
+        "sweep --untrained --limit-users 3 --decoder beam --out {out} --vary device=cpu,mps",
+        "--device mps: decoding runs on cpu or cuda, not on mps",
+    ),
+    case(
+        "sweep with a later dtype that cannot run",
+        "sweep --untrained --limit-users 3 --decoder beam --device cpu --out {out} --vary dtype=fp32,fp16",
+        "--dtype fp16 runs on CUDA only",
+    ),
     case("leaderboard over its own input", "leaderboard {out} --out {out}", "holds JSON (records are never"),
     case(
         "leaderboard over another results file",
