@@ -9,10 +9,12 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
 
+from bench.data import NAME
 from bench.errors import BenchError
 from bench.metrics import Bootstrap, per_user, ranks_from_hits
 from bench.records import calls_text, cell, command_line, read_records, save_figure_atomically, write_atomically
@@ -29,13 +31,17 @@ EVERY_DECODER = "greedy,beam,beam:constrained,hf_beam,hf_beam:constrained,medusa
 
 
 def is_number(value, optional: bool = False) -> bool:
-    return (optional and value is None) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    """A finite number (nan and inf in a record are no figures to table)."""
+    if optional and value is None:
+        return True
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def malformed(record: dict) -> list[str]:
     """The fields of a record (with every REQUIRED key) a table row could not read."""
     wrong = [key for key in TEXT if not isinstance(record[key], str)]
-    wrong += [] if type(record["users"]) is int and record["users"] > 0 else ["users"]
+    wrong += [] if "dataset" in wrong or NAME.fullmatch(record["dataset"]) else ["dataset"]  # it names board files
+    wrong += [key for key in ("users", "k", "batch_size") if not (type(record[key]) is int and record[key] > 0)]
     wrong += [key for key in ("invalid_rate", "backbone_calls_per_batch") if not is_number(record[key])]
     wrong += [f"metrics {key}" for key in METRICS if not is_number(record["metrics"][key], optional=True)]
     latency = record.get("latency_ms")

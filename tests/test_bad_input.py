@@ -660,6 +660,24 @@ CASES = [
         write("odd.json", [{**RECORD, "dataset": ["x"], "git_sha": 5, "invalid_rate": "x", "backbone": "qwen"}]),
     ),
     case(
+        "leaderboard dataset that is a path",
+        "leaderboard {tmp}/odd.json --out-dir {tmp}/boards",
+        "odd.json: record 1 has malformed dataset;",
+        write("odd.json", [{**RECORD, "dataset": "../elsewhere/x"}]),
+    ),
+    case(
+        "leaderboard numbers that are no figures",
+        "leaderboard {tmp}/odd.json --out {out}",
+        "odd.json: record 1 has malformed k, batch_size, metrics recall@10, latency_ms",
+        write(
+            "odd.json",
+            '[{"dataset": "synthetic", "split": "test", "device": "cpu", "decoder": "beam", "users": 3, "k": "20", '
+            '"batch_size": 0, "metrics": {"recall@1": 0.1, "recall@10": 1e309, "ndcg@10": 0.2, "recall@20": null, '
+            '"ndcg@20": null}, "invalid_rate": 0, "latency_ms": {"mean": NaN, "p99": Infinity}, '
+            '"backbone_calls_per_batch": 3, "git_sha": "0", "command": "c", "timestamp": "t"}]',
+        ),
+    ),
+    case(
         "leaderboard deeply nested",
         "leaderboard {tmp}/odd.json --out {out}",
         "odd.json is not a results file (JSON nested too deeply)",
