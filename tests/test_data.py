@@ -315,10 +315,30 @@ def test_download_records_and_then_checks_sums_of_unpinned_datasets(tmp_path, ca
         "inter": letter.sha256_of(folder / "Instruments.inter.json"),
         "index": letter.sha256_of(folder / "Instruments.index.json"),
     }
-    (folder / "Instruments.inter.json").write_text(json.dumps({"u1": ["i1", "i2", "i3"]}))
-    with pytest.raises(BenchError, match="sha256"):
+    changed = json.dumps({"u1": ["i1", "i2", "i3"]})
+    (folder / "Instruments.inter.json").write_text(changed)
+    with pytest.raises(BenchError, match="sha256 .* delete it to download it again"):
         letter.download("instruments")
-    assert not (folder / "Instruments.inter.json").exists()
+    assert (folder / "Instruments.inter.json").read_text() == changed  # a file not downloaded now is not removed
+
+
+@pytest.mark.parametrize("sums", ["{bad", "[1]", '{"inter": 5}'])
+def test_a_broken_sums_file_is_refused_and_the_files_kept(tmp_path, cache_home, sums):
+    write_letter(tmp_path / "served" / "instruments", stem="Instruments")
+    with serve(tmp_path / "served") as port:
+        cache_home(port)
+        folder = letter.download("instruments")
+    (folder / "sha256.json").write_text(sums)
+    with pytest.raises(BenchError, match="sha256.json is not the sha256 sums of the downloaded files; delete it"):
+        letter.download("instruments")
+    assert (folder / "Instruments.inter.json").exists() and (folder / "Instruments.index.json").exists()
+
+
+@pytest.mark.parametrize("template", ["http://x/{file:x}", "http://x/{file!z}", "nothing{file}", "http://[::1/{file}"])
+def test_a_url_template_that_gives_no_url_is_refused(monkeypatch, template):
+    monkeypatch.setenv(letter.URL_ENV, template)
+    with pytest.raises(BenchError, match="is not a URL template"):
+        letter.url_template()
 
 
 def test_download_from_unreachable_server_says_where_to_put_the_files(cache_home):
@@ -621,3 +641,10 @@ def test_collate_eval_left_pads_sid_tokens():
     assert batch.prompt.mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
     assert batch.targets.tolist() == [6, 0]
     assert len(batch) == 2
+
+
+def test_a_download_cache_below_a_file_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(letter.CACHE_ENV, str(tmp_path / "file"))
+    with pytest.raises(BenchError, match=f"cannot make the download folder {tmp_path}/file/instruments .*; set"):
+        letter.download("instruments")

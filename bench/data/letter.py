@@ -88,9 +88,13 @@ def download(name: str) -> Path:
     stem, pinned = REMOTE_DATASETS[name]
     template = url_template()
     target = cache_dir(name)
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BenchError(f"cannot make the download folder {target} ({exc.strerror or exc}); set {CACHE_ENV}") from None
     sums_file = target / "sha256.json"
-    known = pinned or (json.loads(sums_file.read_text()) if sums_file.exists() else {})
+    known = pinned or read_sums(sums_file)
+    downloaded = set()
     for kind in ("inter", "index"):
         path = target / f"{stem}.{kind}.json"
         if not path.exists():
@@ -100,7 +104,7 @@ def download(name: str) -> Path:
                 with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
                     while block := response.read(1 << 20):
                         out.write(block)
-            except (urllib.error.URLError, OSError) as exc:
+            except (urllib.error.URLError, OSError, ValueError) as exc:
                 partial.unlink(missing_ok=True)
                 reason = getattr(exc, "reason", exc)
                 raise BenchError(
@@ -108,7 +112,13 @@ def download(name: str) -> Path:
                     f"in {target} or pass --data-dir FOLDER"
                 ) from None
             partial.rename(path)
+            downloaded.add(path)
         digest = sha256_of(path)
+        if kind in known and known[kind] != digest and path not in downloaded:  # a file someone put there
+            raise BenchError(
+                f"{path} has sha256 {digest}, expected {known[kind]} (from {sums_file if not pinned else 'the pins'}); "
+                "replace the file or delete it to download it again"
+            )
         if kind in known and known[kind] != digest:
             path.unlink()
             raise BenchError(
@@ -121,6 +131,19 @@ def download(name: str) -> Path:
     return target
 
 
+def read_sums(sums_file: Path) -> dict:
+    """The sha256 of an unpinned dataset's files, kept beside them at their first download."""
+    if not sums_file.exists():
+        return {}
+    try:
+        sums = json.loads(sums_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        sums = exc
+    if not (isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values())):
+        raise BenchError(f"{sums_file} is not the sha256 sums of the downloaded files; delete it (the files are checked against it)")
+    return sums
+
+
 def url_template() -> str:
     """BENCH_DATA_URL (else LETTER's own), checked before any download: a URL with a
     placeholder that is not one of ours cannot be filled in."""
@@ -129,6 +152,11 @@ def url_template() -> str:
         fields = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
     except ValueError:  # an unmatched '{' or '}'
         fields = None
+    if fields is not None and fields <= set(URL_PLACEHOLDERS) and "file" in fields:
+        try:  # a format spec or conversion ({file:x}, {file!z}), or no URL once filled in
+            urllib.request.Request(template.format(name="x", Name="X", file="X.inter.json"))
+        except (ValueError, IndexError, KeyError):
+            fields = None
     if fields is None or not fields <= set(URL_PLACEHOLDERS) or "file" not in fields:
         raise BenchError(
             f"{URL_ENV}={template!r} is not a URL template; use the placeholders {{name}}, {{Name}} and {{file}} "
@@ -185,6 +213,8 @@ def _read_json(path: Path):
         raise BenchError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
     except UnicodeDecodeError:
         raise BenchError(f"{path}: not a UTF-8 text file") from None
+    except ValueError as exc:  # a number json will not read (an integer of thousands of digits)
+        raise BenchError(f"{path}: not a LETTER file ({str(exc).split(';')[0]})") from None
 
 
 def parse_index(path: Path) -> tuple[list[str], list[list[int]]]:
