@@ -276,9 +276,12 @@ class RunSettings:
         "(NEZHA's beam search reads its head's classifiers and tanh cells as tensors, eager); compilation "
         "happens in the untimed warm-up",
     )
-    warmup: int = setting(2, "untimed passes over the first batch", low=0)
+    warmup: int = setting(2, "untimed passes over the first batch", low=0, high=1000)
     repeats: int = setting(
-        1, "timed passes over all batches (every decoder in turn each time); the record gives each pass's p50", low=1
+        1,
+        "timed passes over all batches (every decoder in turn each time); the record gives each pass's p50",
+        low=1,
+        high=1000,
     )
     profile: str | None = setting(
         None, "folder for a torch.profiler table per decoder (3 decodes of the first batch, after the timed ones)"

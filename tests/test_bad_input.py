@@ -678,6 +678,19 @@ CASES = [
         ),
     ),
     case(
+        "results with an integer of 5000 digits",
+        RUN.replace("{out}", "{tmp}/big.json"),
+        "big.json is not a results file (Exceeds the limit (4300 digits) for integer string conversion",
+        write("big.json", '[{"decoder": "beam", "k": 1' + "0" * 4999 + "}]"),
+    ),
+    case(
+        "data with an integer of 5000 digits",
+        TOY,
+        "Toy.inter.json: not a LETTER file (Exceeds the limit (4300 digits)",
+        toy(inter='{"u1": [1' + "0" * 4999 + "]}"),
+    ),
+    case("repeats huge", RUN + " --repeats 1000000000", "--repeats 1000000000: must be at most 1000"),
+    case(
         "leaderboard deeply nested",
         "leaderboard {tmp}/odd.json --out {out}",
         "odd.json is not a results file (JSON nested too deeply)",
