@@ -107,7 +107,9 @@ def read_records(path: Path) -> list[dict]:
         ) from None
     except ValueError as exc:  # a number json will not read (an integer of thousands of digits)
         reason = str(exc).split(";")[0]
-        raise BenchError(f"{path} is not a results file ({reason}); pass another --out; it was left untouched") from None
+        raise BenchError(
+            f"{path} is not a results file ({reason}); pass another --out; it was left untouched"
+        ) from None
     if not isinstance(records, list):
         raise BenchError(f"{path} is not a results file (expected a JSON list of records); it was left untouched")
     return records

@@ -140,7 +140,9 @@ def read_sums(sums_file: Path) -> dict:
     except (OSError, ValueError) as exc:
         sums = exc
     if not (isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values())):
-        raise BenchError(f"{sums_file} is not the sha256 sums of the downloaded files; delete it (the files are checked against it)")
+        raise BenchError(
+            f"{sums_file} is not the sha256 sums of the downloaded files; delete it (the files are checked against it)"
+        )
     return sums
 
 
