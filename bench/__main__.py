@@ -174,7 +174,7 @@ def cmd_sweep(settings) -> None:
     from bench.records import append_records, check_writable, results_file
     from bench.run import check_run, decoder_specs, format_table, run
     from bench.settings import DataSettings
-    from bench.sweep import sweep_points, write_sweep
+    from bench.sweep import check_sweep_targets, sweep_points, write_sweep
 
     out = Path(settings["run"].out)
     results_file(out)
@@ -183,6 +183,7 @@ def cmd_sweep(settings) -> None:
     if tables and Path(tables).exists() and not Path(tables).is_dir():
         raise BenchError(f"--out-dir {tables} is a file; it takes a folder for the table and plot")
     name, points = sweep_points(settings)  # every value checked before the first run
+    check_sweep_targets(name, out, tables)
     shared = None if name in {f.name for f in fields(DataSettings)} else load_data(settings)  # one for all points
     for _, point in points:  # and every point's run, as far as it can be before any work (K: given one catalogue)
         check_run(shared, point["model"], point["run"], decoder_specs(point["run"]))

@@ -52,6 +52,8 @@ def sweep_points(settings: dict) -> tuple[str, list[tuple[object, dict]]]:
     points = []
     for item in raw.split(","):
         value = check_value(SECTIONS[section], name, parse_value(item), f"--vary {name}")
+        if any(value == earlier and type(value) is type(earlier) for earlier, _ in points):
+            raise BenchError(f"--vary {name}: the value {value} is given twice; give each value once")
         point = dict(settings)
         point[section] = dataclasses.replace(settings[section], **{name: value})
         if section in ("data", "model"):
@@ -142,15 +144,35 @@ def sweep_plot(rows: list[dict], name: str, title: str, path: Path) -> None:
     save_figure_atomically(figure, path)
 
 
+def sweep_targets(name: str, out: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
+    """The table and plot a sweep writes: <out stem>-<name>.md and .png in out_dir
+    (default: beside the records)."""
+    stem = (Path(out_dir) if out_dir else out.parent) / f"{out.stem}-{name}"
+    return stem.with_suffix(".md"), stem.with_suffix(".png")
+
+
+def check_sweep_targets(name: str, out: Path, out_dir: Path | None = None) -> None:
+    """A sweep replaces an earlier sweep's table and plot only, never another file of
+    that name: where either exists, the table must be one of ours (its title line)."""
+    table, plot = sweep_targets(name, out, out_dir)
+    if not (table.exists() or plot.exists()):
+        return
+    try:
+        title = table.read_text(encoding="utf-8").partition("\n")[0]
+    except (OSError, ValueError):
+        title = ""
+    if not (title.startswith("# ") and title.endswith(f": latency against {name}")):
+        taken = table if table.exists() else plot
+        raise BenchError(f"{taken} exists and is no sweep table of this suite; pass another --out or --out-dir")
+
+
 def write_sweep(records: list[dict], name: str, out: Path, out_dir: Path | None = None) -> list[Path]:
-    """<out stem>-<name>.md and .png in out_dir (default: beside the records), written atomically."""
+    """The sweep's table and plot (sweep_targets), written atomically."""
     if not records:
         raise BenchError("the sweep measured nothing; no table was written")
     rows = sweep_rows(records, name)
-    folder = Path(out_dir) if out_dir else out.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = folder / f"{out.stem}-{name}"
-    table, plot = stem.with_suffix(".md"), stem.with_suffix(".png")
+    table, plot = sweep_targets(name, out, out_dir)
+    table.parent.mkdir(parents=True, exist_ok=True)
     first = records[0]
     sweep_plot(rows, name, f"{first['dataset']} / {first['device']} / weights {first['weights']}", plot)
     write_atomically(table, sweep_table(rows, name, records) + f"\n![latency against {name}]({plot.name})\n")

@@ -578,6 +578,17 @@ CASES = [
         "--k 700 is above the 600 items",
     ),
     case(
+        "sweep over a file that is no sweep table",
+        "sweep --untrained --limit-users 3 --decoder beam --out {out} --vary k=5,10",
+        "results-k.md exists and is no sweep table of this suite; pass another --out or --out-dir",
+        write("results-k.md", "my notes\n"),
+    ),
+    case(
+        "sweep with a value twice",
+        "sweep --untrained --limit-users 3 --decoder beam --out {out} --vary repeats=1,2,01",
+        "--vary repeats: the value 1 is given twice; give each value once",
+    ),
+    case(
         "sweep with a later device that cannot run",
         "sweep --untrained --limit-users 3 --decoder beam --out {out} --vary device=cpu,mps",
         "--device mps: decoding runs on cpu or cuda, not on mps",
