@@ -17,7 +17,7 @@ from bench.latency import benchmark
 from bench.records import build_record, calls_text, cell, git_sha, write_atomically
 from bench.settings import DataSettings, ModelSettings, RunSettings, comma_list
 from bench.train import resolve_models
-from decoders import REGISTRY, plan, with_constraint
+from decoders import REGISTRY, parse_spec, plan, with_constraint
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,9 +66,12 @@ def decoder_specs(settings: RunSettings) -> list[str]:
     if not specs:
         raise BenchError(f"--decoder names no decoder; give comma-separated specs of: {', '.join(sorted(REGISTRY))}")
     specs = [with_constraint(s) for s in specs] if settings.constrained else specs
-    twice = next((spec for n, spec in enumerate(specs) if spec in specs[:n]), None)
+    parsed = [parse_spec(spec) for spec in specs]  # beam:width=30 and beam:width=+30 are one decoder
+    twice = next((spec for n, spec in enumerate(specs) if parsed[n] in parsed[:n]), None)
     if twice:  # one decoder, timed once, would give two identical records
-        raise BenchError(f"--decoder names {twice} twice{' (with --constrained)' if settings.constrained else ''}")
+        raise BenchError(
+            f"--decoder names {twice} twice{' (with --constrained)' if settings.constrained else ''}; name each once"
+        )
     return specs
 
 

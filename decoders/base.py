@@ -218,8 +218,8 @@ def parse_spec(spec: str):
             raise BenchError(f"unknown option '{key}' in decoder spec '{spec}'; {hint}")
         if key in values:
             raise BenchError(f"option '{key}' is given twice in decoder spec '{spec}'; give it once")
-        if not has_value:
-            if unwrap_optional(hints[key])[0] is not bool:
+        if not has_value or not text.strip():
+            if has_value or unwrap_optional(hints[key])[0] is not bool:
                 raise BenchError(f"option '{key}' in '{spec}' needs a value: {name}:{key}=VALUE")
             text = "true"
         try:

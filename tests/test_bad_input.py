@@ -562,6 +562,12 @@ CASES = [
     case("results a folder", RUN.replace("{out}", "{tmp}/runs-out"), "runs-out is a folder", folder("runs-out")),
     case("decoder twice", RUN + " --decoder beam,nezha,beam", "--decoder names beam twice"),
     case(
+        "decoder twice in two spellings",
+        RUN + " --decoder beam:width=30,nezha,beam:width=+30",
+        "--decoder names beam:width=+30 twice; name each once",
+    ),
+    case("decoder option without a value", RUN + " --decoder medusa:tree=", "option 'tree' in 'medusa:tree=' needs a value"),
+    case(
         "decoder twice with constrained",
         RUN + " --decoder beam,beam:constrained --constrained",
         "--decoder names beam:constrained twice (with --constrained)",
