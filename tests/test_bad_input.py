@@ -566,7 +566,11 @@ CASES = [
         RUN + " --decoder beam:width=30,nezha,beam:width=+30",
         "--decoder names beam:width=+30 twice; name each once",
     ),
-    case("decoder option without a value", RUN + " --decoder medusa:tree=", "option 'tree' in 'medusa:tree=' needs a value"),
+    case(
+        "decoder option without a value",
+        RUN + " --decoder medusa:tree=",
+        "option 'tree' in 'medusa:tree=' needs a value",
+    ),
     case(
         "decoder twice with constrained",
         RUN + " --decoder beam,beam:constrained --constrained",
