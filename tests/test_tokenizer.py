@@ -142,8 +142,18 @@ def test_a_tokenization_killed_while_writing_leaves_the_earlier_one_whole(tmp_pa
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
-def test_tokenize_refuses_bad_vectors(tmp_path, capsys):
-    np.save(tmp_path / "v.npy", np.zeros((5, 3)))
+@pytest.mark.parametrize(
+    "vectors, fragment",
+    [
+        (np.zeros((5, 3)), "expected one row per item ([600, dim]), got shape [5, 3]"),
+        (np.zeros((700, 3)), "expected one row per item ([600, dim]), got shape [700, 3]"),
+        (np.zeros((600, 0)), "expected one row per item ([600, dim]), got shape [600, 0]"),
+        (np.full((600, 3), 3e38, dtype=np.float32), "values up to 3e+38; scale the vectors"),
+    ],
+    ids=["too few rows", "too many rows", "no columns", "too large"],
+)
+def test_tokenize_refuses_bad_vectors(tmp_path, capsys, vectors, fragment):
+    np.save(tmp_path / "v.npy", vectors)
     assert (
         main(
             [
@@ -158,7 +168,7 @@ def test_tokenize_refuses_bad_vectors(tmp_path, capsys):
         )
         == 2
     )
-    assert "expected one row per item ([600, dim])" in capsys.readouterr().err
+    assert fragment in capsys.readouterr().err
 
 
 def letter_folder(folder, items=120, users=100):

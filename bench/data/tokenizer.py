@@ -144,11 +144,13 @@ def load_vectors(path: Path, num_items: int) -> np.ndarray:
         vectors = None
     if not isinstance(vectors, np.ndarray) or vectors.dtype.kind not in "fiu":
         raise BenchError(f"{path}: not a .npy array of numbers; save the item vectors with numpy.save")
-    if vectors.ndim != 2 or vectors.shape[0] < num_items:
+    if vectors.ndim != 2 or vectors.shape[0] != num_items or vectors.shape[1] == 0:
         raise BenchError(f"{path}: expected one row per item ([{num_items}, dim]), got shape {list(vectors.shape)}")
     if not np.isfinite(vectors).all():
         raise BenchError(f"{path}: has NaN or infinite values")
-    return vectors[:num_items]
+    if np.abs(vectors).max() > 1e15:  # k-means squares them in float32 (3.4e38 at most)
+        raise BenchError(f"{path}: values up to {np.abs(vectors).max():.3g}; scale the vectors (k-means squares them)")
+    return vectors
 
 
 def codebook_report(codes: np.ndarray, codebook_sizes: list[int]) -> dict:
