@@ -5,6 +5,7 @@ that cannot be appended are saved elsewhere rather than lost."""
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -143,6 +144,11 @@ def calls_text(record: dict) -> str:
 def check_writable(path: Path) -> None:
     """Refuse, before any work, a results file that could not be written: records are
     written only when a run has finished. Creates nothing."""
+    try:
+        os.path.realpath(path, strict=True)
+    except OSError as exc:  # a new file, or a link to one, is written through; a loop leads nowhere
+        if exc.errno == errno.ELOOP:
+            raise BenchError(f"{path} cannot be followed ({exc.strerror}); pass another --out") from None
     path = Path(os.path.realpath(path))
     if path.exists() and not os.access(path, os.W_OK):
         raise BenchError(f"{path} is read-only; make it writable (chmod u+w) or pass another --out")

@@ -141,7 +141,7 @@ def validation_loader(valid: list[dict], catalog, batch_size: int = 256) -> Data
 
 
 def runs_dir() -> Path:
-    return Path(os.environ.get(RUNS_ENV, "runs"))
+    return Path(os.environ.get(RUNS_ENV) or "runs")  # set but empty: the default, not the working folder
 
 
 # settings added after models were cached: at these values they change nothing the

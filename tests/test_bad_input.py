@@ -111,6 +111,16 @@ def read_only(name: str):
     return setup
 
 
+def symlink_loop(name: str):
+    """tmp/<name> -> tmp/<name>.2 -> tmp/<name>: a link that leads nowhere."""
+
+    def setup(tmp, monkeypatch, request):
+        (tmp / name).symlink_to(tmp / f"{name}.2")
+        (tmp / f"{name}.2").symlink_to(tmp / name)
+
+    return setup
+
+
 def bad_download_url(tmp, monkeypatch, request):
     (tmp / "cache").mkdir()
     monkeypatch.setenv(letter.CACHE_ENV, str(tmp / "cache"))
@@ -645,6 +655,12 @@ CASES = [
     ),
     case("leaderboard out a folder", "leaderboard {out} --out {tmp}/board", "board is a folder", folder("board")),
     case(
+        "results a symlink loop",
+        RUN.replace("{out}", "{tmp}/loop"),
+        "loop cannot be followed (Too many levels of symbolic links); pass another --out",
+        symlink_loop("loop"),
+    ),
+    case(
         "results deeply nested",
         RUN.replace("{out}", "{tmp}/bad.json"),
         "bad.json is not a results file (JSON nested too deeply)",
@@ -838,8 +854,11 @@ def cli(tmp_path, monkeypatch, capsys):
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every file (its bytes) and folder (None) below root."""
-    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+    """Every file (its bytes), link (where it points) and folder (None) below root."""
+    return {
+        str(p.relative_to(root)): os.readlink(p) if p.is_symlink() else None if p.is_dir() else p.read_bytes()
+        for p in sorted(root.rglob("*"))
+    }
 
 
 @pytest.mark.parametrize("argv, fragment, setup, code", CASES)

@@ -5,6 +5,7 @@ import json
 import os
 import stat
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -526,3 +527,9 @@ def test_the_ablations_wider_head_beam_is_what_the_prefixes_hold(k, head_beam):
     wider = [spec for spec in specs if spec.startswith("nezha:head_beam=")]
     assert wider == ([f"nezha:head_beam={head_beam}"] if head_beam else [])
     assert len(specs) == 8 - (head_beam is None)
+
+
+def test_an_empty_runs_dir_variable_means_the_default(monkeypatch):
+    """BENCH_RUNS_DIR= (set, empty) once cached models in the working folder itself."""
+    monkeypatch.setenv(bench.train.RUNS_ENV, "")
+    assert bench.train.runs_dir() == Path("runs")
