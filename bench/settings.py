@@ -354,7 +354,7 @@ class TuneSettings:
         None,
         "a journal file path (default: runs/tune/<study>/journal.log) or an RDB URL (sqlite:///f.db, postgresql+psycopg://...)",
     )
-    workers: int = setting(1, "processes running trials of the one study on this machine", low=1)
+    workers: int = setting(1, "processes running trials of the one study on this machine", low=1, high=256)
     out: str | None = setting(None, "where best.yaml, trials.csv and plots go (default: runs/tune/<study>/)")
     metric: Literal["recall@10", "ndcg@10", "recall@20", "ndcg@20"] = setting(
         "recall@10", "the validation metric to maximise"

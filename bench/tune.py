@@ -407,6 +407,9 @@ def tune(settings: dict, fixed: set[str] = frozenset()) -> None:
             f"study name {study_name!r} is not a name (letters, digits, '-', '_' and '.', not starting with '.'); "
             + hint
         )
+    cores = os.cpu_count() or 1
+    if tune_settings.workers > cores:  # each worker trains on its own cores
+        raise BenchError(f"--workers {tune_settings.workers}: this machine has {cores} cores; run at most one per core")
     out = Path(tune_settings.out or runs_dir() / "tune" / study_name)
     writable_folder(out, "--out", "folder")
     storage_url = tune_settings.storage or str(runs_dir() / "tune" / study_name / "journal.log")

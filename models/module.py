@@ -292,6 +292,8 @@ def load_checkpoint(path: str | Path, catalog: Catalog) -> SidRecommender:
     weights_only: a checkpoint is data (tensors and plain types); one that asks the
     unpickler for anything else (code) is refused, not run."""
     path = Path(path)
+    if path.is_dir():
+        raise BenchError(f"checkpoint {path} is a folder; pass the .ckpt file in it (best.ckpt of a run folder)")
     if not path.is_file():
         raise BenchError(f"checkpoint {path} does not exist; train one with: python -m bench train")
     try:

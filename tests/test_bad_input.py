@@ -533,6 +533,12 @@ CASES = [
         checkpoint("nezha"),
     ),
     case(
+        "ckpt a folder",
+        RUN + " --decoder nezha --ckpt {tmp}/run",
+        "checkpoint {tmp}/run is a folder; pass the .ckpt file in it (best.ckpt of a run folder)",
+        folder("run"),
+    ),
+    case(
         "ckpt of another objective",
         CKPT,
         "was trained with objective 'ntp', but the chosen decoders need: nezha",

@@ -170,12 +170,20 @@ def test_two_workers_share_a_postgresql_study(workdir, postgres):
     "args,fragment",
     [
         (["--workers", "0"], "--workers 0: must be at least 1"),
+        (["--workers", "256"], "--workers 256: this machine has"),
         (["--storage", "postgresql+psycopg://nobody@127.0.0.1:1/x"], "cannot open the study storage"),
         (["--config", "badspace.yaml"], "unknown parameter 'colour' in the search space"),
         (["--objective", "medusa"], "'medusa' is not one of ntp, nezha, next_item"),
         (["--objective", "nezha", "--nezha-init", "ntp"], "from random weights (a warm start would need"),
     ],
-    ids=["workers 0", "unreachable storage", "unknown parameter", "objective", "warm-started nezha"],
+    ids=[
+        "workers 0",
+        "workers beyond the cores",
+        "unreachable storage",
+        "unknown parameter",
+        "objective",
+        "warm-started nezha",
+    ],
 )
 def test_bad_tune_input_is_one_line(workdir, capsys, args, fragment):
     (workdir / "badspace.yaml").write_text("tune:\n  space:\n    colour: {choices: [red]}\n")
