@@ -158,7 +158,7 @@ def cmd_run(settings, command: str) -> None:
     check_writable(out)
     data = load_data(settings)
     specs = ablation_specs(run_settings.k, data.catalog) if command == "ablate" else None
-    records = run(data, settings["data"], settings["model"], run_settings, specs=specs)
+    records = run(data, settings["data"], settings["model"], run_settings, specs=specs, asked=settings["fixed"])
     print(
         f"\n{data.name} / {run_settings.split} / {records[0]['users']} users / K={run_settings.k} / "
         f"batch {run_settings.batch_size} / {records[0]['device']}"
@@ -191,7 +191,7 @@ def cmd_sweep(settings) -> None:
     for value, point in points:
         print(f"\n--- {name} = {value}")
         data = shared or load_data(point)
-        found = run(data, point["data"], point["model"], point["run"])
+        found = run(data, point["data"], point["model"], point["run"], asked=settings["fixed"] | {name})
         print(format_table(found))
         append_records(out, found)  # each point kept as soon as it is measured
         records += found
@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(settings), end="")
             return 0
-        if args.command in ("tune", "train"):  # tune: not searched; train: the item model's backbone
+        if args.command in ("tune", "train", "run", "ablate", "sweep"):
+            # tune: not searched; train: the item model's backbone; run: what a --ckpt must match
             settings["fixed"] = explicit_fields(args, "model")
         if args.command == "leaderboard":  # run settings given, which reading files would ignore
             hidden = HIDDEN["leaderboard"]

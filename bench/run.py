@@ -95,9 +95,11 @@ def run(
     settings: RunSettings,
     specs: list[str] | None = None,
     progress: bool = True,
+    asked: frozenset[str] = frozenset(),
 ) -> list[dict]:
     """Evaluate the decoders (settings.decoder, or `specs`) on the same batches and
-    return their records."""
+    return their records; asked: the model settings given by flag or config (a --ckpt of
+    another shape is refused)."""
     commit = git_sha()  # the code that runs, before anything can change it
     if settings.untrained and settings.ckpt:
         raise BenchError(
@@ -113,7 +115,7 @@ def run(
     )
     device = resolve_device(settings.device)
     models = resolve_models(
-        [requests for _, _, requests in plans], data, data_settings, settings.ckpt, settings.untrained, progress
+        [requests for _, _, requests in plans], data, data_settings, settings.ckpt, settings.untrained, progress, asked
     )
     dtype = resolve_dtype(settings.dtype, device)
     for resolved in models:

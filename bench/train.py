@@ -144,6 +144,8 @@ def runs_dir() -> Path:
     return Path(os.environ.get(RUNS_ENV) or "runs")  # set but empty: the default, not the working folder
 
 
+SHAPE = {"backbone", "width", "layers", "heads"}  # the model settings that make its architecture
+
 # settings added after models were cached: at these values they change nothing the
 # model learns, so they stay out of its key and the runs trained before them still match
 KEYLESS_WHEN = {
@@ -429,13 +431,15 @@ def resolve_models(
     checkpoints: list[str],
     untrained: bool = False,
     progress: bool = True,
+    asked: frozenset[str] = frozenset(),
 ) -> list[dict[str, ResolvedModel]]:
     """For each decoder's requests (role -> ModelRequest), role -> the model that plays it.
 
     A checkpoint given with --ckpt plays every role named like its objective (the models
     a request starts from are looked up by their objective); a decoder checks that the
     model fits its options. Every checkpoint must play some role: that is checked before
-    anything is trained."""
+    anything is trained. asked: the model settings given by flag or config; a checkpoint
+    of another shape than they ask for is refused (its record would claim their shape)."""
     given = [(str(path), load_checkpoint(path, data.catalog)) for path in checkpoints]
     objectives_given = [model.objective for _, model in given]
     for objective in set(objectives_given):
@@ -461,6 +465,15 @@ def resolve_models(
                 f"checkpoint {path} was trained with objective '{model.objective}', but the chosen decoders "
                 f"need: {', '.join(trained)}; train one with: python -m bench train --objective {trained[0]}"
             )
+    for path, model in given:
+        for request in (r for per_decoder in requests for role, r in per_decoder.items() if role == model.objective):
+            for name in sorted(SHAPE & asked):  # a shape asked for by flag or config that the checkpoint is not
+                theirs, ours = getattr(model.settings, name), getattr(request.settings, name)
+                if theirs != ours:
+                    raise BenchError(
+                        f"checkpoint {path} was trained with {name}={theirs}, but {name}={ours} is asked for; "
+                        f"drop --{name.replace('_', '-')} (the checkpoint's model decodes) or the checkpoint"
+                    )
     built: dict[str, ResolvedModel] = {}
 
     def provide(role: str, request: ModelRequest) -> ResolvedModel:

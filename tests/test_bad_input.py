@@ -533,6 +533,19 @@ CASES = [
         checkpoint("nezha"),
     ),
     case(
+        "ckpt of another backbone than asked for",
+        RUN + " --decoder beam --backbone llama-tiny --ckpt {tmp}/model.ckpt",
+        "checkpoint {tmp}/model.ckpt was trained with backbone=qwen-micro, but backbone=llama-tiny is asked for; "
+        "drop --backbone",
+        checkpoint("ntp"),
+    ),
+    case(
+        "ckpt of another width than asked for",
+        RUN + " --decoder beam --width 32 --ckpt {tmp}/model.ckpt",
+        "was trained with width=None, but width=32 is asked for; drop --width",
+        checkpoint("ntp"),
+    ),
+    case(
         "ckpt a folder",
         RUN + " --decoder nezha --ckpt {tmp}/run",
         "checkpoint {tmp}/run is a folder; pass the .ckpt file in it (best.ckpt of a run folder)",
