@@ -103,7 +103,8 @@ def cmd_train(settings) -> None:
         teacher, teacher_key = resolved["next_item"].model, resolved["next_item"].key
     key = cache_key(job.objective, model_settings, data, settings["data"].seed, init_key, teacher_key)
     run_dir = Path(job.run_dir) if job.run_dir else runs_dir() / data.name / key
-    cached = None if job.resume else cached_checkpoint(run_dir)
+    resumed_here = job.resume and Path(job.resume).resolve().parent == run_dir.resolve()
+    cached = None if resumed_here else cached_checkpoint(run_dir)  # a finished run elsewhere is not written over
     if cached:
         print(f"already trained with these settings: {cached} (delete {run_dir} to train again)")
         return

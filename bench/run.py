@@ -16,7 +16,7 @@ from bench.errors import BenchError, writable_folder
 from bench.latency import benchmark
 from bench.records import build_record, calls_text, cell, git_sha, write_atomically
 from bench.settings import DataSettings, ModelSettings, RunSettings, comma_list
-from bench.train import resolve_models
+from bench.train import SHAPE, resolve_models
 from decoders import REGISTRY, parse_spec, plan, with_constraint
 
 
@@ -115,7 +115,13 @@ def run(
     )
     device = resolve_device(settings.device)
     models = resolve_models(
-        [requests for _, _, requests in plans], data, data_settings, settings.ckpt, settings.untrained, progress, asked
+        [requests for _, _, requests in plans],
+        data,
+        data_settings,
+        settings.ckpt,
+        settings.untrained,
+        progress,
+        {name: getattr(model_settings, name) for name in SHAPE if name in asked},
     )
     dtype = resolve_dtype(settings.dtype, device)
     for resolved in models:

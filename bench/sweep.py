@@ -52,7 +52,7 @@ def sweep_points(settings: dict) -> tuple[str, list[tuple[object, dict]]]:
     points = []
     for item in raw.split(","):
         value = check_value(SECTIONS[section], name, parse_value(item), f"--vary {name}")
-        if any(value == earlier and type(value) is type(earlier) for earlier, _ in points):
+        if any(value == earlier and isinstance(value, bool) == isinstance(earlier, bool) for earlier, _ in points):
             raise BenchError(f"--vary {name}: the value {value} is given twice; give each value once")
         point = dict(settings)
         point[section] = dataclasses.replace(settings[section], **{name: value})

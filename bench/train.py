@@ -31,7 +31,7 @@ from bench.records import cpuinfo_field, cpuinfo_text
 from bench.settings import DataSettings, ModelSettings
 from decoders import ModelRequest
 from models import objectives
-from models.backbones import ENCODER_DECODER
+from models.backbones import ENCODER_DECODER, ITEM, SHAPED_LIKE, backbone_kind, generic_size
 from models.module import SidRecommender, load_checkpoint
 
 RUNS_ENV = "BENCH_RUNS_DIR"
@@ -144,7 +144,7 @@ def runs_dir() -> Path:
     return Path(os.environ.get(RUNS_ENV) or "runs")  # set but empty: the default, not the working folder
 
 
-SHAPE = {"backbone", "width", "layers", "heads"}  # the model settings that make its architecture
+SHAPE = ("backbone", "item_backbone", "width", "layers", "heads")  # the model settings that make its architecture
 
 # settings added after models were cached: at these values they change nothing the
 # model learns, so they stay out of its key and the runs trained before them still match
@@ -241,29 +241,36 @@ def check_resumable(path: str, model: SidRecommender, data: RecData) -> None:
 
 class RunCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
     """Lightning's ModelCheckpoint, resumable into another folder (a run trained longer goes
-    to the cache folder of its new settings). Lightning forgets the best score there and
-    takes the first resumed epoch for the best; here the best checkpoint so far is copied
-    into the new folder and keeps its score."""
+    to the cache folder of its new settings) and from a run folder that was copied or
+    moved. Lightning compares the folder the checkpoint was written in with this one and,
+    where they differ, forgets the best score and takes the first resumed epoch for the
+    best. Here the resumed checkpoint's state is read as that of the folder it is in
+    (resumed_from): its best checkpoint is that folder's, copied here when this is
+    another, with its score."""
+
+    def __init__(self, *args, resumed_from: Path | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resumed_from = resumed_from
 
     def _generate_state_key(self, **kwargs) -> str:
         return f"ModelCheckpoint{kwargs!r}"  # the key the checkpoints written by ModelCheckpoint hold
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if self.dirpath is None or state_dict.get("dirpath", self.dirpath) == self.dirpath:
+        if self.dirpath is None or self.resumed_from is None:
             return super().load_state_dict(state_dict)
-        best = state_dict.get("best_model_path") or ""
-        if self.monitor and not Path(best).is_file():  # nothing to carry over: start afresh, as Lightning does
+        name = Path(state_dict.get("best_model_path") or "").name
+        best = self.resumed_from / name if name else None
+        if self.monitor and not (best and best.is_file()):  # nothing to carry over: start afresh, as Lightning does
             state_dict = {**state_dict, "best_model_score": None, "best_k_models": {}, "kth_best_model_path": ""}
-            best = ""
-        elif self.monitor and rank_zero_only.rank == 0:
+        elif self.monitor and best.resolve() != Path(self.moved(name)).resolve() and rank_zero_only.rank == 0:
             Path(self.dirpath).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(best, self.moved(best))
+            shutil.copyfile(best, self.moved(name))
         scores = state_dict.get("best_k_models", {})  # path -> score
         super().load_state_dict(
             {
                 **state_dict,
                 "dirpath": self.dirpath,
-                "best_model_path": self.moved(best),
+                "best_model_path": self.moved(name) if best and best.is_file() or not self.monitor else "",
                 "kth_best_model_path": self.moved(state_dict.get("kth_best_model_path")),
                 "best_k_models": {self.moved(path): score for path, score in scores.items()},
                 "last_model_path": self.moved(state_dict.get("last_model_path")),
@@ -271,8 +278,36 @@ class RunCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
         )
 
     def moved(self, path: str | None) -> str:
-        """A checkpoint's path in the earlier folder -> the same name in this one."""
+        """A checkpoint's path in the folder it was written in -> the same name in this one."""
         return str(Path(self.dirpath) / Path(path).name) if path else ""
+
+
+def check_asked_shape(path: str, model: SidRecommender, asked: dict | None) -> None:
+    """A --ckpt decodes as the model it holds: one of another backbone or size than the
+    settings given by flag or config ask for (asked: name -> value) is refused, since its
+    record would claim their shape. Sizes are compared as built (--width 32 on a backbone
+    that is 32 wide asks for nothing else); the item model's backbone is --item-backbone,
+    or --backbone where that names an item model."""
+    asked = asked or {}
+    theirs = model.settings
+    backbone, names = asked.get("backbone"), [n for n in ("width", "layers", "heads") if n in asked]
+    if model.objective == "next_item" and (backbone is None or backbone_kind(backbone) != ITEM):
+        backbone, names = asked.get("item_backbone"), []  # the SID backbone's sizes do not shape the item model
+        differs = ["item_backbone"] if backbone not in (None, theirs.backbone) else []
+    else:
+        differs = ["backbone"] if backbone not in (None, theirs.backbone) else []
+    if not differs and names and theirs.backbone not in SHAPED_LIKE:
+        own = {"width": theirs.width, "layers": theirs.layers, "heads": theirs.heads}
+        sized = {**own, **{name: asked[name] for name in names}}
+        if generic_size(theirs.backbone, **own) != generic_size(theirs.backbone, **sized):
+            differs = names
+    if differs:
+        wanted = ", ".join(f"{name}={asked[name]}" for name in differs)
+        flags = " ".join(f"--{name.replace('_', '-')}" for name in differs)
+        raise BenchError(
+            f"checkpoint {path} holds a {theirs.backbone} model of another shape than {wanted} asks for; drop "
+            f"{flags} (the checkpoint's model decodes) or the checkpoint"
+        )
 
 
 def check_checkpoint_folder(run_dir: Path, objective: str) -> None:
@@ -349,12 +384,18 @@ def train_model(
             f"{num_nodes} nodes); every process validates at least one"
         )
     valid_loader = validation_loader(valid, data.catalog)
+    resumed_from = Path(resume).parent if resume else None
     best = RunCheckpoint(
-        dirpath=run_dir, filename="best", monitor="val/recall@10", mode="max", enable_version_counter=False
+        dirpath=run_dir,
+        filename="best",
+        monitor="val/recall@10",
+        mode="max",
+        enable_version_counter=False,
+        resumed_from=resumed_from,
     )
     # every epoch's end, overwritten: Lightning's save_last writes only when `best` improves,
     # which would resume a run from its last gain and under-count its epochs
-    last = RunCheckpoint(dirpath=run_dir, filename="last", enable_version_counter=False)
+    last = RunCheckpoint(dirpath=run_dir, filename="last", enable_version_counter=False, resumed_from=resumed_from)
     stop = L.pytorch.callbacks.EarlyStopping(monitor="val/recall@10", mode="max", patience=settings.patience)
     interactive = sys.stdout.isatty()
     trainer = L.Trainer(
@@ -431,15 +472,15 @@ def resolve_models(
     checkpoints: list[str],
     untrained: bool = False,
     progress: bool = True,
-    asked: frozenset[str] = frozenset(),
+    asked: dict | None = None,
 ) -> list[dict[str, ResolvedModel]]:
     """For each decoder's requests (role -> ModelRequest), role -> the model that plays it.
 
     A checkpoint given with --ckpt plays every role named like its objective (the models
     a request starts from are looked up by their objective); a decoder checks that the
     model fits its options. Every checkpoint must play some role: that is checked before
-    anything is trained. asked: the model settings given by flag or config; a checkpoint
-    of another shape than they ask for is refused (its record would claim their shape)."""
+    anything is trained. asked: the shaping model settings given by flag or config, by
+    name (check_asked_shape)."""
     given = [(str(path), load_checkpoint(path, data.catalog)) for path in checkpoints]
     objectives_given = [model.objective for _, model in given]
     for objective in set(objectives_given):
@@ -466,14 +507,7 @@ def resolve_models(
                 f"need: {', '.join(trained)}; train one with: python -m bench train --objective {trained[0]}"
             )
     for path, model in given:
-        for request in (r for per_decoder in requests for role, r in per_decoder.items() if role == model.objective):
-            for name in sorted(SHAPE & asked):  # a shape asked for by flag or config that the checkpoint is not
-                theirs, ours = getattr(model.settings, name), getattr(request.settings, name)
-                if theirs != ours:
-                    raise BenchError(
-                        f"checkpoint {path} was trained with {name}={theirs}, but {name}={ours} is asked for; "
-                        f"drop --{name.replace('_', '-')} (the checkpoint's model decodes) or the checkpoint"
-                    )
+        check_asked_shape(path, model, asked)
     built: dict[str, ResolvedModel] = {}
 
     def provide(role: str, request: ModelRequest) -> ResolvedModel:

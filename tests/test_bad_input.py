@@ -535,14 +535,14 @@ CASES = [
     case(
         "ckpt of another backbone than asked for",
         RUN + " --decoder beam --backbone llama-tiny --ckpt {tmp}/model.ckpt",
-        "checkpoint {tmp}/model.ckpt was trained with backbone=qwen-micro, but backbone=llama-tiny is asked for; "
-        "drop --backbone",
+        "checkpoint {tmp}/model.ckpt holds a qwen-micro model of another shape than backbone=llama-tiny asks for; "
+        "drop --backbone (the checkpoint's model decodes)",
         checkpoint("ntp"),
     ),
     case(
         "ckpt of another width than asked for",
-        RUN + " --decoder beam --width 32 --ckpt {tmp}/model.ckpt",
-        "was trained with width=None, but width=32 is asked for; drop --width",
+        RUN + " --decoder beam --width 64 --ckpt {tmp}/model.ckpt",
+        "holds a qwen-micro model of another shape than width=64 asks for; drop --width",
         checkpoint("ntp"),
     ),
     case(

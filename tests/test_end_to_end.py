@@ -234,6 +234,19 @@ def test_a_run_resumed_into_another_folder_keeps_its_best_so_far(tmp_path, recwa
     assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
 
 
+def test_a_copied_run_folder_resumes_with_its_own_best(tmp_path):
+    """The state of a resumed checkpoint is that of the folder it is in: a copy of a run
+    folder keeps the copy's best when resumed, whatever the original's folder (which its
+    checkpoints still name) holds by then."""
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    args = ["train", "--objective", "ntp", "--val-users", "50", "--lr", "0"]
+    assert main([*args, "--max-epochs", "1", "--run-dir", str(original)]) == 0
+    shutil.copytree(original, copy)
+    (original / "best.ckpt").write_bytes(b"whatever the original holds now")
+    assert main([*args, "--max-epochs", "2", "--run-dir", str(copy), "--resume", str(copy / "last.ckpt")]) == 0
+    assert torch.load(copy / "best.ckpt", weights_only=True)["epoch"] == 0
+
+
 def test_resuming_with_other_settings_is_refused(first_run, tmp_path, capsys):
     root, _, _ = first_run
     last = next((root / "runs" / "synthetic").glob("ntp-*/last.ckpt"))

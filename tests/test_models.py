@@ -9,6 +9,7 @@ from conftest import random_catalog, random_model, training_losses
 
 from bench.errors import BenchError
 from models import objectives
+from bench.train import check_asked_shape
 from models.backbones import generic_size
 from models.module import load_checkpoint, lr_factor
 
@@ -487,3 +488,24 @@ def test_label_smoothing_of_the_ntp_loss_by_hand(catalog):
     nll = torch.stack([-log_probs[t - 1, tokens[t]] for t in targets]).mean()
     uniform = torch.stack([-log_probs[t - 1].mean() for t in targets]).mean()
     torch.testing.assert_close(total, 0.9 * nll + 0.1 * uniform, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "objective, backbone, asked, refused",
+    [
+        ("ntp", "qwen-micro", {"width": 32}, None),  # qwen-micro is 32 wide: the same model
+        ("ntp", "qwen-micro", {"width": 64}, "width=64"),
+        ("ntp", "qwen-micro", {"backbone": "llama-micro"}, "backbone=llama-micro"),
+        ("ntp", "qwen-micro", {"item_backbone": "sasrec-tiny"}, None),  # not this model's setting
+        ("next_item", "sasrec-micro", {"backbone": "qwen-micro", "width": 64}, None),  # the SID backbone's
+        ("next_item", "sasrec-micro", {"item_backbone": "sasrec-small"}, "item_backbone=sasrec-small"),
+        ("next_item", "sasrec-micro", {"backbone": "sasrec-small"}, "backbone=sasrec-small"),
+    ],
+)
+def test_a_checkpoint_of_another_shape_than_asked_for_is_refused(catalog, objective, backbone, asked, refused):
+    model = random_model(objective, catalog, backbone=backbone)
+    if refused is None:
+        check_asked_shape("m.ckpt", model, asked)
+    else:
+        with pytest.raises(BenchError, match=f"m.ckpt holds a {backbone} model of another shape than {refused} asks"):
+            check_asked_shape("m.ckpt", model, asked)
