@@ -53,7 +53,15 @@ STARTS_FROM_NTP = {"medusa": "Medusa", "nezha": "NEZHA", "ntp": "NTP training"} 
 
 
 def cmd_train(settings) -> None:
-    from bench.train import cache_key, cached_checkpoint, check_precision, checkpoint_key, runs_dir, train_model
+    from bench.train import (
+        cache_key,
+        cached_checkpoint,
+        check_precision,
+        check_resumable,
+        checkpoint_key,
+        runs_dir,
+        train_model,
+    )
     from decoders.base import item_model_settings
     from models.module import check_pairing, load_checkpoint
 
@@ -103,6 +111,8 @@ def cmd_train(settings) -> None:
         teacher, teacher_key = resolved["next_item"].model, resolved["next_item"].key
     key = cache_key(job.objective, model_settings, data, settings["data"].seed, init_key, teacher_key)
     run_dir = Path(job.run_dir) if job.run_dir else runs_dir() / data.name / key
+    if job.resume:  # before the cache: a finished run of these settings is no answer to a resume of others
+        check_resumable(job.resume, job.objective, model_settings, data)
     resumed_here = job.resume and Path(job.resume).resolve().parent == run_dir.resolve()
     cached = None if resumed_here else cached_checkpoint(run_dir)  # a finished run elsewhere is not written over
     if cached:

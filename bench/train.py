@@ -224,13 +224,13 @@ def warn_if_slow_precision(precision: str) -> None:
         )
 
 
-def check_resumable(path: str, model: SidRecommender, data: RecData) -> None:
+def check_resumable(path: str, objective: str, settings: ModelSettings, data: RecData) -> None:
     """A resumed checkpoint must hold the model these settings build, on this catalogue."""
     saved = load_checkpoint(path, data.catalog)
-    if saved.objective != model.objective:
-        raise BenchError(f"--resume {path}: the checkpoint is a {saved.objective} model, not {model.objective}")
-    theirs = objectives.shaping_settings(model.objective, asdict(saved.settings))
-    ours = objectives.shaping_settings(model.objective, asdict(model.settings))
+    if saved.objective != objective:
+        raise BenchError(f"--resume {path}: the checkpoint is a {saved.objective} model, not {objective}")
+    theirs = objectives.shaping_settings(objective, asdict(saved.settings))
+    ours = objectives.shaping_settings(objective, asdict(settings))
     for name in (n for n in ours if n not in ("max_epochs", "patience")):  # a resumed run may only train longer
         if theirs[name] != ours[name]:
             raise BenchError(
@@ -296,7 +296,9 @@ def check_asked_shape(path: str, model: SidRecommender, asked: dict | None) -> N
         differs = ["item_backbone"] if backbone not in (None, theirs.backbone) else []
     else:
         differs = ["backbone"] if backbone not in (None, theirs.backbone) else []
-    if not differs and names and theirs.backbone not in SHAPED_LIKE:
+    if not differs and names and theirs.backbone in SHAPED_LIKE:  # a real model's shape takes no sizes
+        differs = names
+    elif not differs and names:
         own = {"width": theirs.width, "layers": theirs.layers, "heads": theirs.heads}
         sized = {**own, **{name: asked[name] for name in names}}
         if generic_size(theirs.backbone, **own) != generic_size(theirs.backbone, **sized):
@@ -349,8 +351,6 @@ def train_model(
     check_checkpoint_folder(run_dir, objective)
     warn_if_slow_precision(settings.precision)
     model = build_model(data, objective, settings, data_settings)
-    if resume:
-        check_resumable(resume, model, data)
     if init_from is not None:
         if objective == "medusa" and init_from.repeat_bias is not None:
             raise BenchError(
@@ -384,7 +384,7 @@ def train_model(
             f"{num_nodes} nodes); every process validates at least one"
         )
     valid_loader = validation_loader(valid, data.catalog)
-    resumed_from = Path(resume).parent if resume else None
+    resumed_from = Path(resume).resolve().parent if resume else None  # where its run folder really is
     best = RunCheckpoint(
         dirpath=run_dir,
         filename="best",
@@ -421,6 +421,8 @@ def train_model(
         warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging")
         trainer.fit(model, train_loader, valid_loader, ckpt_path=resume)
     if trainer.is_global_zero:
+        if resume and not (run_dir / "last.ckpt").exists():  # resumed with no epoch left: the run ends where it was
+            shutil.copyfile(resume, run_dir / "last.ckpt")
         training = record_training_totals(Path(best.best_model_path), run_dir / "last.ckpt")
         (run_dir / "settings.json").write_text(
             json.dumps(

@@ -234,6 +234,21 @@ def test_a_run_resumed_into_another_folder_keeps_its_best_so_far(tmp_path, recwa
     assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
 
 
+def test_a_resume_through_a_link_or_with_no_epoch_left_keeps_the_run(tmp_path):
+    """--resume through a symlink reads the state of the folder the link points into; a
+    run resumed into another folder with no epoch left there ends as it was."""
+    first, links, longer, same = tmp_path / "first", tmp_path / "links", tmp_path / "longer", tmp_path / "same"
+    args = ["train", "--objective", "ntp", "--val-users", "50", "--lr", "0"]
+    assert main([*args, "--max-epochs", "1", "--run-dir", str(first)]) == 0
+    links.mkdir()
+    (links / "last.ckpt").symlink_to(first / "last.ckpt")
+    assert main([*args, "--max-epochs", "2", "--run-dir", str(longer), "--resume", str(links / "last.ckpt")]) == 0
+    assert torch.load(longer / "best.ckpt", weights_only=True)["epoch"] == 0
+    assert main([*args, "--max-epochs", "1", "--run-dir", str(same), "--resume", str(first / "last.ckpt")]) == 0
+    assert torch.load(same / "best.ckpt", weights_only=True)["epoch"] == 0
+    assert torch.load(same / "last.ckpt", weights_only=True)["epoch"] == 0
+
+
 def test_a_copied_run_folder_resumes_with_its_own_best(tmp_path):
     """The state of a resumed checkpoint is that of the folder it is in: a copy of a run
     folder keeps the copy's best when resumed, whatever the original's folder (which its
