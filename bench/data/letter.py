@@ -137,8 +137,8 @@ def read_sums(sums_file: Path) -> dict:
         return {}
     try:
         sums = json.loads(sums_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        sums = exc
+    except (OSError, ValueError):
+        sums = None
     if not (isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values())):
         raise BenchError(
             f"{sums_file} is not the sha256 sums of the downloaded files; delete it (the files are checked against it)"
