@@ -62,25 +62,29 @@ def search_space(settings: TuneSettings, fixed: set[str] = frozenset()) -> dict[
             raise BenchError(
                 f"search space entry '{name}' must be {{choices: [...]}} or {{low: x, high: y[, log: true]}}"
             )
-        _check_entry(name, spec, options if name.startswith("decoder:") else ModelSettings)
-    return {name: spec for name, spec in space.items() if name not in fixed}
+    checked = {name: _check_entry(name, spec, options if name.startswith("decoder:") else ModelSettings)
+               for name, spec in space.items()}
+    return {name: spec for name, spec in checked.items() if name not in fixed}
 
 
-def _check_entry(name: str, spec: dict, cls) -> None:
-    """One search-space entry against the shape optuna takes and the setting's declared bounds."""
+def _check_entry(name: str, spec: dict, cls) -> dict:
+    """One search-space entry against the shape optuna takes and the setting's declared bounds
+    -> the entry with its values in the setting's type, so that `lr: {low: 0, high: 1}` is a
+    float range (optuna samples a range of two ints as integers)."""
     if "choices" in spec:
         if not isinstance(spec["choices"], list) or not spec["choices"]:
             raise BenchError(f"search space entry '{name}': choices must be a non-empty list")
         values = spec["choices"]
     else:
         low, high = values = [spec["low"], spec["high"]]
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            if low > high:
-                raise BenchError(f"search space entry '{name}': low {low} is above high {high}; swap them")
-            if spec.get("log") and low <= 0:
-                raise BenchError(f"search space entry '{name}': log: true needs low above 0, not {low}")
-    for value in values:
-        check_value(cls, name.removeprefix("decoder:"), value, f"search space entry '{name}'")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise BenchError(f"search space entry '{name}': low and high must be numbers; list other values as choices")
+        if low > high:
+            raise BenchError(f"search space entry '{name}': low {low} is above high {high}; swap them")
+        if spec.get("log") and low <= 0:
+            raise BenchError(f"search space entry '{name}': log: true needs low above 0, not {low}")
+    typed = [check_value(cls, name.removeprefix("decoder:"), value, f"search space entry '{name}'") for value in values]
+    return {**spec, "choices": typed} if "choices" in spec else {**spec, "low": typed[0], "high": typed[1]}
 
 
 def _decoder_options(objective: str) -> set[str]:

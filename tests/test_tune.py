@@ -258,12 +258,29 @@ def test_bad_storage_and_out_paths_are_one_line_before_any_trial(workdir, capsys
         ("transition: {choices: [lstm]}",
          "search space entry 'transition': transition = 'lstm' is not one of rnn, gru, none"),
         ("heads: {choices: []}", "search space entry 'heads': choices must be a non-empty list"),
+        ("lr_schedule: {low: constant, high: cosine}",
+         "search space entry 'lr_schedule': low and high must be numbers; list other values as choices"),
     ],
 )  # fmt: skip
 def test_a_search_space_outside_its_settings_is_refused_before_any_trial(workdir, capsys, entry, message):
     (workdir / "space.yaml").write_text(f"tune:\n  space:\n    {entry}\n")
     assert refused(["--config", "space.yaml"], capsys) == message
     assert not (workdir / "runs" / "tune" / "ntp-synthetic" / "journal.log").exists()
+
+
+def test_a_range_with_whole_number_ends_is_sampled_in_the_settings_type():
+    import optuna
+
+    from bench.settings import TuneSettings
+    from bench.tune import search_space, suggest
+
+    space = search_space(TuneSettings(space={"lr": {"low": 0, "high": 1}, "layers": {"low": 1, "high": 4},
+                                             "dropout": {"choices": [0, 0.5]}}))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    params = [suggest(study.ask(), space) for _ in range(20)]
+    assert all(type(p["lr"]) is float and type(p["layers"]) is int for p in params)
+    assert any(0 < p["lr"] < 1 for p in params) and {p["dropout"] for p in params} <= {0.0, 0.5}
+    assert {type(p["dropout"]) for p in params} == {float}
 
 
 def test_a_decoder_option_outside_its_bounds_is_refused():
