@@ -93,16 +93,58 @@ def _decoder_options(objective: str) -> set[str]:
     return option_names(VALIDATION_DECODER[objective])
 
 
+def distribution(spec: dict):
+    """A checked search-space entry -> the optuna distribution it is sampled from."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if "choices" in spec:
+        return CategoricalDistribution(spec["choices"])
+    kind = IntDistribution if isinstance(spec["low"], int) else FloatDistribution
+    return kind(spec["low"], spec["high"], log=spec.get("log", False))
+
+
 def suggest(trial, space: dict) -> dict:
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
     params = {}
     for name, spec in space.items():
-        if "choices" in spec:
-            params[name] = trial.suggest_categorical(name, spec["choices"])
-        elif all(isinstance(spec[b], int) and not isinstance(spec[b], bool) for b in ("low", "high")):
-            params[name] = trial.suggest_int(name, spec["low"], spec["high"], log=spec.get("log", False))
+        sampled = distribution(spec)
+        if isinstance(sampled, CategoricalDistribution):
+            params[name] = trial.suggest_categorical(name, sampled.choices)
+        elif isinstance(sampled, IntDistribution):
+            params[name] = trial.suggest_int(name, sampled.low, sampled.high, log=sampled.log)
         else:
-            params[name] = trial.suggest_float(name, spec["low"], spec["high"], log=spec.get("log", False))
+            params[name] = trial.suggest_float(name, sampled.low, sampled.high, log=sampled.log)
     return params
+
+
+def check_space_matches(study, space: dict, where: str) -> None:
+    """A resumed study's trials sampled each parameter as this space does (optuna fails
+    every new trial of a parameter whose kind, log scale or choices changed)."""
+    from optuna.distributions import CategoricalDistribution
+
+    for name, spec in space.items():
+        new = distribution(spec)
+        for trial in study.get_trials(deepcopy=False):
+            old = trial.distributions.get(name)
+            if old is None:
+                continue
+            if type(old) is not type(new) or getattr(old, "log", None) != getattr(new, "log", None) or (
+                isinstance(old, CategoricalDistribution) and old.choices != new.choices
+            ):
+                raise BenchError(
+                    f"{where} sampled {name} from {describe(old)} (trial {trial.number}), this search space from "
+                    f"{describe(new)}; choose another --study name, or search {name} as before"
+                )
+
+
+def describe(sampled) -> str:
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    if isinstance(sampled, CategoricalDistribution):
+        return f"choices {list(sampled.choices)}"
+    kind = "integers" if isinstance(sampled, IntDistribution) else "floats"
+    return f"{kind} {sampled.low}..{sampled.high}" + (" (log)" if sampled.log else "")
 
 
 def default_params(space: dict, model: ModelSettings, objective: str) -> dict:
@@ -418,6 +460,7 @@ def tune(settings: dict, fixed: set[str] = frozenset()) -> None:
     writable_folder(out, "--out", "folder")
     storage_url = tune_settings.storage or str(runs_dir() / "tune" / study_name / "journal.log")
     study = open_study(tune_settings, study_name, storage_url, data_settings.dataset, create=True)
+    check_space_matches(study, space, masked(f"study '{study_name}' in {storage_url}", storage_url))
     stale = fail_stale_trials(study) if "://" not in storage_url else 0
     if not study.trials:
         study.enqueue_trial(default_params(space, settings["model"], tune_settings.objective))

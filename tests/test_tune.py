@@ -204,6 +204,36 @@ def test_a_study_of_another_objective_is_refused(workdir, capsys):
     assert code == 2 and "study 'x'" in err and "objective=ntp" in err and "choose another --study" in err
 
 
+@pytest.mark.parametrize(
+    "entry,now",
+    [
+        ("dropout: {low: 0, high: 0.1}", "floats 0.0..0.1"),
+        ("dropout: {choices: [0.0, 0.2]}", "choices [0.0, 0.2]"),
+        ("lr: {low: 0.001, high: 0.01}", "floats 0.001..0.01"),
+    ],
+)
+def test_a_study_resumed_with_another_kind_of_range_is_refused_untouched(workdir, capsys, entry, now):
+    """Optuna would fail every new trial of such a parameter."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    from bench.settings import TuneSettings
+    from bench.tune import open_study, storage_of
+
+    storage = str(workdir / "j.log")
+    study = open_study(TuneSettings(objective="ntp"), "x", storage, "synthetic", create=True)
+    kinds = {"dropout": CategoricalDistribution([0.0, 0.1]), "lr": FloatDistribution(1e-3, 1e-2, log=True)}
+    study.add_trial(optuna.trial.create_trial(params={"dropout": 0.1, "lr": 2e-3}, distributions=kinds, value=0.5))
+    (workdir / "space.yaml").write_text(f"tune:\n  space:\n    {entry}\n")
+    name = entry.partition(":")[0]
+    was = "choices [0.0, 0.1]" if name == "dropout" else "floats 0.001..0.01 (log)"
+    assert refused(["--config", "space.yaml", "--study", "x", "--storage", storage], capsys) == (
+        f"study 'x' in {storage} sampled {name} from {was} (trial 0), this search space from {now}; "
+        f"choose another --study name, or search {name} as before"
+    )
+    trials = optuna.load_study(study_name="x", storage=storage_of(storage)).trials
+    assert [(t.state.name, t.params, t.values) for t in trials] == [("COMPLETE", {"dropout": 0.1, "lr": 2e-3}, [0.5])]
+
+
 @pytest.fixture
 def unwritable(tmp_path):
     """A folder we may not write in: read-only to a user; sysfs for root, who writes anywhere else."""
