@@ -235,7 +235,7 @@ def cmd_tokenize(settings) -> None:
         args.out_dir
         or Path("runs") / "tokenized" / f"{name}-rq{args.levels}x{args.codes}{'-balanced' if args.balanced else ''}"
     )
-    tokenizer.check_out_dir(out, source)
+    tokenizer.check_out_dir(out, source, stem)
     if args.vectors:
         vectors, origin = tokenizer.load_vectors(Path(args.vectors), len(item_ids)), args.vectors
     else:

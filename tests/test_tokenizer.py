@@ -195,6 +195,23 @@ def test_tokenize_refuses_the_datasets_own_folder(tmp_path, capsys):
     assert {path: path.read_bytes() for path in good.iterdir()} == before
 
 
+def test_tokenize_refuses_a_folder_of_another_dataset_and_rewrites_its_own(tmp_path, capsys):
+    letter_folder(tmp_path / "good")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "Beauty.index.json").write_text("{}")
+    assert tokenize("--data-dir", tmp_path / "good", "--out-dir", other) == 2
+    assert capsys.readouterr().err == (
+        f"error: --out-dir {other} holds another dataset (Beauty.index.json), which would sit beside Small's files; "
+        "choose another folder\n"
+    )
+    assert [p.name for p in other.iterdir()] == ["Beauty.index.json"]
+    out = tmp_path / "out"
+    for _ in range(2):  # a folder of its own earlier tokenization is rewritten
+        assert tokenize("--data-dir", tmp_path / "good", "--out-dir", out) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["Small.index.json", "Small.inter.json"]
+
+
 def test_tokenize_refuses_an_unwritable_out_dir(tmp_path, capsys, monkeypatch):
     before = letter_folder(tmp_path / "good")
     locked = tmp_path / "locked"

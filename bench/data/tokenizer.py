@@ -193,11 +193,20 @@ def read_interactions(path: Path) -> tuple[list[str], list[list[int]]]:
     return item_ids, [[position[i] for i in items] for items in sequences]
 
 
-def check_out_dir(path: Path, source: Path | None) -> None:
+def check_out_dir(path: Path, source: Path | None, stem: str) -> None:
     """Refuse, before the clustering, an output folder that is a file (or lies below one),
-    that we may not write, or that is the dataset's own folder (its files would be replaced)."""
+    that we may not write, that is the dataset's own folder (its files would be replaced), or
+    that holds another dataset's files (loading refuses a folder of two datasets)."""
     if source and path.resolve() == source.resolve():
         raise BenchError(f"--out-dir {path} is the dataset's own folder; choose another folder")
+    if path.is_dir():
+        ours = {f"{stem}.inter.json", f"{stem}.index.json"}
+        others = sorted(p.name for p in (*path.glob("*.inter.json"), *path.glob("*.index.json")) if p.name not in ours)
+        if others:
+            raise BenchError(
+                f"--out-dir {path} holds another dataset ({', '.join(others)}), which would sit beside "
+                f"{stem}'s files; choose another folder"
+            )
     for folder in (path, *path.parents):
         if folder.exists():
             if not folder.is_dir():
