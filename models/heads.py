@@ -80,7 +80,8 @@ class NezhaDraftHead(nn.Module):
     def beam_levels(self) -> list[BeamLevel]:
         """The head laid out for inference, one BeamLevel per level, rebuilt whenever a
         weight changes: in place (training steps, loading by copy: versions move), or
-        by a cast or move or loading by assignment (both forget the layout). A decoder
+        by a cast or move or loading by assignment (both forget the layout); a fused
+        optimizer's steps move no version, so training's validation forgets it too. A decoder
         fetches it once per search. Built in the weights' own dtype, also under autocast."""
         if self._weights is None:
             self._weights = list(self.parameters())  # walking the module tree per search costs more than the check

@@ -206,6 +206,12 @@ class SidRecommender(L.LightningModule):
         self.started_from = self.training_record.get("started_from", self.started_from)
         self.taught_by = self.training_record.get("taught_by", self.taught_by)
 
+    def on_validation_epoch_start(self):
+        """The NEZHA head's inference layout is rebuilt from the trained weights: the head
+        notices steps that move the weights' version counters, which a fused AdamW does not."""
+        if self.head is not None:
+            self.head.forget_beam_levels()
+
     def validation_step(self, batch, batch_idx):
         if self._val_decoder is None:
             from decoders import build_decoder

@@ -299,6 +299,23 @@ def test_beam_step_of_the_head_equals_its_training_step(transition):
             torch.testing.assert_close(layout[level].logits(state, placeholder), expected_logits)
 
 
+def test_validation_rebuilds_the_head_layout_after_a_fused_optimizer_step(catalog):
+    """A fused AdamW steps the weights without moving their version counters."""
+    module = random_model("nezha", catalog, backbone="qwen-micro")
+    head = module.head
+    state, placeholder = torch.randn(2, 1, head.classifiers[0].in_features), torch.zeros(2, 1, 1)
+    with torch.no_grad():
+        before = head.beam_levels()[0].logits(state, placeholder)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=0.1, fused=True)
+    head.level_logits(0, state, placeholder).sum().backward()
+    optimizer.step()
+    module.on_validation_epoch_start()
+    with torch.no_grad():
+        after = head.beam_levels()[0].logits(state, placeholder)
+        torch.testing.assert_close(after, head.level_logits(0, state, placeholder))
+    assert not torch.allclose(before, after)
+
+
 def test_head_beam_layout_follows_the_weights():
     """The laid-out weights are rebuilt after a training step changes the weights they
     are made of, after a cast (in the weights' dtype, also under autocast) and after
