@@ -127,6 +127,7 @@ def run_rows(records: list[dict]) -> list[dict]:
             "backbone": r["backbone"]["name"] if r.get("backbone") else None,
             "users": r["users"],
             "k": r["k"],
+            "candidates": r.get("candidates_per_user"),  # None in older records
             "batch_size": r["batch_size"],
             **{name: m[name] for name in METRICS},
             **intervals.bounds(r),
@@ -175,6 +176,12 @@ def run_table(run: tuple, rows: list[dict]) -> str:
             "\nIntervals: percentile bootstrap over the users (1000 resamples, seed 0); the difference to beam is "
             "paired (both resampled on the same users), ** where its interval excludes 0, else the two are not "
             "called different."
+        )
+    short = [row for row in rows if row["candidates"] is not None and row["candidates"] < row["k"]]
+    for row in short:
+        out.append(
+            f"\n{row['decoder']} returns {row['candidates']} candidate(s) per user, fewer than K = {row['k']}: its "
+            f"Recall and NDCG at k above {row['candidates']} are those at {row['candidates']}."
         )
     if any(row["p50_per_pass_ms"] for row in rows):
         out.append(

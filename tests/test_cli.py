@@ -200,6 +200,17 @@ def test_leaderboard_shows_speedup_against_beam(cli, tmp_path):
     assert rows["nezha"]["commit"] == "0123456789"
 
 
+def test_leaderboard_says_which_decoders_return_fewer_candidates_than_k(cli, tmp_path):
+    results = tmp_path / "results.json"
+    runs = [record("beam", 50.0, 0.4, candidates_per_user=20), record("greedy", 20.0, 0.1, candidates_per_user=1)]
+    results.write_text(json.dumps(runs + [record("nezha", 10.0, 0.3)]))  # an older record: no count
+    code, out, _ = cli("leaderboard", str(results))
+    notes = [line for line in out.splitlines() if "candidate" in line]
+    assert code == 0 and notes == [
+        "greedy returns 1 candidate(s) per user, fewer than K = 20: its Recall and NDCG at k above 1 are those at 1."
+    ]
+
+
 def test_leaderboard_gives_intervals_and_marks_only_real_differences(cli, tmp_path):
     """100 users: beam finds users 0-39; nezha the same 40 and 10 more (a paired gain
     whose interval excludes 0); greedy users 5-44 (as many, others: not different)."""
