@@ -451,7 +451,8 @@ def type_name(annotation) -> str:
 def from_text(text: str, annotation):
     """A command-line string -> a value of the annotated type (ValueError if it is none)."""
     base, optional = unwrap_optional(annotation)
-    if optional and text.lower() in ("none", "null"):
+    named = typing.get_origin(base) is Literal and text in typing.get_args(base)  # e.g. transition=none
+    if optional and text.lower() in ("none", "null") and not named:
         return None
     if base is bool:
         if text.lower() not in ("1", "0", "true", "false", "on", "off", "yes", "no"):

@@ -7,7 +7,7 @@ from conftest import random_batch, random_model
 
 from bench.errors import BenchError
 from bench.latency import count_calls
-from decoders import build_decoder, parse_spec
+from decoders import REGISTRY, build_decoder, parse_spec
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +248,17 @@ def test_decoder_specs_are_parsed_and_checked():
         parse_spec("nezha:head_beam=-1")
     with pytest.raises(BenchError, match="needs a value: nezha:verifier=VALUE"):
         parse_spec("nezha:verifier")
+
+
+def test_an_option_value_named_none_is_that_value_not_unset():
+    """transition=none is the ablation without a transition cell, not the model's own cell."""
+    from bench.settings import ModelSettings
+
+    _, options = parse_spec("nezha:transition=none")
+    assert options.transition == "none"
+    assert parse_spec("nezha:transition=null")[1].transition is None
+    request = REGISTRY["nezha"].requests(options, ModelSettings(transition="rnn"))["nezha"]
+    assert request.settings.transition == "none"
 
 
 def test_nezha_options_are_checked(catalog, nezha):
