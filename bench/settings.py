@@ -156,7 +156,7 @@ class ModelSettings:
         "frozen", "Medusa heads on a frozen backbone (Medusa-1) or trained with it (Medusa-2)"
     )
     draft_backbone: str | None = setting(
-        None, "the separate draft model of speculative (default: the micro size of the backbone's family)"
+        None, "the separate draft model of speculative (default: llama-micro under a Llama backbone, else qwen-micro)"
     )
     item_backbone: str = setting("sasrec-small", "the item-embedding model of full_rank")
     item_scores: Literal["tied", "separate"] = setting(
@@ -361,7 +361,7 @@ class TuneSettings:
     )
     latency: bool = setting(False, "a second objective: minimise the decode p50 (ms per batch) of the harness")
     pruner: Literal["median", "none"] = setting("median", "prunes trials whose val/recall@10 falls behind")
-    space: dict = setting({}, "config file only: search-space entries replacing or adding to the default")
+    space: dict = setting({}, "config file only: search-space entries replacing the default space")
 
 
 @dataclass
