@@ -192,6 +192,10 @@ def check_journal(path: Path) -> None:
     line a JSON record with op_code); anything else is refused before optuna writes to it."""
     if path.is_dir():
         raise BenchError(f"--storage {path} is a folder; give a journal file ({path / 'journal.log'}) or an RDB URL")
+    if path.is_symlink() and not path.exists():
+        raise BenchError(f"--storage {path} is a link to nothing ({os.readlink(path)}); give a journal file")
+    if path.exists() and not path.is_file():
+        raise BenchError(f"--storage {path} is no regular file; give a journal file or an RDB URL")
     writable_folder(path.parent, f"--storage {path}", "journal file")
     if not path.exists() or path.stat().st_size == 0:
         return
@@ -206,6 +210,33 @@ def check_journal(path: Path) -> None:
         raise BenchError(
             f"--storage {path} is not an optuna journal (its first line is no journal record); "
             "it was left untouched: give a new file or an RDB URL"
+        )
+
+
+def repair_journal(path: Path) -> None:
+    """Before a command's workers open a journal: a last record cut off by a killed write
+    (no newline after it) is removed, which optuna would otherwise leave in the middle of the
+    records appended after it, and any other record that is not JSON is refused, the file
+    left as it was."""
+    if not path.is_file():
+        return
+    content = path.read_bytes()
+    whole = content[: content.rfind(b"\n") + 1]
+    for number, line in enumerate(whole.splitlines(), 1):
+        try:
+            json.loads(line)
+        except ValueError:  # not JSON, not UTF-8
+            raise BenchError(
+                f"--storage {path}: line {number} is no journal record (the file is damaged); it was left untouched: "
+                "restore it from a copy, or give a new file"
+            ) from None
+    if len(whole) < len(content):
+        with open(path, "r+b") as f:
+            f.truncate(len(whole))
+        print(
+            f"{path}: removed its last record, {len(content) - len(whole)} bytes cut off by a killed write; "
+            "the study resumes from the records before it",
+            flush=True,
         )
 
 
@@ -459,6 +490,9 @@ def tune(settings: dict, fixed: set[str] = frozenset()) -> None:
     out = Path(tune_settings.out or runs_dir() / "tune" / study_name)
     writable_folder(out, "--out", "folder")
     storage_url = tune_settings.storage or str(runs_dir() / "tune" / study_name / "journal.log")
+    if "://" not in storage_url:
+        check_journal(Path(storage_url))
+        repair_journal(Path(storage_url))
     study = open_study(tune_settings, study_name, storage_url, data_settings.dataset, create=True)
     check_space_matches(study, space, masked(f"study '{study_name}' in {storage_url}", storage_url))
     stale = fail_stale_trials(study) if "://" not in storage_url else 0

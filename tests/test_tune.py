@@ -125,6 +125,54 @@ def test_a_killed_study_resumes_keeping_finished_trials(workdir):
     assert final[:2] == ["COMPLETE", "FAIL"] and sum(s in ("COMPLETE", "PRUNED") for s in final) == 3
 
 
+def journal_with_a_finished_trial(workdir) -> Path:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    from bench.settings import TuneSettings
+    from bench.tune import open_study
+
+    journal = workdir / "j.log"
+    study = open_study(TuneSettings(objective="ntp"), "x", str(journal), "synthetic", create=True)
+    kinds = {"dropout": CategoricalDistribution([0.0, 0.1]), "lr": FloatDistribution(1e-3, 1e-2, log=True)}
+    study.add_trial(optuna.trial.create_trial(params={"dropout": 0.1, "lr": 2e-3}, distributions=kinds, value=0.5))
+    return journal
+
+
+def test_a_journal_whose_last_record_a_kill_cut_off_resumes_whole(workdir, capsys):
+    journal = journal_with_a_finished_trial(workdir)
+    whole = journal.read_bytes()
+    journal.write_bytes(whole + b'{"op_code": 5, "worker_id": "ab')  # a write killed half way
+    code = main(["tune", "--config", "space.yaml", "--trials", "2", "--study", "x", "--storage", str(journal), *FAST])
+    out = capsys.readouterr().out
+    assert code == 0 and f"{journal}: removed its last record, 31 bytes cut off by a killed write" in out
+    assert journal.read_bytes().startswith(whole) and journal.read_bytes().endswith(b"\n")
+    assert all(json.loads(line) for line in journal.read_bytes().splitlines())
+    assert states(str(journal), "x") == ["COMPLETE", "COMPLETE"]
+
+
+@pytest.mark.parametrize("damage", [b"not json\n", b"\x00\x00\x00\n"])
+def test_a_journal_damaged_inside_is_refused_untouched(workdir, capsys, damage):
+    journal = journal_with_a_finished_trial(workdir)
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(lines[0] + damage + b"".join(lines[1:]))
+    before = journal.read_bytes()
+    assert refused(["--study", "x", "--storage", str(journal)], capsys) == (
+        f"--storage {journal}: line 2 is no journal record (the file is damaged); it was left untouched: "
+        "restore it from a copy, or give a new file"
+    )
+    assert journal.read_bytes() == before
+
+
+def test_a_storage_that_is_no_file_is_refused(workdir, capsys):
+    (workdir / "gone").symlink_to(workdir / "nowhere")
+    assert refused(["--storage", "gone"], capsys) == (
+        f"--storage gone is a link to nothing ({workdir / 'nowhere'}); give a journal file"
+    )
+    assert refused(["--storage", "/dev/null"], capsys) == (
+        "--storage /dev/null is no regular file; give a journal file or an RDB URL"
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
