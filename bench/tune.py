@@ -311,6 +311,15 @@ def finished(study) -> int:
     return sum(t.state.name in FINISHED for t in study.get_trials(deepcopy=False))
 
 
+def failed(study) -> int:
+    return sum(t.state.name == "FAIL" for t in study.get_trials(deepcopy=False))
+
+
+# what fails one trial and not the search: a run the harness refuses for the sampled
+# settings (a head beam below K), a library's error on them
+TRIAL_ERRORS = (RuntimeError, ValueError, BenchError)
+
+
 def run_trial(trial, settings: dict, data, out: Path) -> tuple[float, ...]:
     """Train with the sampled settings, then score the best checkpoint on the valid split."""
     import optuna
@@ -352,16 +361,19 @@ def worker(settings: dict, study_name: str, storage_url: str, out: str, threads:
     data = load(settings["data"])
     study = open_study(tune, study_name, storage_url, data.name, create=False)
     target = tune.trials
+    failed_before = failed(study)
 
     def objective(trial):
         try:
             return run_trial(trial, settings, data, Path(out))
-        except (RuntimeError, ValueError) as exc:  # the trial fails; its line names the error
+        except TRIAL_ERRORS as exc:  # the trial fails, its line names the error, the search goes on
             trial.set_user_attr("error", (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200])
             raise
 
     def stop_when_done(study, trial):
-        if finished(study) >= target:
+        """Enough finished trials, or as many failed ones since this command began (a
+        space whose every point fails would otherwise keep several workers going forever)."""
+        if finished(study) >= target or failed(study) - failed_before >= target:
             study.stop()
 
     def line(study, trial):
@@ -385,7 +397,7 @@ def worker(settings: dict, study_name: str, storage_url: str, out: str, threads:
             n_trials=remaining if alone else None,
             timeout=tune.timeout,
             callbacks=[line, stop_when_done] if report else [stop_when_done],
-            catch=(RuntimeError, ValueError),
+            catch=TRIAL_ERRORS,
             show_progress_bar=report and alone and sys.stderr.isatty(),
         )
 

@@ -105,6 +105,19 @@ def test_two_workers_share_one_journal_study_with_two_objectives(workdir):
     assert "Pareto front:" in result.stdout and (workdir / "runs/tune/w/pareto.png").exists()
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_trials_the_harness_refuses_fail_one_by_one_and_the_search_ends(workdir, workers):
+    """A beam narrower than K is refused by the run after training: each such trial fails
+    with its line and the search stops after --trials failures, also with two workers."""
+    (workdir / "narrow.yaml").write_text("tune:\n  space:\n    decoder:width: {choices: [2]}\n")
+    args = ["tune", "--config", "narrow.yaml", "--trials", "2", "--workers", workers, "--study", "n", *FAST]
+    result = bench(*args, cwd=workdir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stdout.count("fail (beam: width=2 is below K=20; it must be at least K)") >= 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no trial of study 'n' completed; see ")
+    assert 2 <= states(str(workdir / "runs/tune/n/journal.log"), "n").count("FAIL") <= 3
+
+
 def test_a_killed_study_resumes_keeping_finished_trials(workdir):
     journal = workdir / "runs" / "tune" / "k" / "journal.log"
     args = [sys.executable, "-m", "bench", "tune", "--config", "space.yaml", "--trials", "3", "--study", "k", *FAST]
