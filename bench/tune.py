@@ -12,6 +12,7 @@ failed and not counted, and the search goes on until --trials trials have finish
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -71,10 +72,18 @@ def _check_entry(name: str, spec: dict, cls) -> dict:
     """One search-space entry against the shape optuna takes and the setting's declared bounds
     -> the entry with its values in the setting's type, so that `lr: {low: 0, high: 1}` is a
     float range (optuna samples a range of two ints as integers)."""
+    unknown = set(spec) - ({"choices"} if "choices" in spec else {"low", "high", "log"})
+    if unknown:
+        raise BenchError(
+            f"search space entry '{name}': unknown key(s) {', '.join(sorted(map(str, unknown)))}; an entry is "
+            "{choices: [...]} or {low: x, high: y[, log: true]}"
+        )
     if "choices" in spec:
         if not isinstance(spec["choices"], list) or not spec["choices"]:
             raise BenchError(f"search space entry '{name}': choices must be a non-empty list")
         values = spec["choices"]
+        if not all(value is None or isinstance(value, (bool, int, float, str)) for value in values):
+            raise BenchError(f"search space entry '{name}': choices must be numbers, text, true/false or null")
     else:
         low, high = values = [spec["low"], spec["high"]]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
@@ -213,6 +222,34 @@ def check_journal(path: Path) -> None:
         )
 
 
+def check_sqlite(url: str) -> None:
+    """A SQLite URL names a file that is new, empty or an optuna database: a study in memory
+    would be lost (and each worker would open its own), and optuna would add its tables to
+    another program's database."""
+    import sqlite3
+
+    if not url.startswith("sqlite:"):
+        return
+    path = url.partition("://")[2].removeprefix("/")
+    if path in ("", ":memory:") or "mode=memory" in path:
+        raise BenchError(
+            f"--storage {url} keeps the study in memory, lost when the command ends; give a file (sqlite:///study.db)"
+        )
+    path = path.partition("?")[0]
+    if not Path(path).is_file() or Path(path).stat().st_size == 0:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as exc:
+        raise BenchError(f"--storage {url}: {path} is no SQLite database ({exc}); give a new file") from None
+    if tables and not {"studies", "trials", "version_info"} <= tables:
+        raise BenchError(
+            f"--storage {url}: {path} is another program's database (tables {', '.join(sorted(tables)[:5])}); "
+            "it was left untouched: give a new file"
+        )
+
+
 def repair_journal(path: Path) -> None:
     """Before a command's workers open a journal: a last record cut off by a killed write
     (no newline after it) is removed, which optuna would otherwise leave in the middle of the
@@ -247,6 +284,7 @@ def storage_of(url_or_path: str):
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     if "://" in url_or_path:
+        check_sqlite(url_or_path)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
         try:
             return optuna.storages.RDBStorage(url_or_path, heartbeat_interval=10, grace_period=30)

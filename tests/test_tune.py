@@ -2,6 +2,7 @@
 that trains, workers share one journal study, a killed study resumes, two workers share
 a real PostgreSQL study, and bad input is one line."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -349,6 +350,15 @@ def test_bad_storage_and_out_paths_are_one_line_before_any_trial(workdir, capsys
         ("transition: {choices: [lstm]}",
          "search space entry 'transition': transition = 'lstm' is not one of rnn, gru, none"),
         ("heads: {choices: []}", "search space entry 'heads': choices must be a non-empty list"),
+        ("lr: {low: 0.0001, high: 0.01, lgo: true}",
+         "search space entry 'lr': unknown key(s) lgo; an entry is {choices: [...]} or {low: x, high: y[, log: true]}"),
+        ("dropout: {choices: [0.1], log: true}",
+         "search space entry 'dropout': unknown key(s) log; an entry is {choices: [...]} or "
+         "{low: x, high: y[, log: true]}"),
+        ("per_objective: {choices: [{}]}",
+         "search space entry 'per_objective': choices must be numbers, text, true/false or null"),
+        ("placeholders: {low: false, high: true}",
+         "search space entry 'placeholders': low and high must be numbers; list other values as choices"),
         ("lr_schedule: {low: constant, high: cosine}",
          "search space entry 'lr_schedule': low and high must be numbers; list other values as choices"),
     ],
@@ -396,6 +406,27 @@ def test_a_study_name_that_is_a_path_is_refused(workdir, capsys, args, hint):
         f"study name {name!r} is not a name (letters, digits, '-', '_' and '.', not starting with '.'); {hint}"
     )
     assert not any(workdir.glob("**/journal.log"))
+
+
+def test_a_sqlite_storage_in_memory_or_of_another_program_is_refused_untouched(workdir, capsys):
+    import sqlite3
+
+    for url in ("sqlite://", "sqlite:///:memory:"):
+        assert refused(["--storage", url], capsys) == (
+            f"--storage {url} keeps the study in memory, lost when the command ends; give a file (sqlite:///study.db)"
+        )
+    with contextlib.closing(sqlite3.connect(workdir / "shop.db")) as db, db:
+        db.execute("CREATE TABLE users (id INTEGER)")
+    before = (workdir / "shop.db").read_bytes()
+    assert refused(["--storage", "sqlite:///shop.db"], capsys) == (
+        "--storage sqlite:///shop.db: shop.db is another program's database (tables users); it was left untouched: "
+        "give a new file"
+    )
+    (workdir / "notes.db").write_text("some notes")
+    assert refused(["--storage", "sqlite:///notes.db"], capsys).startswith(
+        "--storage sqlite:///notes.db: notes.db is no SQLite database (file is not a database); give a new file"
+    )
+    assert (workdir / "shop.db").read_bytes() == before and (workdir / "notes.db").read_text() == "some notes"
 
 
 @pytest.mark.parametrize("user,password", [("user", "s3cret"), ("postgres", "postgres")])
