@@ -74,7 +74,7 @@ def cmd_train(settings) -> None:
     if job.resume and not Path(job.resume).is_file():
         raise BenchError(f"--resume {job.resume}: no such checkpoint")
     if job.run_dir:
-        writable_folder(Path(job.run_dir), "--run-dir", "folder for the checkpoints")
+        writable_folder(Path(job.run_dir).expanduser(), "--run-dir", "folder for the checkpoints")
     if job.objective == "medusa" and not job.init_from:
         raise BenchError("--objective medusa trains heads on a trained NTP backbone: pass --init-from NTP.ckpt")
     starts_from_ntp = job.objective == "nezha" and model_settings.nezha_init == "ntp"
@@ -110,7 +110,7 @@ def cmd_train(settings) -> None:
         [resolved] = resolve_models([{"next_item": request}], data, settings["data"], [])
         teacher, teacher_key = resolved["next_item"].model, resolved["next_item"].key
     key = cache_key(job.objective, model_settings, data, settings["data"].seed, init_key, teacher_key)
-    run_dir = Path(job.run_dir) if job.run_dir else runs_dir() / data.name / key
+    run_dir = Path(job.run_dir).expanduser() if job.run_dir else runs_dir() / data.name / key  # ~: as Lightning
     if job.resume:  # before the cache: a finished run of these settings is no answer to a resume of others
         check_resumable(job.resume, job.objective, model_settings, data)
     resumed_here = job.resume and Path(job.resume).resolve().parent == run_dir.resolve()

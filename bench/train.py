@@ -141,7 +141,9 @@ def validation_loader(valid: list[dict], catalog, batch_size: int = 256) -> Data
 
 
 def runs_dir() -> Path:
-    return Path(os.environ.get(RUNS_ENV) or "runs")  # set but empty: the default, not the working folder
+    """The runs cache: set but empty means the default, not the working folder; `~` is the
+    home folder, as Lightning reads it where it writes the checkpoints."""
+    return Path(os.environ.get(RUNS_ENV) or "runs").expanduser()
 
 
 SHAPE = ("backbone", "item_backbone", "width", "layers", "heads")  # the model settings that make its architecture

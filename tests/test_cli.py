@@ -544,3 +544,19 @@ def test_an_empty_runs_dir_variable_means_the_default(monkeypatch):
     """BENCH_RUNS_DIR= (set, empty) once cached models in the working folder itself."""
     monkeypatch.setenv(bench.train.RUNS_ENV, "")
     assert bench.train.runs_dir() == Path("runs")
+
+
+@pytest.mark.parametrize("where", ["env", "run_dir"])
+def test_a_home_folder_in_the_runs_cache_or_run_dir_is_where_the_checkpoints_go(tmp_path, monkeypatch, capsys, where):
+    """Lightning writes to ~ expanded; the suite once looked for them under ./~ and failed."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(bench.train.RUNS_ENV, "~/cache" if where == "env" else str(tmp_path / "runs"))
+    args = ["train", "--objective", "ntp", "--backbone", "qwen-micro", "--users", "100", "--items", "100"]
+    args += ["--max-epochs", "1", "--val-users", "10"] + (["--run-dir", "~/mine"] if where == "run_dir" else [])
+    for _ in range(2):
+        assert main(args) == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "home" / ("cache" if where == "env" else "mine")
+    assert "already trained with these settings" in out and not (tmp_path / "~").exists()
+    assert list(folder.rglob("last.ckpt"))
