@@ -314,6 +314,29 @@ def check_asked_shape(path: str, model: SidRecommender, asked: dict | None) -> N
         )
 
 
+def check_cluster(num_nodes: int) -> None:
+    """Several machines meet where the environment says: a cluster's scheduler (SLURM, LSF,
+    torchrun, MPI) or, for Lightning's own launcher, MASTER_ADDR, MASTER_PORT and NODE_RANK.
+    Without them each machine would wait for the others for 30 minutes."""
+    from lightning.fabric.plugins.environments import (
+        LSFEnvironment,
+        MPIEnvironment,
+        SLURMEnvironment,
+        TorchElasticEnvironment,
+    )
+
+    schedulers = (SLURMEnvironment, LSFEnvironment, TorchElasticEnvironment, MPIEnvironment)
+    if num_nodes == 1 or any(env.detect() for env in schedulers):
+        return
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK") if name not in os.environ]
+    if missing:
+        raise BenchError(
+            f"--num-nodes {num_nodes} needs {', '.join(missing)} set on every machine (MASTER_ADDR, MASTER_PORT: "
+            "node 0's address and a free port there; NODE_RANK: the machine's number from 0), or a cluster "
+            "scheduler (SLURM, LSF, torchrun, MPI) to start the command; see the README on distributed training"
+        )
+
+
 def check_checkpoint_folder(run_dir: Path, objective: str) -> None:
     """Where a training writes its checkpoints, checked before it starts: no epoch is lost to it."""
     writable_folder(run_dir, f"training the {objective} model", f"--run-dir or {RUNS_ENV} (the runs cache)")
@@ -379,6 +402,7 @@ def train_model(
         collate_fn=model.collate,
         batch_sampler=LengthBucketSampler([len(w) for w in windows], settings.train_batch_size, data_settings.seed),
     )
+    check_cluster(num_nodes)
     valid = eval_examples(data, "valid", settings.max_history, settings.val_users or None)
     if len(valid) < devices * num_nodes:  # a process without users would wait forever for the others' metric
         raise BenchError(

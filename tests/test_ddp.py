@@ -127,3 +127,16 @@ def test_bench_train_on_two_cpu_processes(tmp_path, capsys):
     assert capsys.readouterr().out.count("best checkpoint:") == 1
     saved = torch.load(run_dir / "best.ckpt", weights_only=True)
     assert saved["epoch"] == 0 and "val/recall@10" in str(saved["callbacks"])
+
+
+def test_several_machines_without_a_meeting_place_are_one_line(tmp_path, monkeypatch, capsys):
+    """Lightning's launcher would wait 30 minutes for machines never told where to meet."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BENCH_RUNS_DIR", str(tmp_path / "runs"))
+    for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    args = ["train", "--objective", "ntp", "--backbone", "qwen-micro", "--users", "100", "--num-nodes", "2"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.startswith("error: --num-nodes 2 needs MASTER_PORT, NODE_RANK set on every machine")
+    assert not list(tmp_path.rglob("*.ckpt"))
