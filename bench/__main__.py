@@ -32,9 +32,11 @@ SECTIONS = {
     "data": ["data"],
     "leaderboard": ["data", "model", "run", "leaderboard"],
 }
-# settings of a section that a command fixes itself: no flag there (tune scores on the valid split)
+# settings of a section that a command fixes itself: no flag there (tune scores on the valid split,
+# ablate runs its own decoders)
 HIDDEN = {
     "tune": {"run": ("decoder", "split", "ckpt", "untrained", "out", "constrained")},
+    "ablate": {"run": ("decoder", "constrained")},
     "leaderboard": {"run": ("out",)},  # its records go beside its tables
 }
 

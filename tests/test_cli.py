@@ -560,3 +560,10 @@ def test_a_home_folder_in_the_runs_cache_or_run_dir_is_where_the_checkpoints_go(
     folder = tmp_path / "home" / ("cache" if where == "env" else "mine")
     assert "already trained with these settings" in out and not (tmp_path / "~").exists()
     assert list(folder.rglob("last.ckpt"))
+
+
+@pytest.mark.parametrize("flag", [["--constrained"], ["--decoder", "greedy"]])
+def test_ablate_takes_no_decoder_flags_it_would_ignore(cli, flag):
+    """ablate runs its own decoders; it once ran them unconstrained while the records said otherwise."""
+    code, _, err = cli("ablate", "--untrained", *flag)
+    assert code == 2 and f"unrecognized arguments: {' '.join(flag)}" in err
