@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -596,6 +597,9 @@ def load_yaml(text: str):
                 seen.add(key)
             return super().construct_mapping(node, deep)
 
+    # 1e-3 is a number, as in YAML 1.2 and on the command line (PyYAML's YAML 1.1 wants 1.0e-3)
+    exponent = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+    UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", exponent, list("-+0123456789."))
     return yaml.load(text, Loader=UniqueKeyLoader)
 
 

@@ -200,6 +200,17 @@ def test_json_config_and_flags_take_precedence_over_it(cli, tmp_path):
     assert (config["run"]["k"], config["run"]["decoder"], config["model"]["max_history"]) == (9, "beam", 5)
 
 
+def test_a_yaml_config_reads_1e_3_as_a_number_as_the_command_line_does(cli, tmp_path):
+    """PyYAML's YAML 1.1 reads 1e-3 as text; YAML 1.2 and --lr 1e-3 read a number."""
+    (tmp_path / "c.yaml").write_text("model:\n  lr: 1e-3\n  weight_decay: 2E-2\n")
+    code, printed, err = cli("tune", "--config", "c.yaml", "--print-config")
+    config = yaml.safe_load(printed)
+    assert code == 0, err
+    assert (config["model"]["lr"], config["model"]["weight_decay"]) == (0.001, 0.02)
+    (tmp_path / "c.yaml").write_text("model:\n  lr: '1e-3'\n")  # quoted: text, refused as before
+    assert "lr = '1e-3' is not a number" in cli("run", "--config", "c.yaml", "--print-config")[2]
+
+
 @pytest.mark.parametrize(
     "content,fragment",
     [
