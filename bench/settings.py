@@ -292,6 +292,10 @@ class RunSettings:
     )
     out: str = setting("runs/results.json", "results file (JSON list; records are appended)")
 
+    def __post_init__(self):  # here, so that a sweep finds it in every point before the first run
+        if self.limit_users is not None and self.sample_users is not None:
+            raise BenchError("--limit-users and --sample-users both choose the users; give one of them")
+
 
 # the Lightning strategies `bench train --strategy` accepts: data parallel, one model copy per
 # process, which ddp starts as new scripts, ddp_spawn as spawned and ddp_fork as forked processes
@@ -325,7 +329,7 @@ class TrainSettings:
 
 # What `bench tune` searches, per objective: a ModelSettings field, or `decoder:<option>` for
 # an option of the objective's validation decoder -> {"low", "high"[, "log"]} or {"choices"}.
-# The `tune: space:` section of a config file replaces or adds entries.
+# The `tune: space:` section of a config file replaces it.
 SEARCH_SPACE = {
     "common": {
         "lr": {"low": 3e-4, "high": 1e-2, "log": True},

@@ -403,10 +403,12 @@ def test_constrained_flag_reaches_every_decoder_that_takes_it():
         ("batch_size=1,0", "--vary batch_size: batch_size 0: must be at least 1"),
         ("batch_size=1,two", "--vary batch_size: batch_size = 'two' is not an integer"),
         ("items=1000,50", "--vary items: items 50: must be at least 100"),
+        ("sample_users=none,3", "--limit-users and --sample-users both choose the users; give one of them"),
     ],
 )
 def test_a_bad_sweep_is_one_error_line_before_anything_runs(cli, tmp_path, vary, expected):
-    code, _, err = cli("sweep", "--vary", vary, "--untrained", "--out", str(tmp_path / "s.json"))
+    args = ["--limit-users", "5"] if vary.startswith("sample_users") else []
+    code, _, err = cli("sweep", "--vary", vary, "--untrained", "--out", str(tmp_path / "s.json"), *args)
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "s.json").exists()
 

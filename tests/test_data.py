@@ -582,8 +582,10 @@ def test_sampled_users_are_distinct_in_split_order_and_follow_the_seed():
 
 
 def test_limit_and_sample_users_together_are_refused():
+    from bench.settings import RunSettings
+
     with pytest.raises(BenchError, match="--limit-users and --sample-users both choose the users; give one"):
-        eval_examples(make_data(SPLIT_DATA), "test", limit_users=1, sample_users=1)
+        RunSettings(limit_users=1, sample_users=1)
 
 
 def test_unknown_split_is_refused():

@@ -79,11 +79,10 @@ def eval_examples(
     """One example per user: the history before the split's target item (the last
     `max_history` of them), every item before it (`seen`, which --exclude-history drops
     from the lists) and the target; of every user, the first `limit_users`, or
-    `sample_users` drawn without replacement by `seed` (in the split's order)."""
+    `sample_users` drawn without replacement by `seed` (in the split's order; RunSettings
+    refuses both at once)."""
     if split not in SPLITS:
         raise BenchError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
-    if limit_users is not None and sample_users is not None:
-        raise BenchError("--limit-users and --sample-users both choose the users; give one of them")
     cut = 1 if split == "test" else 2
     users = range(len(data.sequences)) if limit_users is None else range(min(limit_users, len(data.sequences)))
     if sample_users is not None and sample_users < len(data.sequences):
