@@ -440,6 +440,28 @@ def worker(settings: dict, study_name: str, storage_url: str, out: str, threads:
         )
 
 
+PLOTS = ("history.png", "importances.png", "pareto.png")
+
+
+def check_export_targets(out: Path) -> None:
+    """An export replaces an earlier search's files only: best.yaml and trials.csv must be
+    ours where they exist (their first lines), and plots of those names come with them."""
+    marks = {"best.yaml": "# best trial ", "trials.csv": "number,state,"}
+    ours = False
+    for name, mark in marks.items():
+        if (out / name).exists():
+            try:
+                first = (out / name).read_text(encoding="utf-8").partition("\n")[0]
+            except (OSError, ValueError):
+                first = ""
+            if not first.startswith(mark):
+                raise BenchError(f"{out / name} exists and is no output of bench tune; pass another --out")
+            ours = True
+    taken = [name for name in PLOTS if (out / name).exists()]
+    if taken and not ours:
+        raise BenchError(f"{out / taken[0]} exists and is no output of bench tune; pass another --out")
+
+
 def export(study, settings: dict, out: Path) -> Path:
     """best.yaml (a config `bench train` and `bench run` take), trials.csv, plots."""
     import optuna
@@ -483,11 +505,12 @@ def export(study, settings: dict, out: Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         first = (lambda t: t.values[0]) if tune.latency else None  # without one optuna draws the best so far
-        figures = {"history.png": plots.plot_optimization_history(study, target=first, target_name=tune.metric)}
+        history, importances, pareto = PLOTS
+        figures = {history: plots.plot_optimization_history(study, target=first, target_name=tune.metric)}
         if len(complete) > 1 and best.params:
-            figures["importances.png"] = plots.plot_param_importances(study, target=first, target_name=tune.metric)
+            figures[importances] = plots.plot_param_importances(study, target=first, target_name=tune.metric)
         if tune.latency:
-            figures["pareto.png"] = plots.plot_pareto_front(study, target_names=[tune.metric, "p50 ms"])
+            figures[pareto] = plots.plot_pareto_front(study, target_names=[tune.metric, "p50 ms"])
         for name, axes in figures.items():
             save_figure_atomically(axes.figure, out / name, bbox_inches="tight")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -539,6 +562,7 @@ def tune(settings: dict, fixed: set[str] = frozenset()) -> None:
         raise BenchError(f"--workers {tune_settings.workers}: this machine has {cores} cores; run at most one per core")
     out = Path(tune_settings.out or runs_dir() / "tune" / study_name)
     writable_folder(out, "--out", "folder")
+    check_export_targets(out)
     storage_url = tune_settings.storage or str(runs_dir() / "tune" / study_name / "journal.log")
     if "://" not in storage_url:
         check_journal(Path(storage_url))
