@@ -388,7 +388,8 @@ def test_a_range_with_whole_number_ends_is_sampled_in_the_settings_type():
 def test_an_out_folder_holding_files_of_those_names_not_ours_is_refused_untouched(workdir, capsys, name):
     (workdir / "mine").mkdir()
     (workdir / "mine" / name).write_text("my own notes\n")
-    assert refused(["--out", "mine"], capsys) == f"mine/{name} exists and is no output of bench tune; pass another --out"
+    expected = f"mine/{name} exists and is no output of bench tune; pass another --out"
+    assert refused(["--out", "mine"], capsys) == expected
     assert (workdir / "mine" / name).read_text() == "my own notes\n"
     assert not (workdir / "runs" / "tune" / "ntp-synthetic" / "journal.log").exists()
 
