@@ -716,10 +716,12 @@ def settings_from(args: argparse.Namespace, sections: list[str], hidden: dict | 
 
 def explicit_fields(args: argparse.Namespace, section: str) -> set[str]:
     """The fields of a section set by a flag or by the --config file (a preset's are not:
-    a search may move them)."""
+    a search may move them); a config's per-objective entries as per_objective.<objective>.<name>."""
     config = read_config(args.config).get(section) or {} if args.config else {}
     flags = {f.name for f in fields(SECTIONS[section]) if getattr(args, f.name, _UNSET) is not _UNSET}
-    return flags | set(config)
+    entries = config.get("per_objective") if isinstance(config.get("per_objective"), dict) else {}
+    own = {f"per_objective.{objective}.{name}" for objective, given in entries.items() for name in given or {}}
+    return flags | set(config) | own
 
 
 def to_yaml(settings: dict) -> str:

@@ -518,12 +518,14 @@ def export(study, settings: dict, out: Path) -> Path:
 
 
 def fixed_settings(objective: str, model: ModelSettings, given: set[str]) -> set[str]:
-    """The model settings every trial keeps: those given by flag or config, and those the
+    """The model settings every trial keeps: those given by flag or config (for all
+    objectives or the searched one's per_objective entry), and those the
     backbone cannot train with (an NTP repeat bias off a decoder-only backbone would fail
     every trial that samples it)."""
     backbone = model.for_objective(objective).backbone
     unusable = objective == "ntp" and backbone is not None and backbone_kind(backbone) != DECODER_ONLY
-    return set(given) | ({"repeat_bias"} if unusable else set())
+    own = {name.rpartition(".")[2] for name in given if name.startswith(f"per_objective.{objective}.")}
+    return set(given) | own | ({"repeat_bias"} if unusable else set())
 
 
 def tune(settings: dict, fixed: set[str] = frozenset()) -> None:

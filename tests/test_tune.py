@@ -96,6 +96,15 @@ def test_a_study_runs_and_its_exported_config_trains(workdir, capsys):
     assert json.loads((workdir / "r.json").read_text())[0]["settings"]["model"]["lr"] == best["model"]["lr"]
 
 
+def test_a_setting_in_the_configs_per_objective_entry_is_fixed_not_searched(workdir, capsys):
+    config = {**SPACE, "model": {"per_objective": {"ntp": {"dropout": 0.3}, "nezha": {"lr": 0.005}}}}
+    (workdir / "fixed.yaml").write_text(yaml.safe_dump(config))
+    assert main(["tune", "--config", "fixed.yaml", "--trials", "1", "--study", "f", *FAST]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith("searching lr"), out.splitlines()[0]  # nezha's lr: not this search's
+    assert yaml.safe_load((workdir / "runs/tune/f/best.yaml").read_text())["model"]["dropout"] == 0.3
+
+
 def test_two_workers_share_one_journal_study_with_two_objectives(workdir):
     args = ["tune", "--config", "space.yaml", "--trials", "2", "--workers", "2", "--study", "w", "--latency"]
     result = bench(*args, *FAST, cwd=workdir)
