@@ -300,7 +300,15 @@ def storage_of(url_or_path: str):
     return JournalStorage(JournalFileBackend(url_or_path))
 
 
-def open_study(settings: TuneSettings, study_name: str, storage_url: str, dataset: str, create: bool):
+def data_description(data: DataSettings) -> str:
+    """What makes a study's data: the SID collision rule and, for the generated dataset,
+    its shape and seed (a real dataset's content is its name's)."""
+    shape = ("seed", "items", "users", "sequence_length") if data.is_synthetic else ()
+    values = {name: getattr(data, name) for name in ("collisions", *shape)}
+    return ", ".join(f"{name} {value}" for name, value in values.items() if value is not None)
+
+
+def open_study(settings: TuneSettings, study_name: str, storage_url: str, data: DataSettings, create: bool):
     import optuna
 
     directions = ["maximize", "minimize"] if settings.latency else ["maximize"]
@@ -318,7 +326,8 @@ def open_study(settings: TuneSettings, study_name: str, storage_url: str, datase
     )
     wanted = {
         "objective": settings.objective,
-        "dataset": dataset,
+        "dataset": data.dataset,
+        "data": data_description(data),  # studies made before it have none: not compared
         "metric": settings.metric,
         "latency": settings.latency,
     }
@@ -397,7 +406,7 @@ def worker(settings: dict, study_name: str, storage_url: str, out: str, threads:
     torch.set_num_threads(threads)
     tune: TuneSettings = settings["tune"]
     data = load(settings["data"])
-    study = open_study(tune, study_name, storage_url, data.name, create=False)
+    study = open_study(tune, study_name, storage_url, settings["data"], create=False)
     target = tune.trials
     failed_before = failed(study)
 
@@ -569,7 +578,7 @@ def tune(settings: dict, fixed: set[str] = frozenset()) -> None:
     if "://" not in storage_url:
         check_journal(Path(storage_url))
         repair_journal(Path(storage_url))
-    study = open_study(tune_settings, study_name, storage_url, data_settings.dataset, create=True)
+    study = open_study(tune_settings, study_name, storage_url, data_settings, create=True)
     check_space_matches(study, space, masked(f"study '{study_name}' in {storage_url}", storage_url))
     stale = fail_stale_trials(study) if "://" not in storage_url else 0
     if not study.trials:

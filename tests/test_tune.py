@@ -151,11 +151,11 @@ def test_a_killed_study_resumes_keeping_finished_trials(workdir):
 def journal_with_a_finished_trial(workdir) -> Path:
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-    from bench.settings import TuneSettings
+    from bench.settings import DataSettings, TuneSettings
     from bench.tune import open_study
 
     journal = workdir / "j.log"
-    study = open_study(TuneSettings(objective="ntp"), "x", str(journal), "synthetic", create=True)
+    study = open_study(TuneSettings(objective="ntp"), "x", str(journal), DataSettings(), create=True)
     kinds = {"dropout": CategoricalDistribution([0.0, 0.1]), "lr": FloatDistribution(1e-3, 1e-2, log=True)}
     study.add_trial(optuna.trial.create_trial(params={"dropout": 0.1, "lr": 2e-3}, distributions=kinds, value=0.5))
     return journal
@@ -265,14 +265,25 @@ def test_bad_tune_input_is_one_line(workdir, capsys, args, fragment):
 
 
 def test_a_study_of_another_objective_is_refused(workdir, capsys):
-    from bench.settings import TuneSettings
+    from bench.settings import DataSettings, TuneSettings
     from bench.tune import open_study
 
     storage = str(workdir / "j.log")
-    open_study(TuneSettings(objective="ntp"), "x", storage, "synthetic", create=True)
+    open_study(TuneSettings(objective="ntp"), "x", storage, DataSettings(), create=True)
     code = main(["tune", "--objective", "nezha", "--study", "x", "--storage", storage, "--trials", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "study 'x'" in err and "objective=ntp" in err and "choose another --study" in err
+
+
+def test_a_study_of_other_generated_data_is_refused(workdir, capsys):
+    from bench.settings import DataSettings, TuneSettings
+    from bench.tune import open_study
+
+    storage = str(workdir / "j.log")
+    open_study(TuneSettings(objective="ntp"), "x", storage, DataSettings(users=100), create=True)
+    err = refused(["--study", "x", "--storage", storage, "--users", "150", "--items", "200"], capsys)
+    assert err.startswith(f"study 'x' in {storage} was made for ")
+    assert "data=collisions last_code, seed 0, users 100" in err
 
 
 @pytest.mark.parametrize(
@@ -287,11 +298,11 @@ def test_a_study_resumed_with_another_kind_of_range_is_refused_untouched(workdir
     """Optuna would fail every new trial of such a parameter."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-    from bench.settings import TuneSettings
+    from bench.settings import DataSettings, TuneSettings
     from bench.tune import open_study, storage_of
 
     storage = str(workdir / "j.log")
-    study = open_study(TuneSettings(objective="ntp"), "x", storage, "synthetic", create=True)
+    study = open_study(TuneSettings(objective="ntp"), "x", storage, DataSettings(), create=True)
     kinds = {"dropout": CategoricalDistribution([0.0, 0.1]), "lr": FloatDistribution(1e-3, 1e-2, log=True)}
     study.add_trial(optuna.trial.create_trial(params={"dropout": 0.1, "lr": 2e-3}, distributions=kinds, value=0.5))
     (workdir / "space.yaml").write_text(f"tune:\n  space:\n    {entry}\n")
