@@ -302,9 +302,9 @@ def test_rq_kmeans_refuses_more_codes_than_items():
 def test_check_out_dir_refuses_a_file(tmp_path):
     (tmp_path / "taken").write_text("")
     for out in (tmp_path / "taken", tmp_path / "taken" / "sub"):
-        message = error_of(tokenizer.check_out_dir, out, None)
+        message = error_of(tokenizer.check_out_dir, out, None, "Toy")
         assert f"{tmp_path / 'taken'} is a file" in message
-    tokenizer.check_out_dir(tmp_path / "new" / "folder", None)
+    tokenizer.check_out_dir(tmp_path / "new" / "folder", None, "Toy")
 
 
 def test_writable_folder_names_what_blocks_it_and_creates_nothing(tmp_path):
