@@ -30,27 +30,33 @@ TEXT = ("dataset", "split", "device", "timestamp", "command", "decoder", "git_sh
 EVERY_DECODER = "greedy,beam,beam:constrained,hf_beam,hf_beam:constrained,medusa,speculative,nezha,popularity,full_rank"
 
 
-def is_number(value, optional: bool = False) -> bool:
-    """A finite number (nan and inf in a record are no figures to table)."""
+def is_number(value, optional: bool = False, low: float = -math.inf, high: float = math.inf) -> bool:
+    """A finite number in [low, high] (nan and inf in a record are no figures to table)."""
     if optional and value is None:
         return True
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return (isinstance(value, int) or math.isfinite(value)) and low <= value <= high
 
 
 def malformed(record: dict) -> list[str]:
-    """The fields of a record (with every REQUIRED key) a table row could not read."""
+    """The fields of a record (with every REQUIRED key) a table row could not read, or
+    whose figures are out of their range (a Recall of -3, a negative latency)."""
     wrong = [key for key in TEXT if not isinstance(record[key], str)]
     wrong += [] if "dataset" in wrong or NAME.fullmatch(record["dataset"]) else ["dataset"]  # it names board files
     wrong += [key for key in ("users", "k", "batch_size") if not (type(record[key]) is int and record[key] > 0)]
-    wrong += [key for key in ("invalid_rate", "backbone_calls_per_batch") if not is_number(record[key])]
-    wrong += [f"metrics {key}" for key in METRICS if not is_number(record["metrics"][key], optional=True)]
+    wrong += [] if is_number(record["invalid_rate"], low=0, high=1) else ["invalid_rate"]
+    wrong += [] if is_number(record["backbone_calls_per_batch"], low=0) else ["backbone_calls_per_batch"]
+    wrong += [f"metrics {key}" for key in METRICS if not is_number(record["metrics"][key], True, 0, 1)]
     latency = record.get("latency_ms")
     if latency and not (
-        isinstance(latency, dict) and is_number(latency.get("mean")) and is_number(latency.get("p99"), optional=True)
+        isinstance(latency, dict)
+        and is_number(latency.get("mean"), low=0)
+        and is_number(latency.get("p99"), optional=True, low=0)
     ):
         wrong.append("latency_ms")
     for key in ("latency_over_floor", "latency_over_prefill"):
-        if not is_number(record.get(key), optional=True):
+        if not is_number(record.get(key), optional=True, low=0):
             wrong.append(key)
     hits = record.get("hits")
     if hits is not None and not (
@@ -62,10 +68,20 @@ def malformed(record: dict) -> list[str]:
         and all(type(k) is int and 1 <= k for k in hits["ranks"])
     ):
         wrong.append("hits")
+    elif hits is not None and not wrong and not recall_of_hits(record):
+        wrong.append("hits (not those of its metrics recall@10)")
     backbone = record.get("backbone")
     if backbone and not (isinstance(backbone, dict) and isinstance(backbone.get("name"), str)):
         wrong.append("backbone")
     return wrong
+
+
+def recall_of_hits(record: dict) -> bool:
+    """Whether a record's Recall@10 is the mean over its per-user hits: the interval drawn
+    about it in the Pareto plot is the hits' (a negative error bar stops the plot)."""
+    recall = record["metrics"]["recall@10"]
+    ranks = ranks_from_hits(record["hits"], record["users"])
+    return recall is None or abs(float(per_user(ranks, "recall@10").mean()) - recall) <= 1e-6
 
 
 def run_groups(paths: list[Path], only: list[str] | None = None) -> list[tuple[tuple, list[dict]]]:

@@ -734,6 +734,31 @@ CASES = [
         ),
     ),
     case(
+        "leaderboard figures out of their range",
+        "leaderboard {tmp}/odd.json --out-dir {tmp}/boards",
+        "odd.json: record 1 has malformed invalid_rate, backbone_calls_per_batch, metrics recall@10, metrics ndcg@10, "
+        "latency_ms, latency_over_floor;",
+        write(
+            "odd.json",
+            [
+                {
+                    **RECORD,
+                    "metrics": {**RECORD["metrics"], "recall@10": -3.0, "ndcg@10": 1.5},
+                    "invalid_rate": 2,
+                    "backbone_calls_per_batch": -1.0,
+                    "latency_ms": {"mean": -5.0, "p99": 9.0},
+                    "latency_over_floor": -2.0,
+                }
+            ],
+        ),
+    ),
+    case(
+        "leaderboard metrics that are not those of the hits",
+        "leaderboard {tmp}/odd.json --out-dir {tmp}/boards",
+        "odd.json: record 1 has malformed hits (not those of its metrics recall@10);",
+        write("odd.json", [{**RECORD, "hits": {"users": [0], "ranks": [1]}}]),
+    ),
+    case(
         "results with an integer of 5000 digits",
         RUN.replace("{out}", "{tmp}/big.json"),
         "big.json is not a results file (Exceeds the limit (4300 digits) for integer string conversion",
