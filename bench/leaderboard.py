@@ -17,7 +17,7 @@ from pathlib import Path
 from bench.data import NAME
 from bench.errors import BenchError
 from bench.metrics import Bootstrap, per_user, ranks_from_hits
-from bench.records import calls_text, cell, command_line, read_records, save_figure_atomically, write_atomically
+from bench.records import calls_text, cell, command_line, read_records, replace_files, write_atomically
 
 # the fields a table row reads
 REQUIRED = (
@@ -253,7 +253,7 @@ def run_header(run: tuple, records: list[dict]) -> dict:
 
 def run_files(paths: list[Path], out_dir: Path, name: str | None = None, only: list[str] | None = None) -> list[Path]:
     """Per run, <dataset>-<cpu|gpu>.md (or <name>.md), .csv, .json and -pareto.png in
-    out_dir (a later run of the same stem gets -2, -3, ...), each written atomically;
+    out_dir (a later run of the same stem gets -2, -3, ...), written together (write_boards);
     `only`: the rows of these decoders alone (an ablation table cut from a full run),
     the command that cut them named under the run's own."""
     out_dir = Path(os.path.realpath(out_dir))
@@ -338,19 +338,18 @@ def check_out_dir(out_dir: Path) -> None:
 
 
 def write_boards(named_groups: list[tuple[str, tuple]], out_dir: Path, cut_by: str | None = None) -> list[Path]:
-    """Per run: <name>.md, .csv, .json and -pareto.png in out_dir, each written atomically;
-    cut_by: the command that chose some of the run's rows, said under the run's own."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    """Per run: <name>.md, .csv, .json and -pareto.png in out_dir. Every file of every board
+    is made before any is written, then all replace their earlier versions together
+    (replace_files): a board that cannot be made leaves the earlier ones whole. cut_by: the
+    command that chose some of the run's rows, said under the run's own."""
+    files, written = {}, []
     for name, (run, records) in named_groups:
-        targets = [out_dir / f"{name}{suffix}" for suffix in BOARD_SUFFIXES]
         header, rows = run_header(run, records), run_rows(records)
         if cut_by:
             header["rows_cut_by"] = cut_by
         # the .json first: it is what marks these files as a board (check_board_targets)
-        write_atomically(out_dir / f"{name}.json", json.dumps({"run": header, "rows": rows}, indent=1) + "\n")
-        plot = out_dir / f"{name}-pareto.png"
-        pareto_plot(rows, header, plot)
+        files[out_dir / f"{name}.json"] = (json.dumps({"run": header, "rows": rows}, indent=1) + "\n").encode()
+        files[out_dir / f"{name}-pareto.png"] = pareto_plot(rows, header)
         lines = [
             f"# {header['dataset']} / {header['split']} / {header['device']}\n",
             f"Made by `{header['command']}` at commit {header['commit'][:10]} ({header['timestamp']}), seed "
@@ -359,23 +358,29 @@ def write_boards(named_groups: list[tuple[str, tuple]], out_dir: Path, cut_by: s
             *([f"Users: {header['users_chosen']}.\n"] if header["users_chosen"] else []),
             f"Protocol: {header['protocol']}\n",
             run_table(run, rows),
-            f"![Recall@10 against latency]({plot.name})\n",
+            f"![Recall@10 against latency]({name}-pareto.png)\n",
         ]
-        write_atomically(out_dir / f"{name}.md", "\n".join(lines))
+        files[out_dir / f"{name}.md"] = "\n".join(lines).encode()
         table = io.StringIO()
         writer = csv.DictWriter(table, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        write_atomically(out_dir / f"{name}.csv", table.getvalue())
-        written += targets
+        files[out_dir / f"{name}.csv"] = table.getvalue().encode()
+        written += [out_dir / f"{name}{suffix}" for suffix in BOARD_SUFFIXES]
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        replace_files(files)
+    except OSError as exc:
+        raise BenchError(f"could not write the tables in {out_dir} ({exc.strerror or exc})") from None
     return written
 
 
 MARKERS = "osD^v<>ph*P"  # with 20 colours, 20 decoders of one plot get distinct (marker, colour)
 
 
-def pareto_plot(rows: list[dict], header: dict, path: Path) -> None:
-    """Recall@10 (with its interval) against p50 latency per batch, one point per decoder."""
+def pareto_plot(rows: list[dict], header: dict) -> bytes:
+    """Recall@10 (with its interval) against p50 latency per batch, one point per decoder:
+    the PNG's bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -400,7 +405,10 @@ def pareto_plot(rows: list[dict], header: dict, path: Path) -> None:
     axes.set_title(f"{header['dataset']} / {header['split']} / {header['device']}", fontsize=9)
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    save_figure_atomically(figure, path)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=110)
+    plt.close(figure)
+    return image.getvalue()
 
 
 def leaderboard(paths: list[Path], only: list[str] | None = None) -> str:

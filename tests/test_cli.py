@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import random_catalog, result_record
 
+import bench.leaderboard
 import bench.run
 import bench.train
 from bench.__main__ import ablation_specs, main
@@ -278,6 +279,29 @@ def test_leaderboard_writes_markdown_csv_json_and_a_plot_per_run(cli, tmp_path):
     (tmp_path / "taken").write_text("x")
     code, _, err = cli("leaderboard", str(results), "--out-dir", str(tmp_path / "taken"))
     assert code == 2 and "is a file" in err and (tmp_path / "taken").read_text() == "x"
+
+
+def test_a_board_stopped_half_way_leaves_every_earlier_board_whole(cli, tmp_path, monkeypatch):
+    """Every file of every board is made before any replaces its earlier version: Ctrl-C (or
+    a failure) while the second run's plot is drawn leaves the boards of both runs as they were."""
+    later = {"timestamp": "2026-11-23T09:00:00+0000"}
+    results, out_dir = tmp_path / "results.json", tmp_path / "boards"
+    results.write_text(json.dumps([record("beam", 50.0, 0.4), record("beam", 40.0, 0.4, **later)]))
+    assert cli("leaderboard", str(results), "--out-dir", str(out_dir))[0] == 0
+    before = {path.name: path.read_bytes() for path in out_dir.iterdir()}
+    results.write_text(json.dumps([record("beam", 30.0, 0.3), record("beam", 20.0, 0.3, **later)]))
+    drawn, plot = [], bench.leaderboard.pareto_plot
+
+    def stopped_at_the_second_plot(*args):
+        drawn.append(args)
+        if len(drawn) == 2:
+            raise KeyboardInterrupt
+        return plot(*args)
+
+    monkeypatch.setattr(bench.leaderboard, "pareto_plot", stopped_at_the_second_plot)
+    code, _, err = cli("leaderboard", str(results), "--out-dir", str(out_dir))
+    assert code == 130 and "earlier results are intact" in err
+    assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before
 
 
 def test_leaderboard_names_its_files_with_name(cli, tmp_path):

@@ -149,16 +149,18 @@ def test_profile_tables_show_where_each_decoders_time_goes(tmp_path, monkeypatch
     assert "aten::topk" in tables["nezha-batch8.txt"]  # the head's beam search
 
 
-def test_the_pareto_plot_names_every_decoder_once_in_a_legend_with_its_own_marker(monkeypatch, tmp_path):
+def test_the_pareto_plot_names_every_decoder_once_in_a_legend_with_its_own_marker(monkeypatch):
     """Decoders at about one point (beam and its variants) stay readable: names in a
     legend, each point a distinct (marker, colour), not labels printed over each other."""
+    import matplotlib.figure
+
     import bench.leaderboard as board
 
     shown = {}
-    monkeypatch.setattr(board, "save_figure_atomically", lambda figure, path: shown.update(figure=figure))
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, *_, **__: shown.update(figure=figure))
     names = [f"decoder{i}" for i in range(14)]
     rows = [{"decoder": name, "p50_ms": 10.0, "recall@10": 0.05, "batch_size": 32} for name in names]
-    board.pareto_plot(rows, {"dataset": "d", "split": "test", "device": "cpu"}, tmp_path / "p.png")
+    board.pareto_plot(rows, {"dataset": "d", "split": "test", "device": "cpu"})
     (axes,) = shown["figure"].axes
     legend = axes.get_legend()
     assert [text.get_text() for text in legend.get_texts()] == names
