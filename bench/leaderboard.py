@@ -26,6 +26,10 @@ REQUIRED = (
 ).split()
 METRICS = ("recall@1", "recall@10", "ndcg@10", "recall@20", "ndcg@20")
 TEXT = ("dataset", "split", "device", "timestamp", "command", "decoder", "git_sha")  # grouped, sorted, sliced
+HEADER = ("protocol", "users_chosen", "torch", "transformers")  # text said above a run's table, where given
+# the most users (and K) a record may claim: the synthetic data's most users; a run's intervals
+# draw 1000 resamples of every user
+MOST = 10_000_000
 # what `bench leaderboard --out-dir` runs when no --decoder is given
 EVERY_DECODER = "greedy,beam,beam:constrained,hf_beam,hf_beam:constrained,medusa,speculative,nezha,popularity,full_rank"
 
@@ -39,12 +43,22 @@ def is_number(value, optional: bool = False, low: float = -math.inf, high: float
     return (isinstance(value, int) or math.isfinite(value)) and low <= value <= high
 
 
+def is_count(value, optional: bool = False, high: float = math.inf) -> bool:
+    """An integer from 1 to `high`."""
+    return (optional and value is None) or (type(value) is int and 1 <= value <= high)
+
+
 def malformed(record: dict) -> list[str]:
     """The fields of a record (with every REQUIRED key) a table row could not read, or
     whose figures are out of their range (a Recall of -3, a negative latency)."""
     wrong = [key for key in TEXT if not isinstance(record[key], str)]
+    wrong += [key for key in HEADER if not (record.get(key) is None or isinstance(record[key], str))]
+    wrong += [] if record.get("seed") is None or type(record["seed"]) is int else ["seed"]
     wrong += [] if "dataset" in wrong or NAME.fullmatch(record["dataset"]) else ["dataset"]  # it names board files
-    wrong += [key for key in ("users", "k", "batch_size") if not (type(record[key]) is int and record[key] > 0)]
+    wrong += [key for key in ("users", "k") if not is_count(record[key], high=MOST)]
+    wrong += [] if is_count(record["batch_size"]) else ["batch_size"]
+    users, k = (math.inf if key in wrong else record[key] for key in ("users", "k"))
+    wrong += [] if is_count(record.get("candidates_per_user"), True, k) else ["candidates_per_user"]
     wrong += [] if is_number(record["invalid_rate"], low=0, high=1) else ["invalid_rate"]
     wrong += [] if is_number(record["backbone_calls_per_batch"], low=0) else ["backbone_calls_per_batch"]
     wrong += [f"metrics {key}" for key in METRICS if not is_number(record["metrics"][key], True, 0, 1)]
@@ -52,20 +66,24 @@ def malformed(record: dict) -> list[str]:
     if latency and not (
         isinstance(latency, dict)
         and is_number(latency.get("mean"), low=0)
-        and is_number(latency.get("p99"), optional=True, low=0)
+        and all(is_number(latency.get(key), optional=True, low=0) for key in ("p50", "p99"))
     ):
         wrong.append("latency_ms")
-    for key in ("latency_over_floor", "latency_over_prefill"):
+    for key in ("latency_over_floor", "latency_over_prefill", "latency_over_run_floor", "draft_calls_per_batch"):
         if not is_number(record.get(key), optional=True, low=0):
             wrong.append(key)
+    wrong += [] if is_count(record.get("latency_repeats"), optional=True) else ["latency_repeats"]
+    passes = record.get("latency_p50_per_pass")
+    if passes is not None and not (isinstance(passes, list) and all(is_number(p, low=0) for p in passes)):
+        wrong.append("latency_p50_per_pass")
     hits = record.get("hits")
     if hits is not None and not (
         isinstance(hits, dict)
         and isinstance(hits.get("users"), list)
         and isinstance(hits.get("ranks"), list)
         and len(hits["users"]) == len(hits["ranks"])
-        and all(type(u) is int and 0 <= u < record["users"] for u in hits["users"])
-        and all(type(k) is int and 1 <= k for k in hits["ranks"])
+        and all(type(u) is int and 0 <= u < users for u in hits["users"])
+        and all(is_count(rank, high=k) for rank in hits["ranks"])
     ):
         wrong.append("hits")
     elif hits is not None and not wrong and not recall_of_hits(record):
@@ -432,7 +450,7 @@ class Intervals:
     def bounds(self, record: dict) -> dict:
         """The interval bounds of R@10 and N@10, and the paired difference of R@10 to beam
         (None where the record holds no per-user hits)."""
-        usable = self.boot is not None and "hits" in record
+        usable = self.boot is not None and record.get("hits") is not None
         values = {metric: self.per_user(record, metric) for metric in ("recall@10", "ndcg@10")} if usable else {}
         out = {}
         for metric in ("recall@10", "ndcg@10"):

@@ -759,6 +759,44 @@ CASES = [
         write("odd.json", [{**RECORD, "hits": {"users": [0], "ranks": [1]}}]),
     ),
     case(
+        "leaderboard fields a row reads of wrong types",
+        "leaderboard {tmp}/odd.json --out-dir {tmp}/boards",
+        "odd.json: record 1 has malformed torch, seed, candidates_per_user, latency_ms, draft_calls_per_batch, "
+        "latency_repeats;",
+        write(
+            "odd.json",
+            [
+                {
+                    **RECORD,
+                    "torch": 2,
+                    "seed": "0",
+                    "candidates_per_user": 21,
+                    "latency_ms": {"mean": 5.0, "p50": "fast"},
+                    "draft_calls_per_batch": "x",
+                    "latency_repeats": "3",
+                }
+            ],
+        ),
+    ),
+    case(
+        "leaderboard pass latencies that are no list",
+        "leaderboard {tmp}/odd.json --out-dir {tmp}/boards",
+        "odd.json: record 1 has malformed latency_p50_per_pass;",
+        write("odd.json", [{**RECORD, "latency_repeats": 3, "latency_p50_per_pass": 5.0}]),
+    ),
+    case(
+        "leaderboard hits ranked beyond k",
+        "leaderboard {tmp}/odd.json --out-dir {tmp}/boards",
+        "odd.json: record 1 has malformed hits;",
+        write("odd.json", [{**RECORD, "hits": {"users": [0], "ranks": [10**30]}}]),
+    ),
+    case(
+        "leaderboard more users than any run",
+        "leaderboard {tmp}/odd.json --out-dir {tmp}/boards",
+        "odd.json: record 1 has malformed users;",
+        write("odd.json", [{**RECORD, "users": 10**12, "hits": {"users": [0], "ranks": [1]}}]),
+    ),
+    case(
         "results with an integer of 5000 digits",
         RUN.replace("{out}", "{tmp}/big.json"),
         "big.json is not a results file (Exceeds the limit (4300 digits) for integer string conversion",

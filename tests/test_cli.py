@@ -242,6 +242,15 @@ def test_leaderboard_gives_intervals_and_marks_only_real_differences(cli, tmp_pa
     assert "paired" in out
 
 
+def test_a_record_with_no_hits_beside_one_with_hits_gets_no_interval(cli, tmp_path):
+    results = tmp_path / "results.json"
+    hits = {"users": list(range(40)), "ranks": [1] * 40}
+    results.write_text(json.dumps([record("beam", 50.0, 0.4, hits=hits), record("nezha", 10.0, 0.5, hits=None)]))
+    code, out, err = cli("leaderboard", str(results))
+    assert code == 0, err
+    assert table_rows(out)["nezha"]["R@10 [95% CI]"] == "0.5000"
+
+
 def test_leaderboard_writes_markdown_csv_json_and_a_plot_per_run(cli, tmp_path):
     later = {"timestamp": "2026-11-23T09:00:00+0000"}
     hits = {"hits": {"users": list(range(40)), "ranks": [2] * 40}}
