@@ -193,8 +193,8 @@ def cmd_sweep(settings) -> None:
     results_file(out)
     check_writable(out)
     tables = settings["sweep"].out_dir
-    if tables and Path(tables).exists() and not Path(tables).is_dir():
-        raise BenchError(f"--out-dir {tables} is a file; it takes a folder for the table and plot")
+    if tables:
+        writable_folder(Path(tables), "--out-dir", "folder for the table and plot")
     name, points = sweep_points(settings)  # every value checked before the first run
     check_sweep_targets(name, out, tables)
     shared = None if name in {f.name for f in fields(DataSettings)} else load_data(settings)  # one for all points

@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench.data import NAME
-from bench.errors import BenchError
+from bench.errors import BenchError, writable_folder
 from bench.metrics import Bootstrap, per_user, ranks_from_hits
 from bench.records import calls_text, cell, command_line, read_records, replace_files, write_atomically
 
@@ -351,8 +351,8 @@ def check_board_targets(out_dir: Path, names: list[str]) -> None:
 
 
 def check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BenchError(f"--out-dir {out_dir} is a file; it takes a folder for the tables and plots")
+    """A folder the tables can be written in (or made in), found before any work."""
+    writable_folder(out_dir, "--out-dir", "folder for the tables and plots")
 
 
 def write_boards(named_groups: list[tuple[str, tuple]], out_dir: Path, cut_by: str | None = None) -> list[Path]:

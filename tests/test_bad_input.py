@@ -652,6 +652,30 @@ CASES = [
     ),
     case("results below a file", RUN.replace("{out}", "{out}/more.json"), "results.json is a file", None),
     case("results read-only", RUN, "results.json is read-only", read_only("results.json")),
+    case(
+        "leaderboard out-dir below a file",
+        "leaderboard {out} --out-dir {tmp}/taken/boards",
+        "--out-dir: {tmp}/taken is a file, not a folder; choose another folder for the tables and plots",
+        write("taken", ""),
+    ),
+    case(
+        "leaderboard out-dir that cannot be made",
+        "leaderboard {out} --out-dir /proc/boards",
+        "--out-dir: cannot write in /proc (",
+        marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc on this system"),
+    ),
+    case(
+        "leaderboard runner out-dir below a file",
+        "leaderboard --decoder greedy --untrained --limit-users 3 --out-dir {tmp}/taken/boards",
+        "--out-dir: {tmp}/taken is a file, not a folder; choose another folder for the tables and plots",
+        write("taken", ""),
+    ),
+    case(
+        "sweep out-dir below a file",
+        "sweep --vary batch_size=1,2 --decoder greedy --untrained --limit-users 3 --out {out} --out-dir {tmp}/taken/t",
+        "--out-dir: {tmp}/taken is a file, not a folder; choose another folder for the table and plot",
+        write("taken", ""),
+    ),
     case("leaderboard without files", "leaderboard --out {out}", "leaderboard needs result files"),
     case("leaderboard missing file", "leaderboard {tmp}/typo.json --out {out}", "typo.json: no such results file"),
     case(
