@@ -122,6 +122,7 @@ def run_groups(paths: list[Path], only: list[str] | None = None) -> list[tuple[t
         )
     for run, records in groups.items():
         check_one_protocol(run, records)
+        check_each_decoder_once(run, records)
     return sorted(groups.items())
 
 
@@ -139,6 +140,19 @@ def check_one_protocol(run: tuple, records: list[dict]) -> None:
                 f"records of the run at {run[3]} ({run[0]}, {run[2]}) differ in '{name}': they come from different "
                 "runs or models and are not compared in one table; keep each run's records in its own file"
             )
+
+
+def check_each_decoder_once(run: tuple, records: list[dict]) -> None:
+    """A run measures each decoder once (bench run refuses a decoder named twice): two
+    records of one decoder in one run are a results file given twice, or with a copy."""
+    seen = set()
+    for record in records:
+        if record["decoder"] in seen:
+            raise BenchError(
+                f"the run at {run[3]} ({run[0]}, {run[2]}) holds decoder {record['decoder']} twice: is a results file "
+                "given twice, or beside a copy of it? give each run's records once (nothing was written)"
+            )
+        seen.add(record["decoder"])
 
 
 def run_rows(records: list[dict]) -> list[dict]:

@@ -676,6 +676,18 @@ CASES = [
         "--out-dir: {tmp}/taken is a file, not a folder; choose another folder for the table and plot",
         write("taken", ""),
     ),
+    case(
+        "leaderboard file given twice",
+        "leaderboard {out} {out} --out-dir {tmp}/boards",
+        "the run at 2026-11-22T20:00:00+0000 (synthetic, cpu (test)) holds decoder beam twice: is a results file "
+        "given twice, or beside a copy of it? give each run's records once (nothing was written)",
+    ),
+    case(
+        "leaderboard file beside its copy",
+        "leaderboard {out} {tmp}/copy.json",
+        "the run at 2026-11-22T20:00:00+0000 (synthetic, cpu (test)) holds decoder beam twice",
+        write("copy.json", [RECORD]),
+    ),
     case("leaderboard without files", "leaderboard --out {out}", "leaderboard needs result files"),
     case("leaderboard missing file", "leaderboard {tmp}/typo.json --out {out}", "typo.json: no such results file"),
     case(
