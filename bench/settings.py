@@ -473,6 +473,15 @@ def from_text(text: str, annotation):
         raise ValueError(f"'{text}' is not {type_name(base)}") from None
 
 
+def value_of_text(cls, name: str, text: str):
+    """A setting's value written as on the command line, or the text itself where it is no
+    value of the setting's type (check_value then names what it should be)."""
+    try:
+        return from_text(text, _hints(cls)[name])
+    except ValueError:
+        return text
+
+
 def check_value(cls, name: str, value, source: str):
     """A value from a config file, checkpoint or flag -> itself when it fits the field's
     type and bounds, else one BenchError naming where it came from."""

@@ -14,25 +14,10 @@ from pathlib import Path
 
 from bench.errors import BenchError
 from bench.records import cell, save_figure_atomically, write_atomically
-from bench.settings import SECTIONS, check_value
+from bench.settings import SECTIONS, check_value, value_of_text
 
 SWEPT_SECTIONS = ("data", "model", "run")
 NOT_SWEPT = ("out", "decoder", "ckpt", "profile", "per_objective")  # one results file; decoders go side by side
-
-
-def parse_value(text: str):
-    """'256' -> 256, '0.5' -> 0.5, 'true' -> True, 'none' -> None, anything else a string."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text.strip()
 
 
 def sweep_points(settings: dict) -> tuple[str, list[tuple[object, dict]]]:
@@ -49,9 +34,9 @@ def sweep_points(settings: dict) -> tuple[str, list[tuple[object, dict]]]:
             f"--vary {name}: not a setting a sweep can vary; vary a data, model or run setting "
             f"other than {', '.join(NOT_SWEPT)} (see python -m bench run --help)"
         )
-    points = []
+    points, cls = [], SECTIONS[section]
     for item in raw.split(","):
-        value = check_value(SECTIONS[section], name, parse_value(item), f"--vary {name}")
+        value = check_value(cls, name, value_of_text(cls, name, item.strip()), f"--vary {name}")
         if any(value == earlier and isinstance(value, bool) == isinstance(earlier, bool) for earlier, _ in points):
             raise BenchError(f"--vary {name}: the value {value} is given twice; give each value once")
         point = dict(settings)

@@ -446,6 +446,19 @@ def test_a_bad_sweep_is_one_error_line_before_anything_runs(cli, tmp_path, vary,
     assert not (tmp_path / "s.json").exists()
 
 
+@pytest.mark.parametrize(
+    "vary, values",
+    [("transition=rnn,none", ["rnn", "none"]), ("sample_users=none,3", [None, 3]), ("dropout=0,1e-1", [0.0, 0.1])],
+)
+def test_sweep_values_are_read_as_their_flags_read_them(vary, values):
+    """none is the value where the setting lists it (transition=none), else unset."""
+    from bench.settings import DataSettings, ModelSettings, RunSettings, SweepSettings
+    from bench.sweep import sweep_points
+
+    settings = {"data": DataSettings(), "model": ModelSettings(), "run": RunSettings(), "sweep": SweepSettings(vary)}
+    assert [value for value, _ in sweep_points(settings)[1]] == values
+
+
 def test_a_sweep_over_real_data_refuses_synthetic_shapes(cli, tmp_path):
     code, _, err = cli("sweep", "--dataset", "beauty", "--vary", "items=1000", "--untrained")
     assert code == 2 and "--items shapes the synthetic dataset only" in err
