@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from bench.errors import BenchError, writable_folder
@@ -171,6 +172,8 @@ def cmd_run(settings, command: str) -> None:
     check_writable(out)
     data = load_data(settings)
     specs = ablation_specs(run_settings.k, data.catalog) if command == "ablate" else None
+    if specs:  # a config's run.decoder or constrained does not apply: the records say what ran
+        run_settings = replace(run_settings, decoder=",".join(specs), constrained=False)
     records = run(data, settings["data"], settings["model"], run_settings, specs=specs, asked=settings["fixed"])
     print(
         f"\n{data.name} / {run_settings.split} / {records[0]['users']} users / K={run_settings.k} / "

@@ -610,6 +610,16 @@ def test_a_home_folder_in_the_runs_cache_or_run_dir_is_where_the_checkpoints_go(
     assert list(folder.rglob("last.ckpt"))
 
 
+def test_ablate_records_say_the_decoders_it_ran_whatever_a_config_says(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("run:\n  constrained: true\n  decoder: greedy\n")
+    args = ["ablate", "--config", "c.yaml", "--untrained", "--limit-users", "4", "--warmup", "0", "--out", "a.json"]
+    assert main([*args, "--backbone", "qwen-micro"]) == 0
+    records = read_records(tmp_path / "a.json")
+    assert {r["settings"]["run"]["constrained"] for r in records} == {False}
+    assert records[0]["settings"]["run"]["decoder"] == ",".join(r["decoder"] for r in records)
+
+
 @pytest.mark.parametrize("flag", [["--constrained"], ["--decoder", "greedy"]])
 def test_ablate_takes_no_decoder_flags_it_would_ignore(cli, flag):
     """ablate runs its own decoders; it once ran them unconstrained while the records said otherwise."""
