@@ -255,26 +255,33 @@ def repair_journal(path: Path) -> None:
     (no newline after it) is removed, which optuna would otherwise leave in the middle of the
     records appended after it, and any other record that is not JSON is refused, the file
     left as it was."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
     if not path.is_file():
         return
-    content = path.read_bytes()
-    whole = content[: content.rfind(b"\n") + 1]
-    for number, line in enumerate(whole.splitlines(), 1):
-        try:
-            json.loads(line)
-        except ValueError:  # not JSON, not UTF-8
-            raise BenchError(
-                f"--storage {path}: line {number} is no journal record (the file is damaged); it was left untouched: "
-                "restore it from a copy, or give a new file"
-            ) from None
-    if len(whole) < len(content):
-        with open(path, "r+b") as f:
-            f.truncate(len(whole))
-        print(
-            f"{path}: removed its last record, {len(content) - len(whole)} bytes cut off by a killed write; "
-            "the study resumes from the records before it",
-            flush=True,
-        )
+    lock = JournalFileSymlinkLock(str(path))  # the lock optuna's own writes hold: no record is cut while written
+    lock.acquire()
+    try:
+        content = path.read_bytes()
+        whole = content[: content.rfind(b"\n") + 1]
+        for number, line in enumerate(whole.splitlines(), 1):
+            try:
+                json.loads(line)
+            except ValueError:  # not JSON, not UTF-8
+                raise BenchError(
+                    f"--storage {path}: line {number} is no journal record (the file is damaged); it was left "
+                    "untouched: restore it from a copy, or give a new file"
+                ) from None
+        if len(whole) < len(content):
+            with open(path, "r+b") as f:
+                f.truncate(len(whole))
+            print(
+                f"{path}: removed its last record, {len(content) - len(whole)} bytes cut off by a killed write; "
+                "the study resumes from the records before it",
+                flush=True,
+            )
+    finally:
+        lock.release()
 
 
 def storage_of(url_or_path: str):

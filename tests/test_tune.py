@@ -173,6 +173,33 @@ def test_a_journal_whose_last_record_a_kill_cut_off_resumes_whole(workdir, capsy
     assert states(str(journal), "x") == ["COMPLETE", "COMPLETE"]
 
 
+def test_the_journal_repair_waits_for_a_record_being_written(workdir):
+    """A worker holding optuna's journal lock mid-write finishes its record before the repair reads."""
+    import threading
+
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    from bench.tune import repair_journal
+
+    journal = journal_with_a_finished_trial(workdir)
+    whole, record = journal.read_bytes(), b'{"op_code": 5, "worker_id": "live"}\n'
+    lock = JournalFileSymlinkLock(str(journal))
+    lock.acquire()
+    journal.write_bytes(whole + record[:20])
+
+    def finish_the_record():
+        time.sleep(0.3)
+        with open(journal, "ab") as f:
+            f.write(record[20:])
+        lock.release()
+
+    writer = threading.Thread(target=finish_the_record)
+    writer.start()
+    repair_journal(journal)
+    writer.join()
+    assert journal.read_bytes() == whole + record and not list(workdir.glob("j.log.lock*"))
+
+
 @pytest.mark.parametrize("damage", [b"not json\n", b"\x00\x00\x00\n"])
 def test_a_journal_damaged_inside_is_refused_untouched(workdir, capsys, damage):
     journal = journal_with_a_finished_trial(workdir)
