@@ -309,9 +309,14 @@ def storage_of(url_or_path: str):
 
 def data_description(data: DataSettings) -> str:
     """What makes a study's data: the SID collision rule and, for the generated dataset,
-    its shape and seed (a real dataset's content is its name's)."""
+    its shape and seed (a real dataset's content is its name's); users as generated, so
+    that --users 3000 is the default's data."""
+    from bench.data.synthetic import USERS
+
     shape = ("seed", "items", "users", "sequence_length") if data.is_synthetic else ()
     values = {name: getattr(data, name) for name in ("collisions", *shape)}
+    if data.is_synthetic:
+        values["users"] = data.users or USERS
     return ", ".join(f"{name} {value}" for name, value in values.items() if value is not None)
 
 

@@ -313,6 +313,13 @@ def test_a_study_of_other_generated_data_is_refused(workdir, capsys):
     assert "data=collisions last_code, seed 0, users 100" in err
 
 
+def test_a_study_resumed_on_the_same_generated_data_given_another_way_is_kept():
+    from bench.settings import DataSettings
+    from bench.tune import data_description
+
+    assert data_description(DataSettings()) == data_description(DataSettings(users=3000))
+
+
 @pytest.mark.parametrize(
     "entry,now",
     [

@@ -41,14 +41,14 @@ def load_dataset(
     generated = name == "synthetic" and data_dir is None
     shape = {k: v for k, v in (("items", items), ("users", users), ("sequence_length", sequence_length)) if v}
     if generated and items:
-        codes, sizes, sequences = synthetic.generate_scaled(seed, items, users or 3000, sequence_length)
+        codes, sizes, sequences = synthetic.generate_scaled(seed, items, users or synthetic.USERS, sequence_length)
         catalog = build_catalog(name, [str(i) for i in range(items)], codes, rule=collisions, codebook_sizes=sizes)
         return RecData(
             name, catalog, [str(u) for u in range(len(sequences))], sequences, source_of(seed, shape), generator=shape
         )
     if generated:
         item_ids, codes, user_ids, sequences = synthetic.generate(
-            seed=seed, users=users or 3000, sequence_length=sequence_length
+            seed=seed, users=users or synthetic.USERS, sequence_length=sequence_length
         )
         source, checksums = source_of(seed, shape), {}
     else:

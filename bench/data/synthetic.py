@@ -25,6 +25,9 @@ from bench.data.tokenizer import rq_kmeans
 CODEBOOK = (16, 16, 32)
 
 
+
+USERS = 3000  # users generated unless --users says otherwise
+
 def item_vectors(rng: np.random.Generator, category: np.ndarray, subcategory: np.ndarray, dim: int = 8):
     """Centre of the category (scale 4) + offset of the subcategory (scale 1) + the item's own part (scale 1)."""
     centres = rng.normal(0, 4, (category.max() + 1, dim))
@@ -34,7 +37,7 @@ def item_vectors(rng: np.random.Generator, category: np.ndarray, subcategory: np
 
 def generate(
     seed: int = 0,
-    users: int = 3000,
+    users: int = USERS,
     categories: int = 10,
     subcategories: int = 6,
     items: int = 600,
@@ -74,7 +77,9 @@ def generate(
     return [str(i) for i in range(items)], codes, [str(u) for u in range(users)], sequences
 
 
-def generate_scaled(seed: int, items: int, users: int = 3000, sequence_length: int | None = None, follow: float = 0.75):
+def generate_scaled(
+    seed: int, items: int, users: int = USERS, sequence_length: int | None = None, follow: float = 0.75
+):
     """A catalogue of `items` with hierarchy SIDs and users drawn with numpy, no Python
     loop over items or users -> (SID codes [items, 3], codebook sizes, sequences [users] of
     item indices). Item and user ids are their indices."""
