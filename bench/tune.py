@@ -583,10 +583,12 @@ def tune(settings: dict, fixed: set[str] = frozenset()) -> None:
     cores = os.cpu_count() or 1
     if tune_settings.workers > cores:  # each worker trains on its own cores
         raise BenchError(f"--workers {tune_settings.workers}: this machine has {cores} cores; run at most one per core")
-    out = Path(tune_settings.out or runs_dir() / "tune" / study_name)
+    out = Path(tune_settings.out or runs_dir() / "tune" / study_name).expanduser()  # ~: as Lightning writes there
     writable_folder(out, "--out", "folder")
     check_export_targets(out)
     storage_url = tune_settings.storage or str(runs_dir() / "tune" / study_name / "journal.log")
+    if "://" not in storage_url:
+        storage_url = str(Path(storage_url).expanduser())
     if "://" not in storage_url:
         check_journal(Path(storage_url))
         repair_journal(Path(storage_url))

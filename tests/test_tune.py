@@ -105,6 +105,15 @@ def test_a_setting_in_the_configs_per_objective_entry_is_fixed_not_searched(work
     assert yaml.safe_load((workdir / "runs/tune/f/best.yaml").read_text())["model"]["dropout"] == 0.3
 
 
+def test_a_home_folder_in_tune_out_and_storage_is_where_the_files_go(workdir, capsys, monkeypatch):
+    """Lightning writes a trial's checkpoints under ~ expanded; the search looked under ./~."""
+    monkeypatch.setenv("HOME", str(workdir / "home"))
+    args = ["tune", "--config", "space.yaml", "--trials", "1", "--out", "~/t", "--storage", "~/j.log", *FAST]
+    assert main(args) == 0, capsys.readouterr().err
+    assert (workdir / "home" / "t" / "best.yaml").exists() and (workdir / "home" / "j.log").exists()
+    assert not (workdir / "~").exists()
+
+
 def test_two_workers_share_one_journal_study_with_two_objectives(workdir):
     args = ["tune", "--config", "space.yaml", "--trials", "2", "--workers", "2", "--study", "w", "--latency"]
     result = bench(*args, *FAST, cwd=workdir)
