@@ -329,6 +329,8 @@ def check_cluster(num_nodes: int) -> None:
     if num_nodes == 1 or any(env.detect() for env in schedulers):
         return
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK") if name not in os.environ]
+    if "GROUP_RANK" in os.environ and "NODE_RANK" in missing:  # Lightning reads it where NODE_RANK is unset
+        missing.remove("NODE_RANK")
     if missing:
         raise BenchError(
             f"--num-nodes {num_nodes} needs {', '.join(missing)} set on every machine (MASTER_ADDR, MASTER_PORT: "

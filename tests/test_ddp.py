@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bench.__main__ import main
+from bench.errors import BenchError
 from bench.data import eval_examples, load_dataset
 from bench.data.batches import collate_eval
 from bench.settings import DataSettings, ModelSettings
@@ -133,10 +134,25 @@ def test_several_machines_without_a_meeting_place_are_one_line(tmp_path, monkeyp
     """Lightning's launcher would wait 30 minutes for machines never told where to meet."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("BENCH_RUNS_DIR", str(tmp_path / "runs"))
-    for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK"):
+    for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "GROUP_RANK"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MASTER_ADDR", "node0")
     args = ["train", "--objective", "ntp", "--backbone", "qwen-micro", "--users", "100", "--num-nodes", "2"]
     assert main(args) == 2
     assert capsys.readouterr().err.startswith("error: --num-nodes 2 needs MASTER_PORT, NODE_RANK set on every machine")
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_group_rank_stands_for_the_node_rank(monkeypatch):
+    """Lightning's own environment reads GROUP_RANK where NODE_RANK is unset."""
+    from bench.train import check_cluster
+
+    for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "GROUP_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("GROUP_RANK", "1")
+    check_cluster(2)
+    monkeypatch.delenv("GROUP_RANK")
+    with pytest.raises(BenchError, match="^--num-nodes 2 needs NODE_RANK set on every machine"):
+        check_cluster(2)
