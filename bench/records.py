@@ -119,6 +119,8 @@ def read_records(path: Path) -> list[dict]:
 def results_file(path: Path) -> list[dict]:
     """The records of a file new records are to be appended to: a JSON list of anything
     else is no results file, and is left as it is."""
+    if path.exists() and not (path.is_file() or path.is_dir()):  # a pipe would block the run until read
+        raise BenchError(f"{path} is no regular file (a pipe or a device); pass another --out, a results file")
     records = read_records(path)
     strangers = [n for n, entry in enumerate(records, 1) if not isinstance(entry, dict) or RECORD_KEYS - entry.keys()]
     if strangers:

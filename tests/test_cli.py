@@ -625,3 +625,10 @@ def test_ablate_takes_no_decoder_flags_it_would_ignore(cli, flag):
     """ablate runs its own decoders; it once ran them unconstrained while the records said otherwise."""
     code, _, err = cli("ablate", "--untrained", *flag)
     assert code == 2 and f"unrecognized arguments: {' '.join(flag)}" in err
+
+
+def test_a_results_file_that_is_a_pipe_is_refused_before_it_blocks(cli, tmp_path):
+    os.mkfifo(tmp_path / "pipe")
+    code, _, err = cli("run", "--decoder", "greedy", "--untrained", "--limit-users", "3", "--out", "pipe")
+    assert code == 2
+    assert err == "error: pipe is no regular file (a pipe or a device); pass another --out, a results file\n"
