@@ -147,6 +147,19 @@ def check_space_matches(study, space: dict, where: str) -> None:
                 )
 
 
+def check_trial_folders(study, out: Path, where: str) -> None:
+    """A trial's checkpoints go to <out>/trials/trial-<number>: a folder numbered beyond the
+    study's trials is another study's (the same name in another storage), whose models the
+    new trials would write over."""
+    numbers = [path.name.removeprefix("trial-") for path in (out / "trials").glob("trial-*")]
+    foreign = sorted(int(n) for n in numbers if n.isdigit() and int(n) >= len(study.trials))
+    if foreign:
+        raise BenchError(
+            f"{out / 'trials'} holds trial-{foreign[0]}, which {where} has not made (a study of that name in "
+            "another storage?); its checkpoints would be written over: pass another --out"
+        )
+
+
 def describe(sampled) -> str:
     from optuna.distributions import CategoricalDistribution, IntDistribution
 
@@ -594,6 +607,7 @@ def tune(settings: dict, fixed: set[str] = frozenset()) -> None:
         repair_journal(Path(storage_url))
     study = open_study(tune_settings, study_name, storage_url, data_settings, create=True)
     check_space_matches(study, space, masked(f"study '{study_name}' in {storage_url}", storage_url))
+    check_trial_folders(study, out, masked(f"study '{study_name}' in {storage_url}", storage_url))
     stale = fail_stale_trials(study) if "://" not in storage_url else 0
     if not study.trials:
         study.enqueue_trial(default_params(space, settings["model"], tune_settings.objective))

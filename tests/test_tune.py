@@ -114,6 +114,17 @@ def test_a_home_folder_in_tune_out_and_storage_is_where_the_files_go(workdir, ca
     assert not (workdir / "~").exists()
 
 
+def test_a_study_of_the_same_name_in_another_storage_keeps_off_the_first_ones_checkpoints(workdir, capsys):
+    assert main(["tune", "--config", "space.yaml", "--trials", "1", "--study", "s", *FAST]) == 0
+    first = workdir / "runs" / "tune" / "s" / "trials" / "trial-0"
+    before = {path: path.read_bytes() for path in first.rglob("*.ckpt")}
+    assert before and refused(["--study", "s", "--storage", "sqlite:///other.db"], capsys) == (
+        f"{first.parent} holds trial-0, which study 's' in sqlite:///other.db has not made (a study of that name "
+        "in another storage?); its checkpoints would be written over: pass another --out"
+    )
+    assert {path: path.read_bytes() for path in first.rglob("*.ckpt")} == before
+
+
 def test_two_workers_share_one_journal_study_with_two_objectives(workdir):
     args = ["tune", "--config", "space.yaml", "--trials", "2", "--workers", "2", "--study", "w", "--latency"]
     result = bench(*args, *FAST, cwd=workdir)
