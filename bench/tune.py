@@ -63,8 +63,10 @@ def search_space(settings: TuneSettings, fixed: set[str] = frozenset()) -> dict[
             raise BenchError(
                 f"search space entry '{name}' must be {{choices: [...]}} or {{low: x, high: y[, log: true]}}"
             )
-    checked = {name: _check_entry(name, spec, options if name.startswith("decoder:") else ModelSettings)
-               for name, spec in space.items()}
+    checked = {
+        name: _check_entry(name, spec, options if name.startswith("decoder:") else ModelSettings)
+        for name, spec in space.items()
+    }
     return {name: spec for name, spec in checked.items() if name not in fixed}
 
 
@@ -151,8 +153,9 @@ def check_trial_folders(study, out: Path, where: str) -> None:
     """A trial's checkpoints go to <out>/trials/trial-<number>: a folder numbered beyond the
     study's trials is another study's (the same name in another storage), whose models the
     new trials would write over."""
+    made = len(study.get_trials(deepcopy=False))
     numbers = [path.name.removeprefix("trial-") for path in (out / "trials").glob("trial-*")]
-    foreign = sorted(int(n) for n in numbers if n.isdigit() and int(n) >= len(study.trials))
+    foreign = sorted(int(n) for n in numbers if n.isdigit() and int(n) >= made)
     if foreign:
         raise BenchError(
             f"{out / 'trials'} holds trial-{foreign[0]}, which {where} has not made (a study of that name in "
@@ -326,10 +329,10 @@ def data_description(data: DataSettings) -> str:
     that --users 3000 is the default's data."""
     from bench.data.synthetic import USERS
 
-    shape = ("seed", "items", "users", "sequence_length") if data.is_synthetic else ()
-    values = {name: getattr(data, name) for name in ("collisions", *shape)}
+    values = {"collisions": data.collisions}
     if data.is_synthetic:
-        values["users"] = data.users or USERS
+        values |= {"seed": data.seed, "items": data.items, "users": data.users or USERS}
+        values["sequence_length"] = data.sequence_length
     return ", ".join(f"{name} {value}" for name, value in values.items() if value is not None)
 
 
@@ -602,12 +605,12 @@ def tune(settings: dict, fixed: set[str] = frozenset()) -> None:
     storage_url = tune_settings.storage or str(runs_dir() / "tune" / study_name / "journal.log")
     if "://" not in storage_url:
         storage_url = str(Path(storage_url).expanduser())
-    if "://" not in storage_url:
         check_journal(Path(storage_url))
         repair_journal(Path(storage_url))
     study = open_study(tune_settings, study_name, storage_url, data_settings, create=True)
-    check_space_matches(study, space, masked(f"study '{study_name}' in {storage_url}", storage_url))
-    check_trial_folders(study, out, masked(f"study '{study_name}' in {storage_url}", storage_url))
+    where = masked(f"study '{study_name}' in {storage_url}", storage_url)
+    check_space_matches(study, space, where)
+    check_trial_folders(study, out, where)
     stale = fail_stale_trials(study) if "://" not in storage_url else 0
     if not study.trials:
         study.enqueue_trial(default_params(space, settings["model"], tune_settings.objective))

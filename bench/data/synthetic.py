@@ -23,10 +23,8 @@ import numpy as np
 from bench.data.tokenizer import rq_kmeans
 
 CODEBOOK = (16, 16, 32)
-
-
-
 USERS = 3000  # users generated unless --users says otherwise
+
 
 def item_vectors(rng: np.random.Generator, category: np.ndarray, subcategory: np.ndarray, dim: int = 8):
     """Centre of the category (scale 4) + offset of the subcategory (scale 1) + the item's own part (scale 1)."""
