@@ -422,9 +422,12 @@ def run_trial(trial, settings: dict, data, out: Path) -> tuple[float, ...]:
     return (value, record["latency_ms"]["p50"]) if tune.latency else (value,)
 
 
-def worker(settings: dict, study_name: str, storage_url: str, out: str, threads: int, report: bool) -> None:
-    """One process of a search: trials until the study has enough finished ones (a
-    failed trial is not counted, so one worker alone runs at most --trials more)."""
+def worker(
+    settings: dict, study_name: str, storage_url: str, out: str, threads: int, report: bool, failed_before: int
+) -> None:
+    """One process of a search: trials until the study has enough finished ones, or
+    --trials failed ones since the command began (`failed_before`, counted once by the
+    command: a worker that starts late must not count its siblings' failures as earlier)."""
     import optuna
 
     from bench.data import load
@@ -436,7 +439,6 @@ def worker(settings: dict, study_name: str, storage_url: str, out: str, threads:
     data = load(settings["data"])
     study = open_study(tune, study_name, storage_url, settings["data"], create=False)
     target = tune.trials
-    failed_before = failed(study)
 
     def objective(trial):
         try:
@@ -465,7 +467,7 @@ def worker(settings: dict, study_name: str, storage_url: str, out: str, threads:
         print(f"trial {trial.number} {trial.state.name.lower()} {values} in {seconds:.0f} s: {params}", flush=True)
 
     remaining = target - finished(study)
-    if remaining > 0:
+    if remaining > 0 and failed(study) - failed_before < target:
         alone = tune.workers == 1  # one bar on a terminal; several workers' bars would interleave, their lines do not
         study.optimize(
             objective,
@@ -630,12 +632,13 @@ def tune(settings: dict, fixed: set[str] = frozenset()) -> None:
     )
     begin = time.time()
     threads = max(1, (os.cpu_count() or 1) // tune_settings.workers)
+    failed_before = failed(study)
     if tune_settings.workers == 1:
-        worker(settings, study_name, storage_url, str(out), torch.get_num_threads(), report=True)
+        worker(settings, study_name, storage_url, str(out), torch.get_num_threads(), True, failed_before)
     else:
         context = multiprocessing.get_context("spawn")
         processes = [
-            context.Process(target=worker, args=(settings, study_name, storage_url, str(out), threads, True))
+            context.Process(target=worker, args=(settings, study_name, storage_url, str(out), threads, True, failed_before))
             for _ in range(tune_settings.workers)
         ]
         for process in processes:

@@ -148,6 +148,23 @@ def test_trials_the_harness_refuses_fail_one_by_one_and_the_search_ends(workdir,
     assert 2 <= states(str(workdir / "runs/tune/n/journal.log"), "n").count("FAIL") <= 3
 
 
+def test_a_worker_that_starts_after_its_siblings_failed_enough_trials_runs_none(workdir):
+    """The failures since the command began are counted from the command's start, not from
+    each worker's: a worker that starts late, after --trials failures, starts no trial."""
+    from optuna.trial import TrialState
+
+    from bench.settings import DataSettings, TuneSettings
+    from bench.tune import open_study, worker
+
+    journal = str(workdir / "journal.log")
+    tune = TuneSettings(objective="ntp", trials=2, workers=2)
+    study = open_study(tune, "late", journal, DataSettings(), create=True)
+    for _ in range(2):
+        study.tell(study.ask(), state=TrialState.FAIL)
+    worker({"tune": tune, "data": DataSettings()}, "late", journal, str(workdir), 1, False, failed_before=0)
+    assert states(journal, "late") == ["FAIL", "FAIL"]
+
+
 def test_a_killed_study_resumes_keeping_finished_trials(workdir):
     journal = workdir / "runs" / "tune" / "k" / "journal.log"
     args = [sys.executable, "-m", "bench", "tune", "--config", "space.yaml", "--trials", "3", "--study", "k", *FAST]
