@@ -163,6 +163,18 @@ def check_trial_folders(study, out: Path, where: str) -> None:
         )
 
 
+def discard_empty_study(study, storage_file: Path | None, storage_file_existed: bool) -> None:
+    """A refused command leaves no study it made behind: a study without trials is
+    deleted, and a journal or SQLite file the command made is removed with it."""
+    import optuna
+
+    if study.get_trials(deepcopy=False):
+        return
+    optuna.delete_study(study_name=study.study_name, storage=study._storage)
+    if storage_file is not None and not storage_file_existed and storage_file.is_file():
+        storage_file.unlink()
+
+
 def describe(sampled) -> str:
     from optuna.distributions import CategoricalDistribution, IntDistribution
 
@@ -609,10 +621,18 @@ def tune(settings: dict, fixed: set[str] = frozenset()) -> None:
         storage_url = str(Path(storage_url).expanduser())
         check_journal(Path(storage_url))
         repair_journal(Path(storage_url))
+    storage_file = None if "://" in storage_url else Path(storage_url)  # the journal; SQLite's file below
+    if storage_url.startswith("sqlite:///"):
+        storage_file = Path(storage_url.removeprefix("sqlite:///"))
+    storage_file_existed = storage_file is not None and storage_file.exists()
     study = open_study(tune_settings, study_name, storage_url, data_settings, create=True)
     where = masked(f"study '{study_name}' in {storage_url}", storage_url)
     check_space_matches(study, space, where)
-    check_trial_folders(study, out, where)
+    try:
+        check_trial_folders(study, out, where)
+    except BenchError:
+        discard_empty_study(study, storage_file, storage_file_existed)
+        raise
     stale = fail_stale_trials(study) if "://" not in storage_url else 0
     if not study.trials:
         study.enqueue_trial(default_params(space, settings["model"], tune_settings.objective))

@@ -123,6 +123,15 @@ def test_a_study_of_the_same_name_in_another_storage_keeps_off_the_first_ones_ch
         "in another storage?); its checkpoints would be written over: pass another --out"
     )
     assert {path: path.read_bytes() for path in first.rglob("*.ckpt")} == before
+    assert not (workdir / "other.db").exists()  # the refused command leaves no empty study behind
+
+
+def test_a_refused_study_in_an_existing_storage_is_deleted_and_the_storage_kept(workdir, capsys):
+    """The other storage already holds a study of another name: only the new, empty one goes."""
+    assert main(["tune", "--config", "space.yaml", "--trials", "1", "--study", "s", *FAST]) == 0
+    optuna.create_study(study_name="t", storage="sqlite:///other.db")
+    assert refused(["--study", "s", "--storage", "sqlite:///other.db"], capsys).endswith("pass another --out")
+    assert optuna.get_all_study_names("sqlite:///other.db") == ["t"]
 
 
 def test_two_workers_share_one_journal_study_with_two_objectives(workdir):
