@@ -657,10 +657,8 @@ def tune(settings: dict, fixed: set[str] = frozenset()) -> None:
         worker(settings, study_name, storage_url, str(out), torch.get_num_threads(), True, failed_before)
     else:
         context = multiprocessing.get_context("spawn")
-        processes = [
-            context.Process(target=worker, args=(settings, study_name, storage_url, str(out), threads, True, failed_before))
-            for _ in range(tune_settings.workers)
-        ]
+        arguments = (settings, study_name, storage_url, str(out), threads, True, failed_before)
+        processes = [context.Process(target=worker, args=arguments) for _ in range(tune_settings.workers)]
         for process in processes:
             process.start()
         for process in processes:
