@@ -181,7 +181,8 @@ def test_a_killed_study_resumes_keeping_finished_trials(workdir):
     process = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline:  # kill it while its second trial runs
-        if journal.exists() and states(str(journal), "k") == ["COMPLETE", "RUNNING"]:
+        # optuna creates the journal empty and writes the study's record after: no study to load before it
+        if journal.exists() and journal.stat().st_size > 0 and states(str(journal), "k") == ["COMPLETE", "RUNNING"]:
             break
         time.sleep(0.2)
     process.send_signal(signal.SIGKILL)
