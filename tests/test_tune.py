@@ -17,6 +17,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 
 from bench.__main__ import main
@@ -171,7 +172,8 @@ def test_a_worker_that_starts_after_its_siblings_failed_enough_trials_runs_none(
     study = open_study(tune, "late", journal, DataSettings(), create=True)
     for _ in range(2):
         study.tell(study.ask(), state=TrialState.FAIL)
-    worker({"tune": tune, "data": DataSettings()}, "late", journal, str(workdir), 1, False, failed_before=0)
+    threads = torch.get_num_threads()  # as tune() passes in process: the worker sets them for the whole process
+    worker({"tune": tune, "data": DataSettings()}, "late", journal, str(workdir), threads, False, failed_before=0)
     assert states(journal, "late") == ["FAIL", "FAIL"]
 
 
