@@ -165,6 +165,9 @@ def run(
     ]
 
 
+PROFILE_ROWS = 20  # operators per --profile table, those of the most time first
+
+
 def write_profiles(decoders: dict, prompt, folder: Path) -> None:
     """Where each decoder's time goes: torch.profiler over 3 decodes of one batch, the
     operators by their own time; what the operators leave of the wall time is Python."""
@@ -177,7 +180,7 @@ def write_profiles(decoders: dict, prompt, folder: Path) -> None:
         with profile(activities=activities) as prof:
             for _ in range(3):
                 decoder.decode(prompt)
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS)
         name = "".join(c if c.isalnum() or c in "-_=" else "_" for c in spec)
         write_atomically(folder / f"{name}-batch{len(prompt)}.txt", f"{spec}, batch of {len(prompt)}\n{table}\n")
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import bench.latency
+import bench.run
 from bench.__main__ import main
 from bench.data.batches import Prompt
 from bench.latency import benchmark
@@ -140,6 +141,8 @@ def test_memory_is_the_growth_above_what_was_in_use_before_the_call(monkeypatch)
 
 def test_profile_tables_show_where_each_decoders_time_goes(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("BENCH_RUNS_DIR", str(tmp_path / "runs"))
+    # every operator: which ones make the top rows by measured time depends on the machine and its load
+    monkeypatch.setattr(bench.run, "PROFILE_ROWS", -1)
     args = ["run", "--decoder", "beam,nezha", "--untrained", "--backbone", "qwen-micro", "--limit-users", "8"]
     assert main(args + ["--profile", str(tmp_path / "profiles"), "--out", str(tmp_path / "r.json")]) == 0
     assert "profiler_start" not in capfd.readouterr().err  # kineto's own lines stay quiet
