@@ -3,6 +3,7 @@ the validation users are split across the processes without repeats, so the gath
 val/recall@10 is the one-process value; `bench train --devices 2` runs end to end."""
 
 import functools
+import os
 import pickle
 import warnings
 
@@ -19,6 +20,17 @@ from bench.train import LengthBucketSampler, ShardSampler, build_model, validati
 from models.module import VALIDATION_DECODER
 
 VAL_USERS = 101  # odd: the two shards differ in size, and a padding sampler would repeat a user
+
+
+@pytest.fixture(autouse=True)
+def no_master_port(monkeypatch):
+    """Lightning's launcher puts the free port it found into this process's MASTER_PORT and
+    leaves it there: every later launch, here or in another module, would bind that port
+    again seconds or minutes later, free or not, and every later test and subprocess would
+    see it. Each test starts without one and leaves none (monkeypatch restores the value
+    from before the test)."""
+    monkeypatch.setenv("MASTER_PORT", "")
+    monkeypatch.delenv("MASTER_PORT")
 
 
 @functools.lru_cache(maxsize=1)
@@ -53,6 +65,7 @@ def validated_recall(valid: list[dict], devices: int, distributed_sampler: bool 
     """val/recall@10 of fixed_model() as Trainer.validate logs it (gathered over the processes)."""
     model = fixed_model()
     strategy = "ddp_fork" if devices > 1 else "auto"
+    os.environ.pop("MASTER_PORT", None)  # a port found free now, not the one an earlier launch found
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
