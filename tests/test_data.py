@@ -251,10 +251,13 @@ def serve(directory: Path):
         thread.join()
 
 
-def closed_port() -> int:
+@contextlib.contextmanager
+def closed_port():
+    """A port on 127.0.0.1 that refuses connections; yields it. It stays bound, never
+    listened on: no other process can take it (and answer) while the test connects."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
 @pytest.fixture
@@ -342,10 +345,10 @@ def test_a_url_template_that_gives_no_url_is_refused(monkeypatch, template):
 
 
 def test_download_from_unreachable_server_says_where_to_put_the_files(cache_home):
-    port = closed_port()
-    cache_home(port)
-    with pytest.raises(BenchError) as info:
-        letter.download("beauty")
+    with closed_port() as port:
+        cache_home(port)
+        with pytest.raises(BenchError) as info:
+            letter.download("beauty")
     message = str(info.value)
     assert f"could not download http://127.0.0.1:{port}/beauty/Beauty.inter.json" in message
     assert f"put Beauty.inter.json and Beauty.index.json in {cache_home.home / 'beauty'}" in message
