@@ -279,6 +279,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_postgres(as_user: list[str], pg_ctl: str, data: Path, folder: Path) -> int:
+    """Starts the server of `data` on a free port of 127.0.0.1 -> the port. A port found free
+    can be taken by another process before the server binds it: the server then exits at
+    once, and it is started again on another port."""
+    log = folder / "log"
+    for _ in range(3):
+        port, logged = free_port(), log.stat().st_size if log.exists() else 0
+        options = f"-p {port} -k {folder} -h 127.0.0.1"
+        start = [*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(log), "-w", "start"]
+        if subprocess.run(start, capture_output=True).returncode == 0:
+            return port
+    failure = log.read_bytes()[logged:].decode(errors="replace") if log.exists() else "no log"
+    pytest.fail(f"the PostgreSQL server did not start:\n{failure}")
+
+
 @pytest.fixture
 def postgres():
     """A throwaway PostgreSQL server on 127.0.0.1 (as the postgres user when we are root)."""
@@ -291,12 +306,11 @@ def postgres():
     if os.geteuid() == 0:  # initdb refuses root
         shutil.chown(folder, "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = folder / "data", free_port()
-    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "bench", "--auth=trust"], check=True, capture_output=True)
-    options = f"-p {port} -k {folder} -h 127.0.0.1"
-    log = folder / "log"
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(log), "-w", "start"], check=True)
+    data = folder / "data"
     try:
+        initialize = [*as_user, initdb, "-D", str(data), "-U", "bench", "--auth=trust"]
+        subprocess.run(initialize, check=True, capture_output=True)
+        port = start_postgres(as_user, pg_ctl, data, folder)
         yield f"postgresql+psycopg://bench@127.0.0.1:{port}/postgres"
     finally:
         subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
