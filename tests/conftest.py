@@ -1,6 +1,7 @@
 import json
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,17 @@ def write_letter_files(folder: Path, inter, index, stem: str = "Toy") -> Path:
         text = content if isinstance(content, str) else json.dumps(content)
         (folder / f"{stem}.{kind}.json").write_text(text)
     return folder
+
+
+@pytest.fixture
+def rescue(tmp_path, monkeypatch) -> Path:
+    """The system temporary folder, where records that could not be appended are saved."""
+    folder = tmp_path / "rescue"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def rescued(folder: Path) -> list[dict]:
+    (saved,) = folder.iterdir()
+    return json.loads(saved.read_text())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import random_catalog, result_record
+from conftest import random_catalog, rescued, result_record
 
 import bench.leaderboard
 import bench.run
@@ -403,13 +403,14 @@ def test_results_file_and_plot_get_the_usual_permissions(tmp_path):
     [b'[{"decoder": "beam"}', b'{"decoder": "beam"}', b"\x80\x81PK\x03\x04\xff"],
     ids=["invalid JSON", "not a list", "binary"],
 )
-def test_append_records_leaves_an_unreadable_file_untouched(tmp_path, content):
+def test_append_records_leaves_an_unreadable_file_untouched(tmp_path, rescue, content):
     path = tmp_path / "results.json"
     path.write_bytes(content)
-    with pytest.raises(BenchError, match="is not a results file.*left untouched"):
+    with pytest.raises(BenchError, match="is not a results file.*left untouched") as refused:
         append_records(path, [{"decoder": "nezha"}])
     assert path.read_bytes() == content
-    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rescue", "results.json"]
+    assert rescued(rescue) == [{"decoder": "nezha"}] and str(rescue) in str(refused.value)
 
 
 def test_constrained_flag_reaches_every_decoder_that_takes_it():

@@ -7,13 +7,12 @@ import functools
 import json
 import multiprocessing
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import act_as_owner, result_record, write_letter_files
+from conftest import act_as_owner, rescued, result_record, write_letter_files
 
 from bench.data import letter, load_dataset, tokenizer
 from bench.data.catalog import build_catalog
@@ -42,20 +41,6 @@ def disk_full(*args, **kwargs):
 @pytest.fixture
 def as_owner(monkeypatch):
     act_as_owner(monkeypatch)
-
-
-@pytest.fixture
-def rescue(tmp_path, monkeypatch) -> Path:
-    """The system temporary folder, where records that could not be appended are saved."""
-    folder = tmp_path / "rescue"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
-
-
-def rescued(folder: Path) -> list[dict]:
-    (saved,) = folder.iterdir()
-    return json.loads(saved.read_text())
 
 
 # ---------------------------------------------------------------- results files
