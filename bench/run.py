@@ -79,6 +79,11 @@ def check_run(data: RecData | None, model_settings: ModelSettings, settings: Run
     """What a run can refuse before any work: unknown decoders and backbones, refusals, the
     device and dtype, and (given the data) K and options that cannot work with the
     catalogue -> the plans."""
+    if settings.untrained and settings.ckpt:
+        raise BenchError(
+            "--ckpt gives trained weights and --untrained asks for random ones; drop one of them "
+            "(--untrained times random weights, its record says so)"
+        )
     check_dtype(settings.dtype, resolve_device(settings.device))
     plans = [plan(spec, model_settings) for spec in specs]
     if data is not None:
@@ -101,11 +106,6 @@ def run(
     return their records; asked: the model settings given by flag or config (a --ckpt of
     another shape is refused)."""
     commit = git_sha()  # the code that runs, before anything can change it
-    if settings.untrained and settings.ckpt:
-        raise BenchError(
-            "--ckpt gives trained weights and --untrained asks for random ones; drop one of them "
-            "(--untrained times random weights, its record says so)"
-        )
     specs = specs or decoder_specs(settings)
     plans = check_run(data, model_settings, settings, specs)
     if settings.profile:

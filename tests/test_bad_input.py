@@ -633,6 +633,11 @@ CASES = [
         "--device mps: decoding runs on cpu or cuda, not on mps",
     ),
     case(
+        "sweep with a later value random beside a ckpt",
+        "sweep --limit-users 3 --decoder beam --ckpt {tmp}/model.ckpt --out {out} --vary untrained=false,true",
+        "--ckpt gives trained weights and --untrained asks for random ones",
+    ),
+    case(
         "sweep with a later dtype that cannot run",
         "sweep --untrained --limit-users 3 --decoder beam --device cpu --out {out} --vary dtype=fp32,fp16",
         "--dtype fp16 runs on CUDA only",
