@@ -201,6 +201,11 @@ def cmd_sweep(settings) -> None:
     name, points = sweep_points(settings)  # every value checked before the first run
     check_sweep_targets(name, out, tables)
     shared = None if name in {f.name for f in fields(DataSettings)} else load_data(settings)  # one for all points
+    if shared is None:  # each point loads its own: a folder or name that cannot be is found before the first
+        from bench.data import check_source
+
+        for _, point in points:
+            check_source(point["data"])
     for _, point in points:  # and every point's run, as far as it can be before any work (K: given one catalogue)
         check_run(shared, point["model"], point["run"], decoder_specs(point["run"]))
     records = []

@@ -633,6 +633,18 @@ CASES = [
         "--device mps: decoding runs on cpu or cuda, not on mps",
     ),
     case(
+        "sweep with a later dataset that does not exist",
+        "sweep --untrained --limit-users 3 --decoder beam --out {out} --vary dataset=synthetic,nosuch",
+        "unknown dataset 'nosuch'",
+    ),
+    case(
+        "sweep with a later data folder that does not exist",
+        "sweep --untrained --limit-users 3 --decoder beam --k 2 --dataset toy --out {out} "
+        "--vary data_dir={tmp}/toy,{tmp}/gone",
+        "data folder {tmp}/gone does not exist",
+        toy(),
+    ),
+    case(
         "sweep with a later value random beside a ckpt",
         "sweep --limit-users 3 --decoder beam --ckpt {tmp}/model.ckpt --out {out} --vary untrained=false,true",
         "--ckpt gives trained weights and --untrained asks for random ones",

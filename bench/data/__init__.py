@@ -33,11 +33,7 @@ def load_dataset(
     """Load by name: `synthetic` is generated (of `items`, `users`, `sequence_length` when
     given); a LETTER dataset comes from --data-dir, else ../shared/data/<name>, else the
     download cache (downloading it once)."""
-    if not NAME.fullmatch(name):
-        raise BenchError(
-            f"dataset name {name!r} is not a name (letters, digits, '-', '_' and '.', not starting with '.'); "
-            "a folder comes with --data-dir FOLDER beside --dataset NAME"
-        )
+    check_name(name)
     generated = name == "synthetic" and data_dir is None
     shape = {k: v for k, v in (("items", items), ("users", users), ("sequence_length", sequence_length)) if v}
     if generated and items:
@@ -90,14 +86,40 @@ def load_dataset(
     )
 
 
+def check_name(name: str) -> None:
+    if not NAME.fullmatch(name):
+        raise BenchError(
+            f"dataset name {name!r} is not a name (letters, digits, '-', '_' and '.', not starting with '.'); "
+            "a folder comes with --data-dir FOLDER beside --dataset NAME"
+        )
+
+
+def check_source(settings) -> None:
+    """What load() would refuse before reading a file: a name that is no name, a folder
+    without its two files, an unknown dataset (nothing is read or downloaded), so a sweep
+    over datasets finds them all before its first run."""
+    check_name(settings.dataset)
+    if settings.dataset == "synthetic" and settings.data_dir is None:
+        return
+    folder = Path(settings.data_dir) if settings.data_dir else letter.shared_dir(settings.dataset)
+    if folder:
+        letter.find_files(folder)
+    elif settings.dataset not in letter.REMOTE_DATASETS:
+        raise unknown_dataset(settings.dataset)
+
+
+def unknown_dataset(name: str) -> BenchError:
+    return BenchError(
+        f"unknown dataset '{name}'; choose synthetic, {', '.join(letter.REMOTE_DATASETS)} "
+        "or pass --data-dir FOLDER with <Name>.inter.json and <Name>.index.json"
+    )
+
+
 def source_of(seed: int, shape: dict) -> str:
     return f"synthetic generator (seed={seed}{''.join(f', {k}={v}' for k, v in shape.items())})"
 
 
 def _cached_or_download(name: str) -> Path:
     if name not in letter.REMOTE_DATASETS:
-        raise BenchError(
-            f"unknown dataset '{name}'; choose synthetic, {', '.join(letter.REMOTE_DATASETS)} "
-            "or pass --data-dir FOLDER with <Name>.inter.json and <Name>.index.json"
-        )
+        raise unknown_dataset(name)
     return letter.download(name)
