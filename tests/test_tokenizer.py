@@ -264,6 +264,14 @@ def test_tokenize_inter_refuses_an_index_file(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_tokenize_inter_orders_item_ids_of_digits_int_cannot_read_as_text(tmp_path, capsys):
+    """'²' is a digit to str.isdigit but no number to int(): it sorts with the other names."""
+    inter = tmp_path / "Sup.inter.json"
+    inter.write_text(json.dumps({"u1": ["10", "²", "2"], "u2": ["2", "10", "²"], "u3": ["²", "2", "10", "2"]}))
+    assert tokenize("--inter", inter, "--dataset", "sup", "--codes", 2, "--levels", 2, "--out-dir", tmp_path / "o") == 0
+    assert list(json.loads((tmp_path / "o" / "Sup.index.json").read_text())) == ["2", "10", "²"]
+
+
 def test_tokenize_refuses_vectors_that_are_not_npy(tmp_path, capsys):
     letter_folder(tmp_path / "good")
     (tmp_path / "v.txt").write_text("0.1 0.2\n")

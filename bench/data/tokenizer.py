@@ -187,7 +187,7 @@ def read_interactions(path: Path) -> tuple[list[str], list[list[int]]]:
                 "(<Name>.inter.json), not the index"
             )
     item_ids = sorted(
-        {i for items in sequences for i in items}, key=lambda i: (not i.isdigit(), int(i) if i.isdigit() else 0, i)
+        {i for items in sequences for i in items}, key=lambda i: (not i.isdecimal(), int(i) if i.isdecimal() else 0, i)
     )
     position = {item: n for n, item in enumerate(item_ids)}
     return item_ids, [[position[i] for i in items] for items in sequences]
