@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -270,6 +271,15 @@ def test_tokenize_inter_orders_item_ids_of_digits_int_cannot_read_as_text(tmp_pa
     inter.write_text(json.dumps({"u1": ["10", "²", "2"], "u2": ["2", "10", "²"], "u3": ["²", "2", "10", "2"]}))
     assert tokenize("--inter", inter, "--dataset", "sup", "--codes", 2, "--levels", 2, "--out-dir", tmp_path / "o") == 0
     assert list(json.loads((tmp_path / "o" / "Sup.index.json").read_text())) == ["2", "10", "²"]
+
+
+def test_tokenize_takes_float16_vectors_without_a_warning(tmp_path):
+    letter_folder(tmp_path / "good")
+    np.save(tmp_path / "v.npy", np.random.default_rng(0).random((120, 4)).astype(np.float16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's overflow warning on stderr, before: 1e15 cast to float16
+        code = tokenize("--data-dir", tmp_path / "good", "--vectors", tmp_path / "v.npy", "--out-dir", tmp_path / "o")
+    assert code == 0
 
 
 def test_tokenize_refuses_vectors_that_are_not_npy(tmp_path, capsys):

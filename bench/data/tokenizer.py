@@ -148,8 +148,9 @@ def load_vectors(path: Path, num_items: int) -> np.ndarray:
         raise BenchError(f"{path}: expected one row per item ([{num_items}, dim]), got shape {list(vectors.shape)}")
     if not np.isfinite(vectors).all():
         raise BenchError(f"{path}: has NaN or infinite values")
-    if np.abs(vectors).max() > 1e15:  # k-means squares them in float32 (3.4e38 at most)
-        raise BenchError(f"{path}: values up to {np.abs(vectors).max():.3g}; scale the vectors (k-means squares them)")
+    largest = float(np.abs(vectors).max())  # a float: 1e15 is beyond float16, whose vectors would warn of it
+    if largest > 1e15:  # k-means squares them in float32 (3.4e38 at most)
+        raise BenchError(f"{path}: values up to {largest:.3g}; scale the vectors (k-means squares them)")
     return vectors
 
 
