@@ -519,12 +519,18 @@ def write_leaderboard(paths: list[Path], out: Path | None = None, only: list[str
     """The tables of `paths` -> the Markdown text, also written atomically to `out` when
     given. An empty table never replaces a non-empty file: a wrong glob must not wipe a
     leaderboard."""
+    if out is not None:
+        out = Path(os.path.realpath(out))  # a symlink is written through to its target
+        if out.is_dir():
+            raise BenchError(f"{out} is a folder; --out takes a file such as {out / 'LEADERBOARD.md'}")
+        if out.exists() and not out.is_file():  # a pipe would block its reading; a device would be replaced
+            raise BenchError(
+                f"{out} is no regular file (a pipe or a device); pass a Markdown file, or leave --out out to print "
+                "the tables"
+            )
     table = leaderboard(paths, only)
     if out is None:
         return table
-    out = Path(os.path.realpath(out))  # a symlink is written through to its target
-    if out.is_dir():
-        raise BenchError(f"{out} is a folder; --out takes a file such as {out / 'LEADERBOARD.md'}")
     if out in {Path(os.path.realpath(path)) for path in paths} or holds_json(out):
         raise BenchError(f"--out {out} holds JSON (records are never overwritten by a table); pass a .md path")
     if not table and out.exists() and out.stat().st_size:

@@ -5,6 +5,7 @@ import json
 import os
 import stat
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -356,6 +357,28 @@ def test_leaderboard_writes_its_out_file(cli, tmp_path):
     code, out, _ = cli("leaderboard", str(results), "--out", str(table))
     assert code == 0 and out.strip() == f"written to {table}"
     assert table_rows(table.read_text())["greedy"]["speedup vs beam"] == "2.00"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this system")
+def test_leaderboard_refuses_an_out_that_is_a_pipe_and_leaves_it_one(cli, tmp_path):
+    """Read, the pipe blocked the command until someone wrote to it; written, it became a
+    regular file (a device too: --out /dev/null, run as root, replaced /dev/null)."""
+    results, pipe = tmp_path / "results.json", tmp_path / "board.md"
+    results.write_text(json.dumps([record("beam", 40.0, 0.4)]))
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=lambda: pipe.open("w").close(), daemon=True)  # where the command reads it
+    writer.start()
+    try:
+        code, _, err = cli("leaderboard", str(results), "--out", str(pipe))
+    finally:
+        reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)  # lets the writer go where nothing read the pipe
+        writer.join(timeout=10)
+        os.close(reader)
+    assert code == 2 and err == (
+        f"error: {pipe} is no regular file (a pipe or a device); pass a Markdown file, or leave --out out to print "
+        "the tables\n"
+    )
+    assert stat.S_ISFIFO(os.lstat(pipe).st_mode)
 
 
 def test_leaderboard_compares_speeds_only_within_a_run(cli, tmp_path):
