@@ -61,6 +61,7 @@ def cmd_train(settings) -> None:
         cached_checkpoint,
         check_precision,
         check_resumable,
+        check_start_shape,
         checkpoint_key,
         runs_dir,
         train_model,
@@ -96,6 +97,7 @@ def cmd_train(settings) -> None:
                 f"{STARTS_FROM_NTP[job.objective]} needs an ntp model with backbone "
                 f"{model_settings.backbone}"
             )
+        check_start_shape(job.init_from, init, job.objective, model_settings)
     elif starts_from_ntp:  # the starting model the nezha decoder asks for, from the runs cache
         from bench.train import resolve_models
         from decoders import REGISTRY

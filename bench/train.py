@@ -314,6 +314,31 @@ def check_asked_shape(path: str, model: SidRecommender, asked: dict | None) -> N
         )
 
 
+def architecture(settings: ModelSettings) -> tuple:
+    """The backbone and its sizes as built (hidden, layers, heads, kv heads, feed-forward)."""
+    if settings.backbone in SHAPED_LIKE:  # a real model's shape takes no sizes
+        return (settings.backbone,)
+    return (settings.backbone, *generic_size(settings.backbone, settings.width, settings.layers, settings.heads))
+
+
+def check_start_shape(path: str, start: SidRecommender, objective: str, settings: ModelSettings) -> None:
+    """A model trained from a given checkpoint (Medusa's heads on an NTP backbone, NEZHA from
+    NTP) loads its weights: the checkpoint must hold the architecture its settings build."""
+    theirs, ours = architecture(start.settings), architecture(settings)
+    if theirs == ours:
+        return
+
+    def said(shape: tuple) -> str:
+        return shape[0] + (f" (width {shape[1]}, layers {shape[2]}, heads {shape[3]})" if len(shape) > 1 else "")
+
+    sizes = f" --width {theirs[1]} --layers {theirs[2]} --heads {theirs[3]}" if len(theirs) > 1 else ""
+    flags = f"--backbone {theirs[0]}{sizes}"
+    raise BenchError(
+        f"checkpoint {path} holds a {said(theirs)} model, but the {objective} model that starts from it would be "
+        f"{said(ours)}; pass {flags}, or a checkpoint of that shape"
+    )
+
+
 def check_cluster(num_nodes: int) -> None:
     """Several machines meet where the environment says: a cluster's scheduler (SLURM, LSF,
     torchrun, MPI) or, for Lightning's own launcher, MASTER_ADDR, MASTER_PORT and NODE_RANK.
@@ -538,6 +563,10 @@ def resolve_models(
             )
     for path, model in given:
         check_asked_shape(path, model, asked)
+    for request in (r for per_decoder in requests for top in per_decoder.values() for r in (top, *top.starts())):
+        for path, model in given:  # a model to train from a given checkpoint, before anything is trained
+            if not untrained and request.init_from is not None and model.objective == request.init_from.objective:
+                check_start_shape(path, model, request.objective, request.settings)
     built: dict[str, ResolvedModel] = {}
 
     def provide(role: str, request: ModelRequest) -> ResolvedModel:

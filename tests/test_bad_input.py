@@ -546,6 +546,21 @@ CASES = [
         checkpoint("ntp"),
     ),
     case(
+        "medusa heads on a ckpt of another shape than they would train on",
+        RUN + " --decoder medusa --ckpt {tmp}/model.ckpt",
+        "checkpoint {tmp}/model.ckpt holds a qwen-micro (width 32, layers 1, heads 2) model, but the medusa model "
+        "that starts from it would be qwen-tiny (width 64, layers 2, heads 4); pass --backbone qwen-micro --width 32 "
+        "--layers 1 --heads 2, or a checkpoint of that shape",
+        checkpoint("ntp"),
+    ),
+    case(
+        "train medusa from a ckpt of another width",
+        "train --objective medusa --backbone qwen-micro --width 64 --init-from {tmp}/model.ckpt",
+        "holds a qwen-micro (width 32, layers 1, heads 2) model, but the medusa model that starts from it would be "
+        "qwen-micro (width 64, layers 1, heads 2)",
+        checkpoint("ntp"),
+    ),
+    case(
         "ckpt a folder",
         RUN + " --decoder nezha --ckpt {tmp}/run",
         "checkpoint {tmp}/run is a folder; pass the .ckpt file in it (best.ckpt of a run folder)",
