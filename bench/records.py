@@ -92,7 +92,7 @@ def read_records(path: Path) -> list[dict]:
     if path.is_dir():
         raise BenchError(f"{path} is a folder; --out takes a results file such as {path / 'results.json'}")
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte order mark, as some editors save
     except json.JSONDecodeError as exc:
         raise BenchError(
             f"{path} is not a results file (invalid JSON at line {exc.lineno}); "

@@ -400,6 +400,14 @@ def test_leaderboard_compares_speeds_only_within_a_run(cli, tmp_path):
 # ---------------------------------------------------------------- result records
 
 
+def test_a_results_file_saved_with_a_byte_order_mark_is_read_and_appended_to(tmp_path):
+    """Before, the BOM some editors write made it 'not a results file (invalid JSON at line 1)'."""
+    path = tmp_path / "results.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"decoder": "beam"}]).encode())
+    append_records(path, [{"decoder": "nezha"}])
+    assert read_records(path) == [{"decoder": "beam"}, {"decoder": "nezha"}]
+
+
 def test_append_records_appends_to_an_existing_list(tmp_path):
     path = tmp_path / "sub" / "results.json"
     append_records(path, [{"decoder": "beam"}])
