@@ -622,6 +622,8 @@ def read_config(path: str) -> dict:
     from bench.data.letter import DuplicateKey, unique_keys
 
     file = Path(path)
+    if file.exists() and not file.is_file():  # a folder, a pipe: there, but no config to read
+        raise BenchError(f"config file {path} is no regular file; pass a YAML or JSON file of settings")
     if not file.is_file():
         raise BenchError(f"config file {path} does not exist")
     try:

@@ -403,6 +403,12 @@ CASES = [
     ),
     # ---- config files
     case("config missing", RUN + " --config {tmp}/nowhere.yaml", "config file {tmp}/nowhere.yaml does not exist"),
+    case(
+        "config a folder",
+        RUN + " --config {tmp}/configs",
+        "config file {tmp}/configs is no regular file; pass a YAML or JSON file of settings",
+        folder("configs"),
+    ),
     case("config invalid YAML", RUN + " --config {tmp}/c.yaml", "is not valid YAML", write("c.yaml", "model: [1, 2\n")),
     case("config invalid JSON", RUN + " --config {tmp}/c.json", "is not valid JSON", write("c.json", '{"model": ')),
     case(
