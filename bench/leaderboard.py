@@ -17,7 +17,7 @@ from pathlib import Path
 from bench.data import NAME
 from bench.errors import BenchError, writable_folder
 from bench.metrics import Bootstrap, per_user, ranks_from_hits
-from bench.records import calls_text, cell, command_line, read_records, replace_files, write_atomically
+from bench.records import calls_text, cell, command_line, png_bytes, read_records, replace_files, write_atomically
 
 # the fields a table row reads
 REQUIRED = (
@@ -437,10 +437,7 @@ def pareto_plot(rows: list[dict], header: dict) -> bytes:
     axes.set_title(f"{header['dataset']} / {header['split']} / {header['device']}", fontsize=9)
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    image = io.BytesIO()
-    figure.savefig(image, format="png", dpi=110)
-    plt.close(figure)
-    return image.getvalue()
+    return png_bytes(figure)
 
 
 def leaderboard(paths: list[Path], only: list[str] | None = None) -> str:

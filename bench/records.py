@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import io
 import json
 import os
 import platform
@@ -198,21 +199,21 @@ def replace_files(contents: dict[Path, bytes]) -> None:
         raise
 
 
-def save_figure_atomically(figure, path: Path, **options) -> None:
-    """A matplotlib figure saved as PNG the way write_atomically writes text, then closed;
-    options go to savefig."""
+def png_bytes(figure, **options) -> bytes:
+    """A matplotlib figure as PNG bytes (options go to savefig), then closed."""
     import matplotlib.pyplot as plt
 
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp.png")
-    os.close(handle)
+    image = io.BytesIO()
     try:
-        figure.savefig(partial, **{"dpi": 110, **options})
-        share_like_a_new_file(partial)
-        os.replace(partial, path)
+        figure.savefig(image, format="png", **{"dpi": 110, **options})
     finally:
         plt.close(figure)
-        if os.path.exists(partial):
-            os.remove(partial)
+    return image.getvalue()
+
+
+def save_figure_atomically(figure, path: Path, **options) -> None:
+    """A matplotlib figure saved as PNG the way write_atomically writes text, then closed."""
+    replace_files({path: png_bytes(figure, **options)})
 
 
 def append_records(path: Path, new: list[dict]) -> None:
