@@ -163,7 +163,7 @@ def check_trial_folders(study, out: Path, where: str) -> None:
         )
 
 
-def discard_empty_study(study, storage_file: Path | None, storage_file_existed: bool) -> None:
+def discard_empty_study(study, study_file: Path | None, existed: bool) -> None:
     """A refused command leaves no study it made behind: a study without trials is
     deleted, and a journal or SQLite file the command made is removed with it."""
     import optuna
@@ -171,8 +171,8 @@ def discard_empty_study(study, storage_file: Path | None, storage_file_existed: 
     if study.get_trials(deepcopy=False):
         return
     optuna.delete_study(study_name=study.study_name, storage=study._storage)
-    if storage_file is not None and not storage_file_existed and storage_file.is_file():
-        storage_file.unlink()
+    if study_file is not None and not existed and study_file.is_file():
+        study_file.unlink()
 
 
 def describe(sampled) -> str:
@@ -258,13 +258,12 @@ def check_sqlite(url: str) -> None:
 
     if not url.startswith("sqlite:"):
         return
-    path = url.partition("://")[2].removeprefix("/")
-    if path in ("", ":memory:") or "mode=memory" in path:
+    path = storage_file(url)
+    if path is None:
         raise BenchError(
             f"--storage {url} keeps the study in memory, lost when the command ends; give a file (sqlite:///study.db)"
         )
-    path = path.partition("?")[0]
-    if not Path(path).is_file() or Path(path).stat().st_size == 0:
+    if not path.is_file() or path.stat().st_size == 0:
         return
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
@@ -276,6 +275,17 @@ def check_sqlite(url: str) -> None:
             f"--storage {url}: {path} is another program's database (tables {', '.join(sorted(tables)[:5])}); "
             "it was left untouched: give a new file"
         )
+
+
+def storage_file(url: str) -> Path | None:
+    """The file a storage keeps its studies in: a journal's path, a SQLite URL's database
+    (None in memory); None for a database server."""
+    if "://" not in url:
+        return Path(url)
+    if not url.startswith("sqlite:"):
+        return None
+    path = url.partition("://")[2].removeprefix("/")
+    return None if path in ("", ":memory:") or "mode=memory" in path else Path(path.partition("?")[0])
 
 
 def repair_journal(path: Path) -> None:
@@ -434,9 +444,7 @@ def run_trial(trial, settings: dict, data, out: Path) -> tuple[float, ...]:
     return (value, record["latency_ms"]["p50"]) if tune.latency else (value,)
 
 
-def worker(
-    settings: dict, study_name: str, storage_url: str, out: str, threads: int, report: bool, failed_before: int
-) -> None:
+def worker(settings: dict, study_name: str, storage_url: str, out: str, threads: int, failed_before: int) -> None:
     """One process of a search: trials until the study has enough finished ones, or
     --trials failed ones since the command began (`failed_before`, counted once by the
     command: a worker that starts late must not count its siblings' failures as earlier)."""
@@ -485,9 +493,9 @@ def worker(
             objective,
             n_trials=remaining if alone else None,
             timeout=tune.timeout,
-            callbacks=[line, stop_when_done] if report else [stop_when_done],
+            callbacks=[line, stop_when_done],
             catch=TRIAL_ERRORS,
-            show_progress_bar=report and alone and sys.stderr.isatty(),
+            show_progress_bar=alone and sys.stderr.isatty(),
         )
 
 
@@ -621,17 +629,15 @@ def tune(settings: dict, fixed: set[str] = frozenset()) -> None:
         storage_url = str(Path(storage_url).expanduser())
         check_journal(Path(storage_url))
         repair_journal(Path(storage_url))
-    storage_file = None if "://" in storage_url else Path(storage_url)  # the journal; SQLite's file below
-    if storage_url.startswith("sqlite:///"):
-        storage_file = Path(storage_url.removeprefix("sqlite:///"))
-    storage_file_existed = storage_file is not None and storage_file.exists()
+    study_file = storage_file(storage_url)
+    study_file_existed = study_file is not None and study_file.exists()
     study = open_study(tune_settings, study_name, storage_url, data_settings, create=True)
     where = masked(f"study '{study_name}' in {storage_url}", storage_url)
     check_space_matches(study, space, where)
     try:
         check_trial_folders(study, out, where)
     except BenchError:
-        discard_empty_study(study, storage_file, storage_file_existed)
+        discard_empty_study(study, study_file, study_file_existed)
         raise
     stale = fail_stale_trials(study) if "://" not in storage_url else 0
     if not study.trials:
@@ -654,10 +660,10 @@ def tune(settings: dict, fixed: set[str] = frozenset()) -> None:
     threads = max(1, (os.cpu_count() or 1) // tune_settings.workers)
     failed_before = failed(study)
     if tune_settings.workers == 1:
-        worker(settings, study_name, storage_url, str(out), torch.get_num_threads(), True, failed_before)
+        worker(settings, study_name, storage_url, str(out), torch.get_num_threads(), failed_before)
     else:
         context = multiprocessing.get_context("spawn")
-        arguments = (settings, study_name, storage_url, str(out), threads, True, failed_before)
+        arguments = (settings, study_name, storage_url, str(out), threads, failed_before)
         processes = [context.Process(target=worker, args=arguments) for _ in range(tune_settings.workers)]
         for process in processes:
             process.start()

@@ -173,7 +173,7 @@ def test_a_worker_that_starts_after_its_siblings_failed_enough_trials_runs_none(
     for _ in range(2):
         study.tell(study.ask(), state=TrialState.FAIL)
     threads = torch.get_num_threads()  # as tune() passes in process: the worker sets them for the whole process
-    worker({"tune": tune, "data": DataSettings()}, "late", journal, str(workdir), threads, False, failed_before=0)
+    worker({"tune": tune, "data": DataSettings()}, "late", journal, str(workdir), threads, failed_before=0)
     assert states(journal, "late") == ["FAIL", "FAIL"]
 
 
