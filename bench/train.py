@@ -563,10 +563,11 @@ def resolve_models(
             )
     for path, model in given:
         check_asked_shape(path, model, asked)
-    for request in (r for per_decoder in requests for top in per_decoder.values() for r in (top, *top.starts())):
-        for path, model in given:  # a model to train from a given checkpoint, before anything is trained
-            if not untrained and request.init_from is not None and model.objective == request.init_from.objective:
-                check_start_shape(path, model, request.objective, request.settings)
+    if not untrained:  # a model trained from a given checkpoint: its shape is checked before any training
+        for request in (r for each in requests for top in each.values() for r in (top, *top.starts())):
+            for path, model in given:
+                if request.init_from is not None and model.objective == request.init_from.objective:
+                    check_start_shape(path, model, request.objective, request.settings)
     built: dict[str, ResolvedModel] = {}
 
     def provide(role: str, request: ModelRequest) -> ResolvedModel:
