@@ -3,7 +3,7 @@
 from bench.errors import BenchError
 from decoders import beam, full_rank, greedy, hf_beam, medusa, nezha, popularity, speculative  # noqa: F401  (each registers itself)
 from decoders.base import REGISTRY, Decoder, DecodeResult, ModelRequest, option_names, parse_spec, register
-from models.backbones import backbone_kind
+from models.backbones import ITEM, backbone_kind
 
 __all__ = [
     "REGISTRY",
@@ -29,6 +29,8 @@ def plan(spec: str, settings) -> tuple[str, object, dict[str, ModelRequest]]:
     requests = cls.requests(options, settings)
     for request in requests.values() if cls.backbone_kinds else ():
         kind = backbone_kind(request.settings.backbone)
+        if request.objective == "next_item" and ITEM not in cls.backbone_kinds:
+            continue  # an item model beside the backbone (speculative's item draft) generates no SID
         if kind not in cls.backbone_kinds:
             raise BenchError(
                 f"decoder '{name}' cannot run on {request.settings.backbone} ({kind}): it needs a "

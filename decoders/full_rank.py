@@ -32,20 +32,26 @@ class FullRank(Decoder):
 
     @torch.no_grad()
     def decode(self, prompt) -> DecodeResult:
-        """Items scored a block at a time, keeping the running top-K and log-normaliser, so
-        a batch never holds [B, N] scores at once (10^7 items x 256 users would be 10 GB)."""
-        user = self.lm.hidden(prompt.items, prompt.items_mask)[:, -1]  # [B, d]
-        table = self.lm.item_table()  # [N, d]
-        block = max(self.k, SCORES_PER_BLOCK // len(user))
-        best_scores, best_items, normaliser = [], [], []
-        for start in range(0, len(table), block):
-            scores = (user @ table[start : start + block].T).float()  # [B, block]
-            scores = self.lm.offset_taken(scores, prompt.items, start)  # the repeat bias, if the model has one
-            top = scores.topk(min(self.k, scores.shape[-1]), dim=-1)
-            best_scores.append(top.values)
-            best_items.append(top.indices + start)
-            normaliser.append(scores.logsumexp(-1, keepdim=True))
-        scores, order = torch.cat(best_scores, -1).topk(min(self.k, len(table)), dim=-1)  # [B, K]
-        items = torch.cat(best_items, -1).gather(-1, order)
-        scores = scores - torch.cat(normaliser, -1).logsumexp(-1, keepdim=True)
+        scores, items = top_items(self.lm, prompt, self.k)
         return DecodeResult(sids=self.catalog.on(items.device).sids[items], scores=scores)
+
+
+def top_items(lm, prompt, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An item model's top k items for each user, best first: their log-probabilities and
+    indices, each [B, k]. Items are scored a block at a time, keeping the running top k and
+    log-normaliser, so a batch never holds [B, N] scores at once (10^7 items x 256 users
+    would be 10 GB)."""
+    user = lm.hidden(prompt.items, prompt.items_mask)[:, -1]  # [B, d]
+    table = lm.item_table()  # [N, d]
+    block = max(k, SCORES_PER_BLOCK // len(user))
+    best_scores, best_items, normaliser = [], [], []
+    for start in range(0, len(table), block):
+        scores = (user @ table[start : start + block].T).float()  # [B, block]
+        scores = lm.offset_taken(scores, prompt.items, start)  # the repeat bias, if the model has one
+        top = scores.topk(min(k, scores.shape[-1]), dim=-1)
+        best_scores.append(top.values)
+        best_items.append(top.indices + start)
+        normaliser.append(scores.logsumexp(-1, keepdim=True))
+    scores, order = torch.cat(best_scores, -1).topk(min(k, len(table)), dim=-1)  # [B, k]
+    items = torch.cat(best_items, -1).gather(-1, order)
+    return scores - torch.cat(normaliser, -1).logsumexp(-1, keepdim=True), items

@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 
+from bench.errors import BenchError
 from bench.settings import setting
 from decoders.base import (
     NEG_INF,
@@ -33,6 +34,7 @@ from decoders.base import (
     beam_width,
     extend_prefixes,
     finish,
+    item_model_settings,
     level_log_probs,
     prune,
     refuse_repeat_bias,
@@ -40,6 +42,7 @@ from decoders.base import (
     repeats_of,
 )
 from decoders.beam import SharedPrompt, beam_search, continue_beam
+from decoders.full_rank import top_items
 from models.backbones import DecodeState
 
 
@@ -50,17 +53,17 @@ class SpeculativeOptions:
     accept: Literal["strict", "relaxed"] = setting(
         "strict", "strict: exactly beam's top-K (falls back where drafts miss); relaxed: the best drafted beams"
     )
-    draft: Literal["data", "aligned"] = setting(
+    draft: Literal["data", "aligned", "items"] = setting(
         "data",
         "data: the draft is trained on the data; aligned: distilled on the backbone's distributions along "
-        "the backbone's own top-K beams",
+        "the backbone's own top-K beams; items: the item model (--item-backbone) drafts its top draft_beam "
+        "items, whose SIDs make the tree",
     )
 
 
 @register
 class Speculative(NtpDecoder):
     name = "speculative"
-    needs = ("ntp", "draft")
     backbone_kinds = ("decoder-only",)
     kind_reason = (
         "its verification pass reads the prompt and the draft tree in one pass with tree attention, "
@@ -76,9 +79,11 @@ class Speculative(NtpDecoder):
     @classmethod
     def requests(cls, options, settings):
         """The NTP backbone, and a smaller NTP model (--draft-backbone) trained on the same
-        data, or (draft=aligned) distilled from the backbone."""
+        data, or (draft=aligned) distilled from the backbone, or (draft=items) the item model."""
         shape = dict(width=None, layers=None, heads=None)  # the draft keeps its own size preset
         backbone = ModelRequest("ntp", settings)
+        if options.draft == "items":
+            return {"ntp": backbone, "draft": ModelRequest("next_item", item_model_settings(settings))}
         teacher = None
         if options.draft == "aligned":  # a data draft learns offsets of its own (the same setting)
             why = "the draft is distilled from the backbone's logits without them"
@@ -88,9 +93,15 @@ class Speculative(NtpDecoder):
 
     @classmethod
     def check_options(cls, options, catalog, k):
-        beam_width("speculative", "draft_beam", options.draft_beam, k, catalog)
+        width = beam_width("speculative", "draft_beam", options.draft_beam, k, catalog)
+        if options.draft == "items" and width > len(catalog.sids):
+            raise BenchError(
+                f"speculative: draft_beam={width} is above the catalogue's {len(catalog.sids)} items, "
+                "which an item draft drafts from; ask for at most that many"
+            )
 
     def __init__(self, catalog, k, models, options):
+        self.check_options(options, catalog, k)
         width = beam_width("speculative", "draft_beam", options.draft_beam, k, catalog)
         super().__init__(catalog, k, models, replace(options, draft_beam=width))
         self.draft_beam = self.options.draft_beam
@@ -102,6 +113,9 @@ class Speculative(NtpDecoder):
         return self.draft.core
 
     def draft_tree(self, prompt):
+        if self.options.draft == "items":
+            _, items = top_items(self.draft, prompt, self.draft_beam)  # [B, W]
+            return item_tree(self.catalog, self.catalog.on(items.device).sids[items])
         repeats = repeats_of(self.draft_repeat_bias, prompt)
         return beam_tree(
             self.draft, self.catalog, prompt.history, prompt.mask, self.draft_beam, self.constrained, repeats
@@ -231,3 +245,33 @@ def beam_tree(lm, catalog, history, mask, width: int, constrained: bool, repeats
     for depth, block in enumerate(masks):
         tree_mask[:, depth * width : (depth + 1) * width, : block.shape[-1]] = block
     return torch.cat(tokens, 1), tree_mask, torch.cat(codes, 1)
+
+
+def item_tree(catalog, sids):
+    """Drafted items' SIDs [B, W, L] -> the prefixes they hold at levels 1..L-1 as a token
+    tree laid out as beam_tree's: node tokens [B, N], tree mask [B, N, N], node prefix codes
+    [B, N] (-1 where the block has no more distinct prefixes); N = W * (L - 1), one block of
+    W nodes per depth, each distinct prefix once."""
+    size, width, levels = sids.shape
+    encode = catalog.verifier.encode
+    codes, founders = [], []  # per depth [B, W]: node prefix codes, the drafted item each node was read from
+    for depth in range(1, levels):
+        prefixes, order = encode(sids[:, :, :depth]).sort(dim=-1, stable=True)  # [B, W] each
+        first = torch.ones_like(prefixes, dtype=torch.bool)
+        first[:, 1:] = prefixes[:, 1:] != prefixes[:, :-1]
+        slot = (first.cumsum(-1) - 1).masked_fill(~first, width)  # repeats go to a spare column, dropped
+        node_codes = prefixes.new_full((size, width + 1), -1).scatter_(1, slot, prefixes)[:, :width]
+        founder = order.new_zeros(size, width + 1).scatter_(1, slot, order)[:, :width]
+        codes.append(node_codes)
+        founders.append(founder)
+    codes, founders = torch.cat(codes, 1), torch.cat(founders, 1)  # [B, N]
+    node_sids = sids.gather(1, founders.unsqueeze(-1).expand(-1, -1, levels))  # [B, N, L]
+    depth = torch.arange(1, levels, device=sids.device).repeat_interleave(width)  # [N]
+    tokens = node_sids.gather(2, (depth - 1).expand(size, -1).unsqueeze(-1)).squeeze(-1)
+    tokens = tokens + torch.as_tensor(catalog.offsets[:-1], device=sids.device).repeat_interleave(width)
+    # node j sees node i where i's prefix is the start of j's, of i's length: its ancestors and itself
+    starts = torch.stack([encode(node_sids[:, :, :length]) for length in range(1, levels)], -1)  # [B, N, L-1]
+    seen = (starts[:, :, depth - 1] == codes.unsqueeze(1)) & (depth[None, :] <= depth[:, None])  # [B, N, N]
+    real = codes >= 0
+    seen &= real.unsqueeze(1) & real.unsqueeze(2)
+    return tokens, seen | torch.eye(len(depth), dtype=torch.bool, device=sids.device), codes

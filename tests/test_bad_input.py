@@ -275,6 +275,11 @@ CASES = [
         "above the 8192 SIDs",
     ),
     case(
+        "speculative item draft above the catalogue",
+        RUN + " --decoder speculative:draft=items:draft_beam=700",
+        "draft_beam=700 is above the catalogue's 600 items",
+    ),
+    case(
         "medusa tree of wrong depth",
         RUN + " --decoder medusa:tree=20x3",
         "tree '20x3' has 2 widths; the SIDs have 3 levels",

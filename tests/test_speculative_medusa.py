@@ -8,10 +8,13 @@ import torch
 from conftest import random_batch, random_eval_batch, random_model, training_losses
 
 from bench.data.batches import collate_eval
+from bench.data.catalog import build_catalog
 from bench.errors import BenchError
 from bench.latency import count_calls
 from decoders import build_decoder
 from decoders.beam import beam_search
+from decoders.full_rank import top_items
+from decoders.speculative import item_tree
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +181,50 @@ def test_constrained_speculative_equals_constrained_beam(catalog, ntp):
     batch = random_batch(catalog, users=6, seed=4)
     result, _ = speculate(catalog, 6, ntp, draft, batch, "speculative:constrained")
     assert_same(result, beam(catalog, 6, ntp, batch, "beam:constrained"))
+
+
+def test_an_item_tree_holds_each_drafted_prefix_once_below_its_ancestors():
+    """Items 3, 0, 1, 4 drafted on codebooks (2, 2, 2): depth 1 holds (0) and (1), depth 2
+    (0,0), (1,0) and (1,1); blocks of 4 nodes, the rest padding that sees only itself."""
+    sids = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0], [1, 1, 1]])
+    catalog = build_catalog("toy", [str(i) for i in range(5)], sids.tolist(), codebook_sizes=(2, 2, 2))
+    tokens, tree_mask, codes = item_tree(catalog, sids[[3, 0, 1, 4]].unsqueeze(0))
+    first, second = catalog.offsets[0], catalog.offsets[1]
+    assert codes.tolist() == [[0, 1, -1, -1, 0, 1, 3, -1]]  # prefixes as mixed-radix integers
+    assert tokens[0, [0, 1, 4, 5, 6]].tolist() == [first, first + 1, second, second, second + 1]
+    sees = {node: tree_mask[0, node].nonzero().flatten().tolist() for node in range(8)}
+    assert sees == {0: [0], 1: [1], 2: [2], 3: [3], 4: [0, 4], 5: [1, 5], 6: [1, 6], 7: [7]}
+
+
+@pytest.fixture(scope="module")
+def items_draft(catalog):
+    return random_model("next_item", catalog, seed=5, backbone="sasrec-tiny")
+
+
+def test_an_item_draft_is_lossless_and_every_item_drafted_accepts_every_level(catalog, ntp, items_draft):
+    batch = random_batch(catalog, users=6, seed=4)
+    few, _ = speculate(catalog, 4, ntp, items_draft, batch, "speculative:draft=items:draft_beam=8")
+    assert_same(few, beam(catalog, 4, ntp, batch))
+    assert few.stats["fallback_requests"] > 0
+    spec = f"speculative:draft=items:draft_beam={catalog.num_items}:constrained"  # every real prefix drafted
+    every, calls = speculate(catalog, 4, ntp, items_draft, batch, spec)
+    assert_same(every, beam(catalog, 4, ntp, batch, "beam:constrained"))
+    assert every.stats["fallback_requests"] == 0 and calls == 1
+
+
+def test_relaxed_acceptance_with_an_item_draft_keeps_the_drafted_items_prefixes(catalog, ntp, items_draft):
+    batch = random_batch(catalog, users=12, seed=6)
+    relaxed, calls = speculate(catalog, 4, ntp, items_draft, batch, "speculative:draft=items:accept=relaxed")
+    assert calls == 1
+    _, drafted = top_items(items_draft.lm, batch, 4)  # [B, 4] the item model's best items
+    for user, items in enumerate(drafted.tolist()):
+        allowed = {tuple(catalog.sids[item, :-1].tolist()) for item in items}
+        assert {tuple(sid[:-1]) for sid in relaxed.sids[user].tolist()} <= allowed
+    spec = f"speculative:draft=items:draft_beam={catalog.num_items}:accept=relaxed:constrained"
+    every, _ = speculate(catalog, 4, ntp, items_draft, batch, spec)  # every real prefix drafted: beam's own choice
+    assert_same(every, beam(catalog, 4, ntp, batch, "beam:constrained"))
+    with pytest.raises(BenchError, match=f"draft_beam=61 is above the catalogue's {catalog.num_items} items"):
+        speculate(catalog, 4, ntp, items_draft, batch, "speculative:draft=items:draft_beam=61")
 
 
 def agreement(result) -> float:
