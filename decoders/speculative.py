@@ -79,11 +79,12 @@ class Speculative(NtpDecoder):
     @classmethod
     def requests(cls, options, settings):
         """The NTP backbone, and a smaller NTP model (--draft-backbone) trained on the same
-        data, or (draft=aligned) distilled from the backbone, or (draft=items) the item model."""
+        data, or (draft=aligned) distilled from the backbone, or (draft=items) the item model:
+        full_rank's, in full_rank's role, which a --ckpt of an item model plays."""
         shape = dict(width=None, layers=None, heads=None)  # the draft keeps its own size preset
         backbone = ModelRequest("ntp", settings)
         if options.draft == "items":
-            return {"ntp": backbone, "draft": ModelRequest("next_item", item_model_settings(settings))}
+            return {"ntp": backbone, "next_item": ModelRequest("next_item", item_model_settings(settings))}
         teacher = None
         if options.draft == "aligned":  # a data draft learns offsets of its own (the same setting)
             why = "the draft is distilled from the backbone's logits without them"
@@ -105,8 +106,9 @@ class Speculative(NtpDecoder):
         width = beam_width("speculative", "draft_beam", options.draft_beam, k, catalog)
         super().__init__(catalog, k, models, replace(options, draft_beam=width))
         self.draft_beam = self.options.draft_beam
-        self.draft = models["draft"].lm
-        self.draft_repeat_bias = models["draft"].repeat_bias
+        draft = models["next_item" if self.options.draft == "items" else "draft"]
+        self.draft = draft.lm
+        self.draft_repeat_bias = draft.repeat_bias
 
     @property
     def draft_core(self):

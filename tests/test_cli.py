@@ -18,6 +18,7 @@ import bench.train
 from bench.__main__ import ablation_specs, main
 from bench.errors import BenchError
 from bench.records import append_records, read_records, save_figure_atomically
+from bench.settings import ModelSettings
 from decoders import REGISTRY
 
 
@@ -127,6 +128,28 @@ def test_invalid_results_file_is_left_unchanged(cli, tmp_path):
     assert err.strip().splitlines() == [err.strip()]
     assert f"error: {out} is not a results file (invalid JSON at line 1)" in err
     assert out.read_text() == '[{"decoder": "beam"},'
+
+
+def test_an_item_checkpoint_is_the_item_draft_as_it_is_full_ranks_model(cli, tmp_path):
+    """--ckpt of an item model plays the item draft of speculative:draft=items, as it plays
+    full_rank's model (nothing is trained: the cli refuses to)."""
+    import torch
+
+    from bench.data import load_dataset
+    from models.module import SidRecommender
+
+    catalog = load_dataset("synthetic").catalog
+    paths = []
+    for objective, backbone in (("ntp", "qwen-micro"), ("next_item", "sasrec-micro")):
+        model = SidRecommender.for_catalog(objective, ModelSettings(backbone=backbone), catalog)
+        paths += ["--ckpt", str(tmp_path / f"{objective}.ckpt")]
+        torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, paths[-1])
+    out = tmp_path / "r.json"
+    for decoders in ("speculative:draft=items", "speculative:draft=items,full_rank"):
+        code, _, err = cli("run", "--decoder", decoders, "--limit-users", "3", "--out", str(out), *paths)
+        assert code == 0, err
+    sources = [{m["source"] for m in r["models"].values()} for r in read_records(out)]
+    assert sources[0] == sources[1] == {paths[1], paths[3]} and sources[2] == {paths[3]}
 
 
 def test_exclude_history_drops_each_users_earlier_items_before_the_metrics(cli, tmp_path):

@@ -125,10 +125,10 @@ def test_decoders_request_their_models():
     assert speculative["draft"].teacher == item_model  # a draft trained on the data learns from it too
     aligned = REGISTRY["speculative"].requests(REGISTRY["speculative"].Options(draft="aligned"), taught)["draft"]
     assert aligned.teacher == beam and aligned.settings.item_teacher == 0  # an aligned draft from its backbone only
-    items = REGISTRY["speculative"].requests(REGISTRY["speculative"].Options(draft="items"), taught)["draft"]
-    assert items == item_model  # an item draft is full_rank's item model, the same cache entry
+    items = REGISTRY["speculative"].requests(REGISTRY["speculative"].Options(draft="items"), taught)["next_item"]
+    assert items == item_model  # an item draft is full_rank's item model, the same cache entry and role
     _, _, planned = plan("speculative:draft=items", taught)  # the item model is no SID backbone to refuse
-    assert planned["draft"].objective == "next_item"
+    assert planned["next_item"].objective == "next_item"
     with pytest.raises(BenchError, match="decoder 'speculative' cannot run on t5-small"):
         plan("speculative:draft=items", replace(taught, backbone="t5-small"))
     requests = REGISTRY["medusa"].requests(REGISTRY["medusa"].Options(mode="joint"), settings)

@@ -56,7 +56,8 @@ class AsModel:
 
 
 def speculate(catalog, k, ntp, draft, batch, spec="speculative"):
-    decoder = build_decoder(spec, catalog, k, {"ntp": ntp, "draft": draft})
+    role = "next_item" if "draft=items" in spec else "draft"  # an item draft plays full_rank's role
+    decoder = build_decoder(spec, catalog, k, {"ntp": ntp, role: draft})
     with count_calls(ntp.lm.core) as calls:
         result = decoder.decode(batch)
     return result, calls[0]
