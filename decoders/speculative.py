@@ -270,7 +270,7 @@ def item_tree(catalog, sids):
     node_sids = sids.gather(1, founders.unsqueeze(-1).expand(-1, -1, levels))  # [B, N, L]
     depth = torch.arange(1, levels, device=sids.device).repeat_interleave(width)  # [N]
     tokens = node_sids.gather(2, (depth - 1).expand(size, -1).unsqueeze(-1)).squeeze(-1)
-    tokens = tokens + torch.as_tensor(catalog.offsets[:-1], device=sids.device).repeat_interleave(width)
+    tokens = tokens + catalog.on(sids.device).offsets[:-1].repeat_interleave(width)  # no host list in a decode
     # node j sees node i where i's prefix is the start of j's, of i's length: its ancestors and itself
     starts = torch.stack([encode(node_sids[:, :, :length]) for length in range(1, levels)], -1)  # [B, N, L-1]
     seen = (starts[:, :, depth - 1] == codes.unsqueeze(1)) & (depth[None, :] <= depth[:, None])  # [B, N, N]

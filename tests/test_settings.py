@@ -286,7 +286,9 @@ def test_models_are_built_with_sdpa(catalog):
 
 
 @pytest.mark.parametrize(
-    "spec", ["greedy", "beam", "beam:constrained", "nezha", "medusa:constrained", "speculative:constrained"]
+    "spec",
+    ["greedy", "beam", "beam:constrained", "nezha", "medusa:constrained", "speculative:constrained"]
+    + ["speculative:draft=items", "full_rank"],
 )
 def test_a_decode_builds_no_tensor_from_python_lists(catalog, monkeypatch, spec):
     models = {
@@ -294,21 +296,25 @@ def test_a_decode_builds_no_tensor_from_python_lists(catalog, monkeypatch, spec)
         "nezha": random_model("nezha", catalog),
         "medusa": random_model("medusa", catalog),
         "draft": random_model("ntp", catalog, backbone="qwen-micro"),
+        "next_item": random_model("next_item", catalog, backbone="sasrec-tiny"),
     }
     decoder = build_decoder(spec, catalog, 4, models)
     prompt = random_batch(catalog, users=3)
     decoder.decode(prompt)  # the first call may fill the per-device caches
     built = []
-    real_tensor = torch.tensor
     ours = [str(Path(__file__).parents[1] / package) for package in ("bench", "models", "decoders")]
 
-    def counting_tensor(*args, **kwargs):
-        caller = sys._getframe(1).f_code.co_filename
-        if any(caller.startswith(folder) for folder in ours):
-            built.append(f"{caller}:{sys._getframe(1).f_lineno}")
-        return real_tensor(*args, **kwargs)
+    def counting(make):
+        def counted(*args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if any(caller.startswith(folder) for folder in ours):
+                built.append(f"{caller}:{sys._getframe(1).f_lineno}")
+            return make(*args, **kwargs)
 
-    monkeypatch.setattr(torch, "tensor", counting_tensor)
+        return counted
+
+    for name in ("tensor", "as_tensor"):
+        monkeypatch.setattr(torch, name, counting(getattr(torch, name)))
     decoder.decode(prompt)
     assert built == []
 
