@@ -159,7 +159,7 @@ class ModelSettings:
     draft_backbone: str | None = setting(
         None, "the separate draft model of speculative (default: llama-micro under a Llama backbone, else qwen-micro)"
     )
-    item_backbone: str = setting("sasrec-small", "the item-embedding model of full_rank")
+    item_backbone: str = setting("sasrec-small", "the item-embedding model of full_rank and of speculative:draft=items")
     item_scores: Literal["tied", "separate"] = setting(
         "tied",
         "the item model scores its state against its input item embeddings (tied, as SASRec) or against a "

@@ -188,7 +188,7 @@ def refuse_repeat_bias(decoder: str, request: ModelRequest, why: str) -> ModelRe
     if request.objective == "ntp" and request.settings.repeat_bias:
         raise BenchError(
             f"{decoder} does not add the NTP model's repeat bias: {why}; run it without --repeat-bias, "
-            "or decode the model trained with it by greedy, beam, hf_beam or speculative (with a data draft)"
+            "or decode the model trained with it by greedy, beam, hf_beam or speculative (with a data or item draft)"
         )
     return request
 

@@ -1,7 +1,9 @@
 """Speculative decoding with a separate draft model, verified strictly (AtSpeed-S style).
 
-The draft (a smaller NTP model trained on the same data) beam-searches K beams; every
-prefix it keeps at levels 1..L-1 becomes a node of a draft tree. The backbone reads
+The draft (a smaller NTP model trained on the same data, or distilled from the backbone)
+beam-searches K beams; every prefix it keeps at levels 1..L-1 becomes a node of a draft
+tree. With `draft=items` the item model drafts its top K items instead, and the prefixes
+of their SIDs make the tree. The backbone reads
 the prompt and the whole tree in ONE pass (tree attention mask), which gives its own
 distribution after every drafted prefix. Then the backbone's beam search is replayed
 on those distributions: at each level, if every prefix the backbone keeps was drafted,
@@ -49,7 +51,7 @@ from models.backbones import DecodeState
 @dataclass
 class SpeculativeOptions:
     constrained: bool = setting(False, "mask prefixes that belong to no real item")
-    draft_beam: int = setting(0, "beams the draft keeps (0: K)", low=0)
+    draft_beam: int = setting(0, "beams the draft keeps, or items an item draft drafts (0: K)", low=0)
     accept: Literal["strict", "relaxed"] = setting(
         "strict", "strict: exactly beam's top-K (falls back where drafts miss); relaxed: the best drafted beams"
     )
@@ -71,9 +73,10 @@ class Speculative(NtpDecoder):
     )
     Options = SpeculativeOptions
     description = (
-        "draft model beam-searches K beams, the backbone verifies the draft tree in one pass and keeps "
-        "exactly beam's top-K, falling back to its own steps where drafts miss; :draft_beam=N drafts N >= K beams; "
-        ":accept=relaxed keeps the backbone's best drafted beams, one backbone pass, lossy"
+        "draft model beam-searches K beams (draft=items: the item model drafts K items), the backbone verifies "
+        "the draft tree in one pass and keeps exactly beam's top-K, falling back to its own steps where drafts "
+        "miss; :draft_beam=N drafts N >= K beams; :accept=relaxed keeps the backbone's best drafted beams, one "
+        "backbone pass, lossy"
     )
 
     @classmethod
@@ -103,8 +106,7 @@ class Speculative(NtpDecoder):
 
     def __init__(self, catalog, k, models, options):
         self.check_options(options, catalog, k)
-        width = beam_width("speculative", "draft_beam", options.draft_beam, k, catalog)
-        super().__init__(catalog, k, models, replace(options, draft_beam=width))
+        super().__init__(catalog, k, models, replace(options, draft_beam=options.draft_beam or k))
         self.draft_beam = self.options.draft_beam
         draft = models["next_item" if self.options.draft == "items" else "draft"]
         self.draft = draft.lm
