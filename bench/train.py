@@ -542,19 +542,21 @@ def resolve_models(
         if objectives_given.count(objective) > 1:
             paths = ", ".join(path for path, model in given if model.objective == objective)
             raise BenchError(f"several --ckpt of objective '{objective}' ({paths}); pass one per objective")
-    wanted = set()
+    wanted, needed = set(), set()  # the roles a checkpoint can play; the objectives of the models asked for
     for per_decoder in requests:
         for role, request in per_decoder.items():
             wanted.add(role)
+            needed.add(request.objective)
             if not untrained:
                 check_precision(request.settings)
             for start in request.starts():
                 wanted.add(start.objective)
+                needed.add(start.objective)
                 if not untrained:
                     check_precision(start.settings)
     for path, model in given:
         if model.objective not in wanted:
-            trained = sorted(r for r in wanted if r not in objectives.FITTED)
+            trained = sorted(o for o in needed if o not in objectives.FITTED)
             if not trained:
                 raise BenchError(f"checkpoint {path}: the chosen decoders use no trained model; drop --ckpt {path}")
             raise BenchError(

@@ -584,6 +584,13 @@ CASES = [
         checkpoint("ntp"),
     ),
     case(
+        "ckpt of another objective beside a draft",  # a draft is an NTP model: no objective 'draft' to train
+        CKPT.replace("nezha", "speculative"),
+        "was trained with objective 'nezha', but the chosen decoders need: ntp; "
+        "train one with: python -m bench train --objective ntp",
+        checkpoint("nezha"),
+    ),
+    case(
         "ckpt for a decoder without a model",
         CKPT.replace("nezha", "popularity"),
         "checkpoint {tmp}/model.ckpt: the chosen decoders use no trained model; drop --ckpt {tmp}/model.ckpt",
