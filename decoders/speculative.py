@@ -98,9 +98,9 @@ class Speculative(NtpDecoder):
     @classmethod
     def check_options(cls, options, catalog, k):
         width = beam_width("speculative", "draft_beam", options.draft_beam, k, catalog)
-        if options.draft == "items" and width > len(catalog.sids):
+        if options.draft == "items" and width > catalog.num_items:
             raise BenchError(
-                f"speculative: draft_beam={width} is above the catalogue's {len(catalog.sids)} items, "
+                f"speculative: draft_beam={width} is above the catalogue's {catalog.num_items} items, "
                 "which an item draft drafts from; ask for at most that many"
             )
 
