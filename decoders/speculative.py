@@ -96,17 +96,19 @@ class Speculative(NtpDecoder):
         return {"ntp": backbone, "draft": draft}
 
     @classmethod
-    def check_options(cls, options, catalog, k):
+    def check_options(cls, options, catalog, k) -> int:
+        """-> the draft's width (draft_beam, 0: K)."""
         width = beam_width("speculative", "draft_beam", options.draft_beam, k, catalog)
         if options.draft == "items" and width > catalog.num_items:
             raise BenchError(
                 f"speculative: draft_beam={width} is above the catalogue's {catalog.num_items} items, "
                 "which an item draft drafts from; ask for at most that many"
             )
+        return width
 
     def __init__(self, catalog, k, models, options):
-        self.check_options(options, catalog, k)
-        super().__init__(catalog, k, models, replace(options, draft_beam=options.draft_beam or k))
+        width = self.check_options(options, catalog, k)
+        super().__init__(catalog, k, models, replace(options, draft_beam=width))
         self.draft_beam = self.options.draft_beam
         draft = models["next_item" if self.options.draft == "items" else "draft"]
         self.draft = draft.lm
@@ -270,12 +272,13 @@ def item_tree(catalog, sids):
         founders.append(founder)
     codes, founders = torch.cat(codes, 1), torch.cat(founders, 1)  # [B, N]
     node_sids = sids.gather(1, founders.unsqueeze(-1).expand(-1, -1, levels))  # [B, N, L]
-    depth = torch.arange(1, levels, device=sids.device).repeat_interleave(width)  # [N]
-    tokens = node_sids.gather(2, (depth - 1).expand(size, -1).unsqueeze(-1)).squeeze(-1)
+    node_depth = torch.arange(1, levels, device=sids.device).repeat_interleave(width)  # [N]
+    tokens = node_sids.gather(2, (node_depth - 1).expand(size, -1).unsqueeze(-1)).squeeze(-1)
     tokens = tokens + catalog.on(sids.device).offsets[:-1].repeat_interleave(width)  # no host list in a decode
     # node j sees node i where i's prefix is the start of j's, of i's length: its ancestors and itself
     starts = torch.stack([encode(node_sids[:, :, :length]) for length in range(1, levels)], -1)  # [B, N, L-1]
-    seen = (starts[:, :, depth - 1] == codes.unsqueeze(1)) & (depth[None, :] <= depth[:, None])  # [B, N, N]
+    prefix_of = starts[:, :, node_depth - 1] == codes.unsqueeze(1)  # [B, N, N]
+    seen = prefix_of & (node_depth[None, :] <= node_depth[:, None])
     real = codes >= 0
     seen &= real.unsqueeze(1) & real.unsqueeze(2)
-    return tokens, seen | torch.eye(len(depth), dtype=torch.bool, device=sids.device), codes
+    return tokens, seen | torch.eye(len(node_depth), dtype=torch.bool, device=sids.device), codes
