@@ -17,7 +17,19 @@ from pathlib import Path
 from bench.data import NAME
 from bench.errors import BenchError, writable_folder
 from bench.metrics import Bootstrap, per_user, ranks_from_hits
-from bench.records import calls_text, cell, command_line, png_bytes, read_records, replace_files, write_atomically
+from bench.records import (
+    SPREAD_NOTE,
+    calls_text,
+    cell,
+    command_line,
+    decoder_style,
+    latency_cell,
+    p50_per_pass,
+    png_bytes,
+    read_records,
+    replace_files,
+    write_atomically,
+)
 
 # the fields a table row reads
 REQUIRED = (
@@ -181,7 +193,7 @@ def run_rows(records: list[dict]) -> list[dict]:
             **intervals.bounds(r),
             "invalid_rate": r["invalid_rate"],
             "p50_ms": lat.get("p50"),
-            "p50_per_pass_ms": r.get("latency_p50_per_pass") if (r.get("latency_repeats") or 1) > 1 else None,
+            "p50_per_pass_ms": p50_per_pass(r),
             "p99_ms": lat.get("p99"),
             "mean_ms": lat.get("mean"),
             "latency_over_floor": r.get("latency_over_prefill") if older else over_floor,
@@ -232,10 +244,7 @@ def run_table(run: tuple, rows: list[dict]) -> str:
             f"Recall and NDCG at k above {row['candidates']} are those at {row['candidates']}."
         )
     if any(row["p50_per_pass_ms"] for row in rows):
-        out.append(
-            "\np50 over every timed pass, [the lowest, the highest] p50 of a single pass over all batches: how "
-            "much the same decoder's speed moved within the run."
-        )
+        out.append("\n" + SPREAD_NOTE)
     if any(row["older_floor"] for row in rows):
         out.append(
             "\n† an older record: mean over the mean of a bare pass over the decoder's own prompt "
@@ -243,12 +252,6 @@ def run_table(run: tuple, rows: list[dict]) -> str:
         )
     out.append(f"\nCommand: `{command}`\n")
     return "\n".join(out)
-
-
-def latency_cell(row: dict) -> str:
-    passes = row.get("p50_per_pass_ms")
-    spread = f" [{min(passes):.1f}, {max(passes):.1f}]" if passes else ""
-    return cell(row["p50_ms"] or row["mean_ms"], ".1f") + spread
 
 
 def with_interval(row: dict, metric: str) -> str:
@@ -407,9 +410,6 @@ def write_boards(named_groups: list[tuple[str, tuple]], out_dir: Path, cut_by: s
     return written
 
 
-MARKERS = "osD^v<>ph*P"  # with 20 colours, 20 decoders of one plot get distinct (marker, colour)
-
-
 def pareto_plot(rows: list[dict], header: dict) -> bytes:
     """Recall@10 (with its interval) against p50 latency per batch, one point per decoder:
     the PNG's bytes."""
@@ -420,13 +420,17 @@ def pareto_plot(rows: list[dict], header: dict) -> bytes:
 
     timed = [row for row in rows if row["p50_ms"] and row["recall@10"] is not None]
     figure, axes = plt.subplots(figsize=(9, 4.5))
-    colours = plt.get_cmap("tab20").colors
     for index, row in enumerate(timed):
         low, high = row.get("recall@10_low"), row.get("recall@10_high")
         error = [[row["recall@10"] - low], [high - row["recall@10"]]] if low is not None else None
-        marker, colour = MARKERS[index % len(MARKERS)], colours[index % len(colours)]
         axes.errorbar(
-            row["p50_ms"], row["recall@10"], yerr=error, fmt=marker, color=colour, capsize=3, label=row["decoder"]
+            row["p50_ms"],
+            row["recall@10"],
+            yerr=error,
+            linestyle="none",
+            capsize=3,
+            label=row["decoder"],
+            **decoder_style(index),
         )
     # a legend, not labels at the points: decoders of about one speed and Recall (beam and
     # its variants, NEZHA's ablations) would print their names over each other

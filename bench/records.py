@@ -211,6 +211,38 @@ def png_bytes(figure, **options) -> bytes:
     return image.getvalue()
 
 
+def p50_per_pass(record: dict) -> list[float] | None:
+    """The p50 latency of each timed pass over all batches, where there were several."""
+    return record.get("latency_p50_per_pass") if (record.get("latency_repeats") or 1) > 1 else None
+
+
+SPREAD_NOTE = (
+    "p50 over every timed pass, [the lowest, the highest] p50 of a single pass over all batches: how much the "
+    "same decoder's speed moved within the run."
+)
+
+
+def latency_cell(row: dict) -> str:
+    """p50 ms per batch, then [the lowest, the highest] p50 of a single pass where the
+    batches were timed in several passes."""
+    passes = row.get("p50_per_pass_ms")
+    spread = f" [{min(passes):.1f}, {max(passes):.1f}]" if passes else ""
+    return cell(row["p50_ms"] or row.get("mean_ms"), ".1f") + spread
+
+
+MARKERS = "osD^v<>ph*P"
+
+
+def decoder_style(index: int) -> dict:
+    """The marker and colour of the index-th decoder of a plot: matplotlib's default cycle
+    repeats after 10 colours, so a board or sweep of more decoders drew two in one style;
+    10 markers against tab20's 20 colours keep 20 decoders apart."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab20"].colors
+    return {"marker": MARKERS[index % len(MARKERS)], "color": colours[index % len(colours)]}
+
+
 def save_figure_atomically(figure, path: Path, **options) -> None:
     """A matplotlib figure saved as PNG the way write_atomically writes text, then closed."""
     replace_files({path: png_bytes(figure, **options)})

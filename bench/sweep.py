@@ -13,7 +13,15 @@ from dataclasses import fields
 from pathlib import Path
 
 from bench.errors import BenchError
-from bench.records import cell, save_figure_atomically, write_atomically
+from bench.records import (
+    SPREAD_NOTE,
+    cell,
+    decoder_style,
+    latency_cell,
+    p50_per_pass,
+    save_figure_atomically,
+    write_atomically,
+)
 from bench.settings import SECTIONS, check_value, value_of_text
 
 SWEPT_SECTIONS = ("data", "model", "run")
@@ -65,6 +73,7 @@ def sweep_rows(records: list[dict], name: str) -> list[dict]:
                 "k": r["k"],
                 "users": r["users"],
                 "p50_ms": latency.get("p50"),
+                "p50_per_pass_ms": p50_per_pass(r),
                 "p99_ms": latency.get("p99"),
                 "users_per_s": r.get("throughput_users_per_s"),
                 "latency_over_floor": r.get("latency_over_floor"),
@@ -90,11 +99,13 @@ def sweep_table(rows: list[dict], name: str, records: list[dict]) -> str:
     ]
     for row in rows:
         lines.append(
-            f"| {row[name]} | {row['decoder']} | {row['batch_size']} | {row['k']} | {cell(row['p50_ms'], '.1f')} | "
+            f"| {row[name]} | {row['decoder']} | {row['batch_size']} | {row['k']} | {latency_cell(row)} | "
             f"{cell(row['p99_ms'], '.1f')} | {cell(row['users_per_s'], '.1f')} | "
             f"{cell(row['latency_over_floor'], '.2f')} | {cell(row['peak_memory_mb'], '.0f')} | "
             f"{cell(row['verifier_mb'], '.1f')} | {cell(row['recall@10'], '.4f')} |"
         )
+    if any(row["p50_per_pass_ms"] for row in rows):
+        lines.append("\n" + SPREAD_NOTE)
     return "\n".join(lines) + "\n"
 
 
@@ -109,11 +120,11 @@ def sweep_plot(rows: list[dict], name: str, title: str, path: Path) -> None:
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     position = {v: (v if numeric else i) for i, v in enumerate(values)}
     figure, (latency_axes, rate_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for decoder in dict.fromkeys(row["decoder"] for row in rows):
+    for index, decoder in enumerate(dict.fromkeys(row["decoder"] for row in rows)):
         mine = [row for row in rows if row["decoder"] == decoder and row["p50_ms"]]
         x = [position[row[name]] for row in mine]
-        latency_axes.plot(x, [row["p50_ms"] for row in mine], "o-", label=decoder)
-        rate_axes.plot(x, [row["users_per_s"] for row in mine], "o-", label=decoder)
+        latency_axes.plot(x, [row["p50_ms"] for row in mine], "-", label=decoder, **decoder_style(index))
+        rate_axes.plot(x, [row["users_per_s"] for row in mine], "-", **decoder_style(index))
     for axes, label in ((latency_axes, "p50 ms per batch"), (rate_axes, "users per second")):
         axes.set_yscale("log")
         if numeric and max(values) > 10 * max(min(values), 1e-9):
@@ -123,10 +134,11 @@ def sweep_plot(rows: list[dict], name: str, title: str, path: Path) -> None:
         axes.set_xlabel(name)
         axes.set_ylabel(label + " (log)")
         axes.grid(alpha=0.3, which="both")
-    latency_axes.legend(fontsize=8)
+    # one legend right of both plots: inside, it hid the lines of a dozen decoders
+    figure.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    save_figure_atomically(figure, path)
+    save_figure_atomically(figure, path, bbox_inches="tight")
 
 
 def sweep_targets(name: str, out: Path, out_dir: Path | None = None) -> tuple[Path, Path]:

@@ -14,6 +14,7 @@ from conftest import random_catalog, rescued, result_record
 
 import bench.leaderboard
 import bench.run
+import bench.sweep
 import bench.train
 from bench.__main__ import ablation_specs, main
 from bench.errors import BenchError
@@ -345,9 +346,10 @@ def test_leaderboard_names_its_files_with_name(cli, tmp_path):
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(
         f"synthetic-cpu-ablation{suffix}" for suffix in (".md", ".csv", ".json", "-pareto.png")
     )
-    assert "![Recall@10 against latency](synthetic-cpu-ablation-pareto.png)" in (
-        out_dir / "synthetic-cpu-ablation.md"
-    ).read_text()
+    assert (
+        "![Recall@10 against latency](synthetic-cpu-ablation-pareto.png)"
+        in (out_dir / "synthetic-cpu-ablation.md").read_text()
+    )
     for bad, fragment in (("../x", "without folders"), ("", "without folders")):
         code, _, err = cli("leaderboard", str(results), "--out-dir", str(out_dir), "--name", bad)
         assert code == 2 and fragment in err, err
@@ -359,7 +361,9 @@ def test_leaderboard_only_cuts_the_rows_of_some_decoders_from_a_run(cli, tmp_pat
     results, out_dir = tmp_path / "results.json", tmp_path / "boards"
     runs = [record("beam", 40.0, 0.4), record("greedy", 20.0, 0.3), record("nezha", 10.0, 0.5)]
     results.write_text(json.dumps(runs))
-    code, _, err = cli("leaderboard", str(results), "--out-dir", str(out_dir), "--name", "ablation", "--only", "beam,nezha")
+    code, _, err = cli(
+        "leaderboard", str(results), "--out-dir", str(out_dir), "--name", "ablation", "--only", "beam,nezha"
+    )
     assert code == 0, err
     rows = table_rows((out_dir / "ablation.md").read_text())
     assert sorted(rows) == ["beam", "nezha"] and rows["nezha"]["speedup vs beam"] == "4.00"
@@ -367,7 +371,9 @@ def test_leaderboard_only_cuts_the_rows_of_some_decoders_from_a_run(cli, tmp_pat
     assert "--only beam,nezha" in json.loads((out_dir / "ablation.json").read_text())["run"]["rows_cut_by"]
     code, out, _ = cli("leaderboard", str(results), "--only", "greedy")
     assert code == 0 and sorted(table_rows(out)) == ["greedy"]
-    code, _, err = cli("leaderboard", str(results), "--out-dir", str(out_dir), "--name", "ablation", "--only", "beam,medusa")
+    code, _, err = cli(
+        "leaderboard", str(results), "--out-dir", str(out_dir), "--name", "ablation", "--only", "beam,medusa"
+    )
     assert code == 2 and "--only medusa: no record of that decoder" in err and "beam, greedy, nezha" in err
     assert sorted(table_rows((out_dir / "ablation.md").read_text())) == ["beam", "nezha"]  # kept as it was
     code, _, err = cli("leaderboard", "--out-dir", str(out_dir), "--only", "beam")
@@ -522,6 +528,7 @@ def test_a_sweep_over_real_data_refuses_synthetic_shapes(cli, tmp_path):
 def test_a_sweep_runs_once_per_value_and_writes_records_table_and_plot(cli, tmp_path):
     out = tmp_path / "sweep.json"
     args = ("--decoder", "greedy,nezha", "--untrained", "--limit-users", "8", "--warmup", "0", "--out", str(out))
+    args += ("--repeats", "2")
     code, printed, err = cli("sweep", "--vary", "batch_size=2,4", *args, "--out-dir", str(tmp_path / "tables"))
     assert code == 0, err
     records = read_records(out)
@@ -534,8 +541,29 @@ def test_a_sweep_runs_once_per_value_and_writes_records_table_and_plot(cli, tmp_
     assert len({r["timestamp"] for r in records}) == 2  # one run per value
     table = (tmp_path / "tables" / "sweep-batch_size.md").read_text()
     assert "| 2 | greedy | 2 | 20 |" in table and "| 4 | nezha | 4 | 20 |" in table
+    low, high = min(records[0]["latency_p50_per_pass"]), max(records[0]["latency_p50_per_pass"])
+    assert f"| 2 | greedy | 2 | 20 | {records[0]['latency_ms']['p50']:.1f} [{low:.1f}, {high:.1f}] |" in table
+    assert "[the lowest, the highest] p50 of a single pass" in table
     assert (tmp_path / "tables" / "sweep-batch_size.png").read_bytes()[:4] == b"\x89PNG"
     assert "written: " in printed
+
+
+def test_a_sweep_of_a_dozen_decoders_draws_each_in_its_own_style(tmp_path, monkeypatch):
+    """matplotlib's default cycle has 10 colours: the 11th decoder of a sweep was drawn as the first."""
+    decoders = [f"decoder{i}" for i in range(12)]
+    rows = [
+        {"k": k, "decoder": d, "p50_ms": 10.0 * k + i, "users_per_s": 100.0 / k}
+        for k in (1, 10)
+        for i, d in enumerate(decoders)
+    ]
+    drawn = []
+    monkeypatch.setattr(bench.sweep, "save_figure_atomically", lambda figure, path, **options: drawn.append(figure))
+    bench.sweep.sweep_plot(rows, "k", "title", tmp_path / "plot.png")
+    latency_axes, rate_axes = drawn[0].axes
+    for axes in (latency_axes, rate_axes):
+        styles = [(line.get_marker(), line.get_color()) for line in axes.get_lines()]
+        assert len(styles) == len(set(styles)) == 12
+    assert [text.get_text() for text in drawn[0].legends[0].get_texts()] == decoders
 
 
 # ---------------------------------------------------------------- leaderboard as a runner
