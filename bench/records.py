@@ -234,9 +234,9 @@ MARKERS = "osD^v<>ph*P"
 
 
 def decoder_style(index: int) -> dict:
-    """The marker and colour of the index-th decoder of a plot: matplotlib's default cycle
-    repeats after 10 colours, so a board or sweep of more decoders drew two in one style;
-    10 markers against tab20's 20 colours keep 20 decoders apart."""
+    """The marker and colour of the index-th decoder of a plot (boards and sweeps alike):
+    matplotlib's default cycle repeats after 10 colours, which drew two decoders of a
+    bigger sweep in one style; 10 markers against tab20's 20 colours keep 20 apart."""
     import matplotlib
 
     colours = matplotlib.colormaps["tab20"].colors

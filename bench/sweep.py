@@ -123,8 +123,9 @@ def sweep_plot(rows: list[dict], name: str, title: str, path: Path) -> None:
     for index, decoder in enumerate(dict.fromkeys(row["decoder"] for row in rows)):
         mine = [row for row in rows if row["decoder"] == decoder and row["p50_ms"]]
         x = [position[row[name]] for row in mine]
-        latency_axes.plot(x, [row["p50_ms"] for row in mine], "-", label=decoder, **decoder_style(index))
-        rate_axes.plot(x, [row["users_per_s"] for row in mine], "-", **decoder_style(index))
+        style = decoder_style(index)
+        latency_axes.plot(x, [row["p50_ms"] for row in mine], "-", label=decoder, **style)
+        rate_axes.plot(x, [row["users_per_s"] for row in mine], "-", **style)
     for axes, label in ((latency_axes, "p50 ms per batch"), (rate_axes, "users per second")):
         axes.set_yscale("log")
         if numeric and max(values) > 10 * max(min(values), 1e-9):
